@@ -1,0 +1,141 @@
+"""The Wan VAE as two small graphs per direction with its causal cache as explicit tensors.
+
+``AutoencoderKLWan`` decodes a chunk one latent frame at a time (the first frame gives 1 video frame,
+each further frame 4) and encodes 1 video frame then 4 at a time, threading a Python list of cached
+activations (``feat_cache``) through every causal convolution. Exported as one graph that loop is
+unrolled into thousands of nodes and takes about a minute even for a tiny VAE, and on a GPU it would
+hold activations for all 33 frames at once. Instead we export:
+
+- ``first``: the first step, from an empty cache; returns its output and the cache;
+- ``step``: one further step, cache in and cache out.
+
+The reference's cache entries change form after the first step (``None``, the marker ``"Rep"``, or a
+single frame). Each is padded here with leading zero frames to its steady-state shape, which feeds the
+causal convolutions the same values the reference's own zero padding does, so the result is equal to
+``vae.decode`` / ``vae.encode`` (tests check this against the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CACHE_T = 2  # frames a causal conv keeps (diffusers' CACHE_T)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Steady-state shape of one cache tensor relative to the step input: [B, channels, frames,
+    h * scale, w * scale] where h, w are the latent (decoder) or latent-grid (encoder) size."""
+
+    channels: int
+    frames: int
+    scale_num: int  # spatial size = latent size * scale_num / scale_den
+    scale_den: int
+
+
+def _run(net, x, cache, **kw):
+    return net(x, feat_cache=cache, feat_idx=[0], **kw)
+
+
+def _frames_per_step(direction: str) -> tuple[int, int]:
+    """(first, steady) input frames per step: latent frames for decode, video frames for encode."""
+    return (1, 1) if direction == "decode" else (1, 4)
+
+
+def cache_layout(vae, direction: str) -> list[CacheEntry]:
+    """Steady-state cache shapes, learned by running first + one step on the meta device."""
+    net = vae.decoder if direction == "decode" else vae.encoder
+    h, w = 8, 8
+    if direction == "decode":
+        ch, size = vae.config.z_dim, (h, w)
+    else:
+        ch, size = 3, (h * 8, w * 8)
+    first_n, step_n = _frames_per_step(direction)
+    cache: list = [None] * cache_slots(vae, direction)
+    with torch.no_grad():
+        _run(net, torch.zeros(1, ch, first_n, *size, device="meta"), cache,
+             **({"first_chunk": True} if direction == "decode" else {}))
+        _run(net, torch.zeros(1, ch, step_n, *size, device="meta"), cache)
+    used = [t for t in cache if t is not None]  # trailing slots of convs that never cache stay None
+    if any(t is None for t in cache[: len(used)]):
+        raise RuntimeError("VAE cache slots are not a prefix of the conv list; this diffusers version is unsupported")
+    entries = []
+    for t in used:
+        g = math.gcd(int(t.shape[3]), h)
+        entries.append(CacheEntry(int(t.shape[1]), int(t.shape[2]), int(t.shape[3]) // g, h // g))
+    return entries
+
+
+def cache_slots(vae, direction: str) -> int:
+    net = vae.decoder if direction == "decode" else vae.encoder
+    return sum(type(m).__name__ == "WanCausalConv3d" for m in net.modules())
+
+
+def _normalize(cache: list, layout: list[CacheEntry], b: int, h, w, dtype, device) -> list[torch.Tensor]:
+    out = []
+    for t, e in zip(cache[: len(layout)], layout):
+        hh, ww = h * e.scale_num // e.scale_den, w * e.scale_num // e.scale_den
+        if t is None or isinstance(t, str):  # "Rep": the next step sees zero padding
+            out.append(torch.zeros(b, e.channels, e.frames, hh, ww, dtype=dtype, device=device))
+            continue
+        missing = e.frames - t.shape[2]
+        if missing > 0:
+            t = torch.cat([t.new_zeros(b, e.channels, missing, hh, ww), t], dim=2)
+        out.append(t)
+    return out
+
+
+class VaeFirstStep(torch.nn.Module):
+    """decode: latent frame [B, z, 1, h, w] -> (video [B, 3, 1, 8h, 8w], *cache);
+    encode: video frame [B, 3, 1, 8h, 8w] -> (moments [B, 2z, 1, h, w], *cache)."""
+
+    def __init__(self, vae, direction: str, layout: list[CacheEntry]):
+        super().__init__()
+        self.vae, self.direction, self.layout = vae, direction, layout
+        self.slots = cache_slots(vae, direction)
+
+    def forward(self, x):
+        vae = self.vae
+        b = x.shape[0]
+        cache: list = [None] * self.slots
+        if self.direction == "decode":
+            h, w = x.shape[3], x.shape[4]
+            out = _run(vae.decoder, vae.post_quant_conv(x), cache, first_chunk=True)
+            out = torch.clamp(out, min=-1.0, max=1.0)
+        else:
+            h, w = x.shape[3] // 8, x.shape[4] // 8
+            out = vae.quant_conv(_run(vae.encoder, x, cache))
+        return (out, *_normalize(cache, self.layout, b, h, w, x.dtype, x.device))
+
+
+class VaeStep(torch.nn.Module):
+    """decode: (latent frame [B, z, 1, h, w], *cache) -> (video [B, 3, 4, 8h, 8w], *cache);
+    encode: (video frames [B, 3, 4, 8h, 8w], *cache) -> (moments [B, 2z, 1, h, w], *cache)."""
+
+    def __init__(self, vae, direction: str, layout: list[CacheEntry]):
+        super().__init__()
+        self.vae, self.direction, self.layout = vae, direction, layout
+        self.slots = cache_slots(vae, direction)
+
+    def forward(self, x, *cache_in):
+        vae = self.vae
+        cache = list(cache_in) + [None] * (self.slots - len(cache_in))
+        if self.direction == "decode":
+            out = torch.clamp(_run(vae.decoder, vae.post_quant_conv(x), cache), min=-1.0, max=1.0)
+        else:
+            out = vae.quant_conv(_run(vae.encoder, x, cache))
+        return (out, *cache[: len(self.layout)])
+
+
+def run_chunk(first, step, x: torch.Tensor, direction: str) -> torch.Tensor:
+    """Run a whole chunk through the two step functions (torch modules or equivalent callables)."""
+    first_n, step_n = _frames_per_step(direction)
+    out, *cache = first(x[:, :, :first_n])
+    outs = [out]
+    for i in range(first_n, x.shape[2], step_n):
+        out, *cache = step(x[:, :, i:i + step_n], *cache)
+        outs.append(out)
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,33 @@
+"""Shared option decorators, so every command spells its common options the same way."""
+
+from __future__ import annotations
+
+import click
+
+from ..specs import COMPONENTS
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace a non-empty output folder.")(f)
+
+
+def size_options(f):
+    f = click.option("--width", type=int, default=640, show_default=True, help="Video width in pixels.")(f)
+    return click.option("--height", type=int, default=384, show_default=True, help="Video height in pixels.")(f)
+
+
+def parse_components(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return COMPONENTS
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in COMPONENTS]
+    if bad:
+        raise click.BadParameter(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
+    return names
+
+
+def components_option(f):
+    return click.option(
+        "--components", default=None, metavar="LIST",
+        help=f"Comma-separated subset of {','.join(COMPONENTS)} (default: all).",
+    )(f)

@@ -1,0 +1,312 @@
+"""One declarative spec per component: the single source of truth for tensor names, dtypes, symbolic
+dimensions and operating points.
+
+Export dynamic shapes, example inputs, validation, TensorRT optimization profiles, runtime buffers and
+Triton configs are all derived from these specs by small pure functions (here and in the modules that
+use them). There is no second list of input names anywhere.
+
+A dimension is an int (fixed), a symbol (``"batch"``), or a multiple of a symbol (``"latent_height*8"``).
+Symbols shared between tensors tie their sizes together (as optimum's OnnxConfig does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping
+
+from .errors import UserError
+
+# Fixed by the distilled sampler (HeliosPyramidPipeline defaults): 9 latent frames per chunk
+# (33 video frames), history sizes long 16 / mid 2 / short 1 plus the first-frame prefix.
+CHUNK_LATENT_FRAMES = 9
+HISTORY_LONG, HISTORY_MID, HISTORY_SHORT = 16, 2, 2  # short = prefix + 1 frame
+PYRAMID_STAGES = 3
+MAX_BATCH = 4
+
+_DIM = re.compile(r"^([a-z_]+)(?:\*(\d+))?$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64
+    dims: tuple  # int | "symbol" | "symbol*k"
+    kind: str = "normal"  # how example values are drawn: normal, timestep, indices, token_ids, mask, video
+
+    def symbols(self) -> list[str]:
+        return [parse_dim(d)[0] for d in self.dims if isinstance(d, str)]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A named, fully concrete shape assignment (for example one pyramid stage at one video size)."""
+
+    name: str
+    dims: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Range of every symbol: (min, max). Used for export constraints and TensorRT profiles.
+    ranges: Mapping[str, tuple[int, int]]
+    operating_points: tuple[OperatingPoint, ...]
+    # Component-level facts the runtime needs (for example the VAE's scale factors).
+    attrs: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def symbols(self) -> list[str]:
+        seen: list[str] = []
+        for t in self.tensors:
+            for s in t.symbols():
+                if s not in seen:
+                    seen.append(s)
+        return seen
+
+    def point(self, name: str) -> OperatingPoint:
+        for p in self.operating_points:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.name} has no operating point {name!r}")
+
+
+def parse_dim(dim: str) -> tuple[str, int]:
+    m = _DIM.match(dim)
+    if not m:
+        raise ValueError(f"bad symbolic dim {dim!r}")
+    return m.group(1), int(m.group(2) or 1)
+
+
+def resolve_shape(tensor: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """Concrete shape of ``tensor`` for the symbol values in ``dims``."""
+    shape = []
+    for d in tensor.dims:
+        if isinstance(d, int):
+            shape.append(d)
+        else:
+            sym, k = parse_dim(d)
+            shape.append(dims[sym] * k)
+    return tuple(shape)
+
+
+def shapes_at(spec: ComponentSpec, dims: Mapping[str, int], which: str = "inputs") -> dict[str, tuple[int, ...]]:
+    return {t.name: resolve_shape(t, dims) for t in getattr(spec, which)}
+
+
+def bind_symbols(spec: ComponentSpec, shapes: Mapping[str, Iterable[int]]) -> dict[str, int]:
+    """Infer symbol values from concrete input shapes, checking every fixed dim and every tie.
+
+    Raises a UserError naming each tensor and axis that does not fit the spec.
+    """
+    values: dict[str, int] = {}
+    problems = []
+    for t in spec.inputs:
+        if t.name not in shapes:
+            problems.append(f"{t.name}: missing")
+            continue
+        shape = tuple(shapes[t.name])
+        if len(shape) != len(t.dims):
+            problems.append(f"{t.name}: rank {len(shape)}, expected {len(t.dims)} {list(t.dims)}")
+            continue
+        for axis, (size, d) in enumerate(zip(shape, t.dims)):
+            if isinstance(d, int):
+                if size != d:
+                    problems.append(f"{t.name}[{axis}] = {size}, expected {d}")
+                continue
+            sym, k = parse_dim(d)
+            if size % k:
+                problems.append(f"{t.name}[{axis}] = {size}, expected a multiple of {k} ({d})")
+                continue
+            if values.setdefault(sym, size // k) != size // k:
+                problems.append(f"{t.name}[{axis}] = {size} disagrees with {sym} = {values[sym]} ({d})")
+    for sym, v in values.items():
+        lo, hi = spec.ranges[sym]
+        if not lo <= v <= hi:
+            problems.append(f"{sym} = {v} outside the exported range [{lo}, {hi}]")
+    if problems:
+        raise UserError(
+            f"inputs do not match the {spec.name} spec",
+            found="; ".join(problems),
+            expected=", ".join(f"{t.name}{list(t.dims)}" for t in spec.inputs),
+        )
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Helios specs, built from the checkpoint's component configs.
+
+
+def size_multiple(transformer_cfg: Mapping, vae_cfg: Mapping) -> int:
+    """Video height/width must be a multiple of this: VAE downsampling x two pyramid halvings x patch.
+
+    The pipeline floors the size at each halving and doubles it back; stage 0 must also tile into
+    transformer patches, so 384x640 works (384 = 6 * 64) while 96 (a multiple of 16) does not.
+    """
+    spatial = int(vae_cfg.get("scale_factor_spatial") or 8)
+    patch_h = int(transformer_cfg["patch_size"][1])
+    return spatial * (2 ** (PYRAMID_STAGES - 1)) * patch_h
+
+
+def check_video_size(height: int, width: int, multiple: int) -> None:
+    bad = [f"{n}={v}" for n, v in (("height", height), ("width", width)) if v <= 0 or v % multiple]
+    if bad:
+        raise UserError(
+            f"unsupported video size {height}x{width}",
+            found=", ".join(bad),
+            expected=f"height and width positive multiples of {multiple} (VAE 8x, two pyramid halvings, patch 2), "
+            "for example 384x640",
+            fix=f"round to a multiple of {multiple}, e.g. {_round(height, multiple)}x{_round(width, multiple)}",
+        )
+
+
+def _round(v: int, m: int) -> int:
+    return max(m, round(v / m) * m)
+
+
+def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, max_text_length: int) -> ComponentSpec:
+    c = int(cfg["in_channels"])
+    latent = ("batch", c)
+    lh, lw = height // 8, width // 8
+    points = []
+    for stage in range(PYRAMID_STAGES):
+        div = 2 ** (PYRAMID_STAGES - 1 - stage)
+        # noisy latents at 1/4, 1/2, 1 of the latent size; dims counted in units of 2 (the patch)
+        points.append(
+            OperatingPoint(
+                f"stage{stage}",
+                {"batch": 1, "stage_height": lh // div // 2, "stage_width": lw // div // 2,
+                 "latent_height": lh // 8, "latent_width": lw // 8, "text_length": text_length},
+            )
+        )
+    hist = lambda n: (*latent, n, "latent_height*8", "latent_width*8")  # noqa: E731
+    return ComponentSpec(
+        name="transformer",
+        inputs=(
+            TensorSpec("hidden_states", "float32", (*latent, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")),
+            TensorSpec("timestep", "int64", ("batch",), kind="timestep"),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", int(cfg["text_dim"]))),
+            TensorSpec("indices_hidden_states", "int64", ("batch", CHUNK_LATENT_FRAMES), kind="indices"),
+            TensorSpec("indices_latents_history_short", "int64", ("batch", HISTORY_SHORT), kind="indices"),
+            TensorSpec("indices_latents_history_mid", "int64", ("batch", HISTORY_MID), kind="indices"),
+            TensorSpec("indices_latents_history_long", "int64", ("batch", HISTORY_LONG), kind="indices"),
+            TensorSpec("latents_history_short", "float32", hist(HISTORY_SHORT)),
+            TensorSpec("latents_history_mid", "float32", hist(HISTORY_MID)),
+            TensorSpec("latents_history_long", "float32", hist(HISTORY_LONG)),
+        ),
+        outputs=(
+            TensorSpec("noise_pred", "float32", (*latent, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")),
+        ),
+        ranges={
+            "batch": (1, MAX_BATCH),
+            "stage_height": (1, max(lh // 2, 1)), "stage_width": (1, max(lw // 2, 1)),
+            "latent_height": (1, max(lh // 8, 1)), "latent_width": (1, max(lw // 8, 1)),
+            "text_length": (1, max_text_length),
+        },
+        operating_points=tuple(points),
+        attrs={"height": height, "width": width, "patch_size": list(cfg["patch_size"])},
+    )
+
+
+def text_encoder_spec(cfg: Mapping, text_length: int, max_text_length: int) -> ComponentSpec:
+    return ComponentSpec(
+        name="text_encoder",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "text_length"), kind="token_ids"),
+            TensorSpec("attention_mask", "int64", ("batch", "text_length"), kind="mask"),
+        ),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "text_length", int(cfg["d_model"]))),),
+        ranges={"batch": (1, MAX_BATCH), "text_length": (1, max_text_length)},
+        operating_points=(OperatingPoint("prompt", {"batch": 1, "text_length": text_length}),),
+        attrs={"vocab_size": int(cfg["vocab_size"]), "max_text_length": max_text_length},
+    )
+
+
+def _vae_attrs(cfg: Mapping) -> dict:
+    return {
+        "z_dim": int(cfg["z_dim"]),
+        "latents_mean": list(cfg["latents_mean"]),
+        "latents_std": list(cfg["latents_std"]),
+        "scale_factor_spatial": int(cfg.get("scale_factor_spatial") or 8),
+        "scale_factor_temporal": int(cfg.get("scale_factor_temporal") or 4),
+    }
+
+
+def vae_decoder_spec(cfg: Mapping, height: int, width: int) -> ComponentSpec:
+    z = int(cfg["z_dim"])
+    frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latents", "float32", ("batch", z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("video", "float32", ("batch", 3, frames, "latent_height*8", "latent_width*8")),),
+        ranges={"batch": (1, MAX_BATCH), "latent_height": (1, height // 8), "latent_width": (1, width // 8)},
+        operating_points=(OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),),
+        attrs=_vae_attrs(cfg),
+    )
+
+
+def vae_encoder_spec(cfg: Mapping, height: int, width: int) -> ComponentSpec:
+    z = int(cfg["z_dim"])
+    frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("video", "float32", ("batch", 3, frames, "latent_height*8", "latent_width*8"), kind="video"),),
+        # DiagonalGaussian parameters (mean and log-variance on the channel axis), as AutoencoderKLWan
+        # returns them: sampling draws random numbers, so it stays with the caller's generator.
+        outputs=(TensorSpec("moments", "float32", ("batch", 2 * z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")),),
+        ranges={"batch": (1, MAX_BATCH), "latent_height": (1, height // 8), "latent_width": (1, width // 8)},
+        operating_points=(OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),),
+        attrs=_vae_attrs(cfg),
+    )
+
+
+COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")
+
+
+def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_length: int, max_text_length: int,
+                components: Iterable[str] = COMPONENTS) -> dict[str, ComponentSpec]:
+    """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder)."""
+    check_video_size(height, width, size_multiple(configs["transformer"], configs["vae"]))
+    if not 1 <= text_length <= max_text_length:
+        raise UserError(
+            f"text length {text_length} is outside 1..{max_text_length}",
+            fix="pass --text-length no larger than --max-text-length",
+        )
+    builders = {
+        "transformer": lambda: transformer_spec(configs["transformer"], height, width, text_length, max_text_length),
+        "text_encoder": lambda: text_encoder_spec(configs["text_encoder"], text_length, max_text_length),
+        "vae_decoder": lambda: vae_decoder_spec(configs["vae"], height, width),
+        "vae_encoder": lambda: vae_encoder_spec(configs["vae"], height, width),
+    }
+    return {name: builders[name]() for name in components}
+
+
+def spec_to_json(spec: ComponentSpec) -> dict:
+    d = asdict(spec)
+    d["operating_points"] = [{"name": p.name, "dims": dict(p.dims)} for p in spec.operating_points]
+    d["ranges"] = {k: list(v) for k, v in spec.ranges.items()}
+    return json.loads(json.dumps(d))
+
+
+def spec_from_json(d: Mapping) -> ComponentSpec:
+    tensors = lambda key: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"]), t.get("kind", "normal")) for t in d[key])  # noqa: E731
+    return ComponentSpec(
+        name=d["name"],
+        inputs=tensors("inputs"),
+        outputs=tensors("outputs"),
+        ranges={k: tuple(v) for k, v in d["ranges"].items()},
+        operating_points=tuple(OperatingPoint(p["name"], dict(p["dims"])) for p in d["operating_points"]),
+        attrs=dict(d.get("attrs", {})),
+    )
