@@ -17,23 +17,20 @@ causal convolutions the same values the reference's own zero padding does, so th
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 CACHE_T = 2  # frames a causal conv keeps (diffusers' CACHE_T)
 
 
-@dataclass(frozen=True)
-class CacheEntry:
-    """Steady-state shape of one cache tensor relative to the step input: [B, channels, frames,
-    h * scale, w * scale] where h, w are the latent (decoder) or latent-grid (encoder) size."""
+class CacheEntry(NamedTuple):
+    """Steady-state shape of one cache tensor: [B, channels, frames, h * scale, w * scale] where h, w
+    are the latent size (the same for both directions)."""
 
     channels: int
     frames: int
-    scale_num: int  # spatial size = latent size * scale_num / scale_den
-    scale_den: int
+    scale: int
 
 
 def _run(net, x, cache, **kw):
@@ -62,11 +59,9 @@ def cache_layout(vae, direction: str) -> list[CacheEntry]:
     used = [t for t in cache if t is not None]  # trailing slots of convs that never cache stay None
     if any(t is None for t in cache[: len(used)]):
         raise RuntimeError("VAE cache slots are not a prefix of the conv list; this diffusers version is unsupported")
-    entries = []
-    for t in used:
-        g = math.gcd(int(t.shape[3]), h)
-        entries.append(CacheEntry(int(t.shape[1]), int(t.shape[2]), int(t.shape[3]) // g, h // g))
-    return entries
+    if any(t.shape[3] % h for t in used):
+        raise RuntimeError("a VAE cache is smaller than the latent grid; this VAE layout is unsupported")
+    return [CacheEntry(int(t.shape[1]), int(t.shape[2]), int(t.shape[3]) // h) for t in used]
 
 
 def cache_slots(vae, direction: str) -> int:
@@ -77,7 +72,7 @@ def cache_slots(vae, direction: str) -> int:
 def _normalize(cache: list, layout: list[CacheEntry], b: int, h, w, dtype, device) -> list[torch.Tensor]:
     out = []
     for t, e in zip(cache[: len(layout)], layout):
-        hh, ww = h * e.scale_num // e.scale_den, w * e.scale_num // e.scale_den
+        hh, ww = h * e.scale, w * e.scale
         if t is None or isinstance(t, str):  # "Rep": the next step sees zero padding
             out.append(torch.zeros(b, e.channels, e.frames, hh, ww, dtype=dtype, device=device))
             continue
@@ -97,7 +92,8 @@ class VaeFirstStep(torch.nn.Module):
         self.vae, self.direction, self.layout = vae, direction, layout
         self.slots = cache_slots(vae, direction)
 
-    def forward(self, x):
+    def forward(self, *inputs):  # varargs like every exported wrapper (one dynamic-shapes layout)
+        (x,) = inputs
         vae = self.vae
         b = x.shape[0]
         cache: list = [None] * self.slots
@@ -120,7 +116,10 @@ class VaeStep(torch.nn.Module):
         self.vae, self.direction, self.layout = vae, direction, layout
         self.slots = cache_slots(vae, direction)
 
-    def forward(self, x, *cache_in):
+    def forward(self, *inputs):
+        return self._step(inputs[0], inputs[1:])
+
+    def _step(self, x, cache_in):
         vae = self.vae
         cache = list(cache_in) + [None] * (self.slots - len(cache_in))
         if self.direction == "decode":

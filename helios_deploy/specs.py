@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from .errors import UserError
 
@@ -48,15 +48,16 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
-class ComponentSpec:
-    name: str
+class GraphSpec:
+    """One ONNX graph: its tensors, the ranges of its symbols and its operating points."""
+
+    name: str  # "model" for single-graph components; "first" / "step" for the VAE
+    file: str  # file name inside the component's artifact folder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     # Range of every symbol: (min, max). Used for export constraints and TensorRT profiles.
     ranges: Mapping[str, tuple[int, int]]
     operating_points: tuple[OperatingPoint, ...]
-    # Component-level facts the runtime needs (for example the VAE's scale factors).
-    attrs: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -83,6 +84,24 @@ class ComponentSpec:
         raise KeyError(f"{self.name} has no operating point {name!r}")
 
 
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    graphs: tuple[GraphSpec, ...]
+    # Component-level facts the runtime needs (for example the VAE's scale factors).
+    attrs: Mapping[str, object] = field(default_factory=dict)
+
+    def graph(self, name: str) -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise KeyError(f"{self.name} has no graph {name!r}")
+
+    @property
+    def operating_points(self) -> tuple[OperatingPoint, ...]:
+        return self.graphs[0].operating_points
+
+
 def parse_dim(dim: str) -> tuple[str, int]:
     m = _DIM.match(dim)
     if not m:
@@ -102,11 +121,11 @@ def resolve_shape(tensor: TensorSpec, dims: Mapping[str, int]) -> tuple[int, ...
     return tuple(shape)
 
 
-def shapes_at(spec: ComponentSpec, dims: Mapping[str, int], which: str = "inputs") -> dict[str, tuple[int, ...]]:
+def shapes_at(spec: GraphSpec, dims: Mapping[str, int], which: str = "inputs") -> dict[str, tuple[int, ...]]:
     return {t.name: resolve_shape(t, dims) for t in getattr(spec, which)}
 
 
-def bind_symbols(spec: ComponentSpec, shapes: Mapping[str, Iterable[int]]) -> dict[str, int]:
+def bind_symbols(spec: GraphSpec, shapes: Mapping[str, Iterable[int]]) -> dict[str, int]:
     """Infer symbol values from concrete input shapes, checking every fixed dim and every tie.
 
     Raises a UserError naming each tensor and axis that does not fit the spec.
@@ -176,53 +195,72 @@ def _round(v: int, m: int) -> int:
     return max(m, round(v / m) * m)
 
 
+def frame_indices() -> dict[str, list[int]]:
+    """Rotary frame indices as the pipeline sets them (keep_first_frame): prefix 0, long 1-16,
+    mid 17-18, short 19 (short carries the prefix too), noisy chunk 20-28."""
+    sizes = [1, HISTORY_LONG, HISTORY_MID, HISTORY_SHORT - 1, CHUNK_LATENT_FRAMES]
+    idx, start = [], 0
+    for n in sizes:
+        idx.append(list(range(start, start + n)))
+        start += n
+    prefix, long, mid, short1, noisy = idx
+    return {
+        "indices_hidden_states": noisy,
+        "indices_latents_history_short": prefix + short1,
+        "indices_latents_history_mid": mid,
+        "indices_latents_history_long": long,
+    }
+
+
+def _at_least_2(n: int) -> int:
+    # an export example of 1 would make torch.export specialise the symbol, so ranges reach 2
+    return max(2, n)
+
+
 def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, max_text_length: int) -> ComponentSpec:
     c = int(cfg["in_channels"])
-    latent = ("batch", c)
     lh, lw = height // 8, width // 8
     points = []
     for stage in range(PYRAMID_STAGES):
         div = 2 ** (PYRAMID_STAGES - 1 - stage)
-        # noisy latents at 1/4, 1/2, 1 of the latent size; dims counted in units of 2 (the patch)
-        points.append(
-            OperatingPoint(
-                f"stage{stage}",
-                {"batch": 1, "stage_height": lh // div // 2, "stage_width": lw // div // 2,
-                 "latent_height": lh // 8, "latent_width": lw // 8, "text_length": text_length},
-            )
-        )
-    hist = lambda n: (*latent, n, "latent_height*8", "latent_width*8")  # noqa: E731
-    return ComponentSpec(
-        name="transformer",
+        # noisy latents at 1/4, 1/2, 1 of the latent size, counted in patches of 2; history latents
+        # always at the full latent size, counted in units of 8 (the long-history patch)
+        points.append(OperatingPoint(f"stage{stage}", {
+            "batch": 1, "stage_height": lh // div // 2, "stage_width": lw // div // 2,
+            "latent_height": lh // 8, "latent_width": lw // 8, "text_length": text_length,
+        }))
+    hist = lambda n: ("batch", c, n, "latent_height*8", "latent_width*8")  # noqa: E731
+    noisy = ("batch", c, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")
+    idx = frame_indices()
+    graph = GraphSpec(
+        name="model", file="model.onnx",
         inputs=(
-            TensorSpec("hidden_states", "float32", (*latent, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")),
+            TensorSpec("hidden_states", "float32", noisy),
             TensorSpec("timestep", "int64", ("batch",), kind="timestep"),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", int(cfg["text_dim"]))),
-            TensorSpec("indices_hidden_states", "int64", ("batch", CHUNK_LATENT_FRAMES), kind="indices"),
-            TensorSpec("indices_latents_history_short", "int64", ("batch", HISTORY_SHORT), kind="indices"),
-            TensorSpec("indices_latents_history_mid", "int64", ("batch", HISTORY_MID), kind="indices"),
-            TensorSpec("indices_latents_history_long", "int64", ("batch", HISTORY_LONG), kind="indices"),
+            *(TensorSpec(name, "int64", ("batch", len(v)), kind="indices") for name, v in idx.items()),
             TensorSpec("latents_history_short", "float32", hist(HISTORY_SHORT)),
             TensorSpec("latents_history_mid", "float32", hist(HISTORY_MID)),
             TensorSpec("latents_history_long", "float32", hist(HISTORY_LONG)),
         ),
-        outputs=(
-            TensorSpec("noise_pred", "float32", (*latent, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")),
-        ),
+        outputs=(TensorSpec("noise_pred", "float32", noisy),),
         ranges={
             "batch": (1, MAX_BATCH),
-            "stage_height": (1, max(lh // 2, 1)), "stage_width": (1, max(lw // 2, 1)),
-            "latent_height": (1, max(lh // 8, 1)), "latent_width": (1, max(lw // 8, 1)),
+            "stage_height": (1, _at_least_2(lh // 2)), "stage_width": (1, _at_least_2(lw // 2)),
+            "latent_height": (1, _at_least_2(lh // 8)), "latent_width": (1, _at_least_2(lw // 8)),
             "text_length": (1, max_text_length),
         },
         operating_points=tuple(points),
-        attrs={"height": height, "width": width, "patch_size": list(cfg["patch_size"])},
     )
+    return ComponentSpec("transformer", (graph,), attrs={
+        "height": height, "width": width, "patch_size": list(cfg["patch_size"]), "in_channels": c,
+        "text_dim": int(cfg["text_dim"]), "frame_indices": idx,
+    })
 
 
 def text_encoder_spec(cfg: Mapping, text_length: int, max_text_length: int) -> ComponentSpec:
-    return ComponentSpec(
-        name="text_encoder",
+    graph = GraphSpec(
+        name="model", file="model.onnx",
         inputs=(
             TensorSpec("input_ids", "int64", ("batch", "text_length"), kind="token_ids"),
             TensorSpec("attention_mask", "int64", ("batch", "text_length"), kind="mask"),
@@ -230,8 +268,10 @@ def text_encoder_spec(cfg: Mapping, text_length: int, max_text_length: int) -> C
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "text_length", int(cfg["d_model"]))),),
         ranges={"batch": (1, MAX_BATCH), "text_length": (1, max_text_length)},
         operating_points=(OperatingPoint("prompt", {"batch": 1, "text_length": text_length}),),
-        attrs={"vocab_size": int(cfg["vocab_size"]), "max_text_length": max_text_length},
     )
+    return ComponentSpec("text_encoder", (graph,), attrs={
+        "vocab_size": int(cfg["vocab_size"]), "max_text_length": max_text_length, "text_length": text_length,
+    })
 
 
 def _vae_attrs(cfg: Mapping) -> dict:
@@ -241,72 +281,92 @@ def _vae_attrs(cfg: Mapping) -> dict:
         "latents_std": list(cfg["latents_std"]),
         "scale_factor_spatial": int(cfg.get("scale_factor_spatial") or 8),
         "scale_factor_temporal": int(cfg.get("scale_factor_temporal") or 4),
+        "chunk_latent_frames": CHUNK_LATENT_FRAMES,
+        "chunk_frames": (CHUNK_LATENT_FRAMES - 1) * 4 + 1,
     }
 
 
-def vae_decoder_spec(cfg: Mapping, height: int, width: int) -> ComponentSpec:
-    z = int(cfg["z_dim"])
-    frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
-    return ComponentSpec(
-        name="vae_decoder",
-        inputs=(TensorSpec("latents", "float32", ("batch", z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")),),
-        outputs=(TensorSpec("video", "float32", ("batch", 3, frames, "latent_height*8", "latent_width*8")),),
-        ranges={"batch": (1, MAX_BATCH), "latent_height": (1, height // 8), "latent_width": (1, width // 8)},
-        operating_points=(OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),),
-        attrs=_vae_attrs(cfg),
+def _cache_tensors(layout: Iterable[Sequence[int]], prefix: str) -> tuple[TensorSpec, ...]:
+    """Cache tensors from the VAE's layout: (channels, frames, spatial scale vs the latent size)."""
+    return tuple(
+        TensorSpec(f"{prefix}_{i}", "float32", ("batch", ch, frames, f"latent_height*{scale}", f"latent_width*{scale}"))
+        for i, (ch, frames, scale) in enumerate(layout)
     )
 
 
-def vae_encoder_spec(cfg: Mapping, height: int, width: int) -> ComponentSpec:
+def _vae_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width: int) -> tuple[GraphSpec, ...]:
+    """The first and step graphs of one VAE direction (see export/vae_steps.py)."""
+    ranges = {"batch": (1, MAX_BATCH), "latent_height": (1, _at_least_2(height // 8)),
+              "latent_width": (1, _at_least_2(width // 8))}
+    point = (OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),)
+    video = lambda n: ("batch", 3, n, "latent_height*8", "latent_width*8")  # noqa: E731
+    latent = lambda ch: ("batch", ch, 1, "latent_height", "latent_width")  # noqa: E731
+    if direction == "decode":
+        x_first, x_step, y_first, y_step = latent(x_ch), latent(x_ch), video(1), video(4)
+        names = ("latents", "video")
+    else:
+        x_first, x_step, y_first, y_step = video(1), video(4), latent(y_ch), latent(y_ch)
+        names = ("video", "moments")
+    kind = "video" if direction == "encode" else "normal"
+    first = GraphSpec("first", "first.onnx", (TensorSpec(names[0], "float32", x_first, kind),),
+                      (TensorSpec(names[1], "float32", y_first), *_cache_tensors(layout, "cache_out")), ranges, point)
+    step = GraphSpec("step", "model.onnx",
+                     (TensorSpec(names[0], "float32", x_step, kind), *_cache_tensors(layout, "cache_in")),
+                     (TensorSpec(names[1], "float32", y_step), *_cache_tensors(layout, "cache_out")), ranges, point)
+    return first, step
+
+
+def vae_decoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
     z = int(cfg["z_dim"])
-    frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
-    return ComponentSpec(
-        name="vae_encoder",
-        inputs=(TensorSpec("video", "float32", ("batch", 3, frames, "latent_height*8", "latent_width*8"), kind="video"),),
-        # DiagonalGaussian parameters (mean and log-variance on the channel axis), as AutoencoderKLWan
-        # returns them: sampling draws random numbers, so it stays with the caller's generator.
-        outputs=(TensorSpec("moments", "float32", ("batch", 2 * z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")),),
-        ranges={"batch": (1, MAX_BATCH), "latent_height": (1, height // 8), "latent_width": (1, width // 8)},
-        operating_points=(OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),),
-        attrs=_vae_attrs(cfg),
-    )
+    return ComponentSpec("vae_decoder", _vae_graphs("decode", z, 3, layout, height, width), attrs=_vae_attrs(cfg))
+
+
+def vae_encoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
+    # outputs DiagonalGaussian parameters (mean and log-variance on the channel axis), as
+    # AutoencoderKLWan returns them: sampling draws random numbers, so it stays with the caller
+    z = int(cfg["z_dim"])
+    return ComponentSpec("vae_encoder", _vae_graphs("encode", 3, 2 * z, layout, height, width), attrs=_vae_attrs(cfg))
 
 
 COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")
 
 
 def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_length: int, max_text_length: int,
-                components: Iterable[str] = COMPONENTS) -> dict[str, ComponentSpec]:
-    """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder)."""
+                components: Iterable[str] = COMPONENTS, vae_layouts: Mapping[str, list] | None = None,
+                ) -> dict[str, ComponentSpec]:
+    """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder).
+
+    ``vae_layouts`` gives the VAE cache layout per direction ("decode", "encode"), learned from the
+    VAE module by the exporter (export/vae_steps.py).
+    """
     check_video_size(height, width, size_multiple(configs["transformer"], configs["vae"]))
     if not 1 <= text_length <= max_text_length:
         raise UserError(
             f"text length {text_length} is outside 1..{max_text_length}",
             fix="pass --text-length no larger than --max-text-length",
         )
+    layouts = vae_layouts or {}
     builders = {
         "transformer": lambda: transformer_spec(configs["transformer"], height, width, text_length, max_text_length),
         "text_encoder": lambda: text_encoder_spec(configs["text_encoder"], text_length, max_text_length),
-        "vae_decoder": lambda: vae_decoder_spec(configs["vae"], height, width),
-        "vae_encoder": lambda: vae_encoder_spec(configs["vae"], height, width),
+        "vae_decoder": lambda: vae_decoder_spec(configs["vae"], height, width, layouts["decode"]),
+        "vae_encoder": lambda: vae_encoder_spec(configs["vae"], height, width, layouts["encode"]),
     }
     return {name: builders[name]() for name in components}
 
 
 def spec_to_json(spec: ComponentSpec) -> dict:
-    d = asdict(spec)
-    d["operating_points"] = [{"name": p.name, "dims": dict(p.dims)} for p in spec.operating_points]
-    d["ranges"] = {k: list(v) for k, v in spec.ranges.items()}
-    return json.loads(json.dumps(d))
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def _graph_from_json(d: Mapping) -> GraphSpec:
+    tensors = lambda key: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"]), t.get("kind", "normal")) for t in d[key])  # noqa: E731
+    return GraphSpec(
+        name=d["name"], file=d["file"], inputs=tensors("inputs"), outputs=tensors("outputs"),
+        ranges={k: tuple(v) for k, v in d["ranges"].items()},
+        operating_points=tuple(OperatingPoint(p["name"], dict(p["dims"])) for p in d["operating_points"]),
+    )
 
 
 def spec_from_json(d: Mapping) -> ComponentSpec:
-    tensors = lambda key: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"]), t.get("kind", "normal")) for t in d[key])  # noqa: E731
-    return ComponentSpec(
-        name=d["name"],
-        inputs=tensors("inputs"),
-        outputs=tensors("outputs"),
-        ranges={k: tuple(v) for k, v in d["ranges"].items()},
-        operating_points=tuple(OperatingPoint(p["name"], dict(p["dims"])) for p in d["operating_points"]),
-        attrs=dict(d.get("attrs", {})),
-    )
+    return ComponentSpec(d["name"], tuple(_graph_from_json(g) for g in d["graphs"]), dict(d.get("attrs", {})))
