@@ -8,6 +8,9 @@ Peak memory is the exporter's own plus the few tensors in flight, whatever the c
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
 from pathlib import Path
 
@@ -126,6 +129,14 @@ def _optimize(model) -> None:
     onnxscript.optimizer.optimize_ir(model, onnx_shape_inference=False, should_fold=should_fold)
 
 
+def _strip_debug_metadata(model) -> None:
+    """Drop the exporter's per-node Python stack traces (most of a small graph's bytes); keep the
+    module name scopes, which map nodes back to layers (used by precision recipes)."""
+    for node in model.graph.all_nodes():
+        for key in ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"):
+            node.metadata_props.pop(key, None)
+
+
 def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Path, opset: int) -> dict:
     """Export one graph to ``out_dir/graph.file`` with its weights in external data beside it."""
     import onnx_ir as ir
@@ -137,7 +148,8 @@ def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Pa
     wrapper = graph_module(module, component, graph).eval()
     # parameters keep their module path under the wrapper's attribute (model. or vae.)
     prefix = "vae." if component.startswith("vae") else "model."
-    with export_patches(component), torch.no_grad():
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # registry chatter (torchvision ops etc.)
+    with export_patches(component), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(
             wrapper, _example(graph, "meta"), dynamo=True, opset_version=opset,
             input_names=[t.name for t in graph.inputs], output_names=[t.name for t in graph.outputs],
@@ -151,6 +163,7 @@ def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Pa
                         expected=f"every parameter of the {component} in {ckpt.index_for(component).folder}",
                         fix="the checkpoint is partial or from another model: re-download it")
     _optimize(model)
+    _strip_debug_metadata(model)
     traced = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / graph.file

@@ -1,0 +1,54 @@
+import click
+
+from .options import components_option, force_option, parse_components, size_options
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Artifact folder.")
+@size_options
+@components_option
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18-23).")
+@click.option("--max-text-length", type=int, default=512, show_default=True,
+              help="Longest prompt the graphs accept (UMT5 limit 512).")
+@click.option("--text-length", type=int, default=None,
+              help="Text length of the operating points (default: --max-text-length, what the pipeline pads to).")
+@click.option("--audit/--no-audit", default=True, show_default=True,
+              help="Check each graph (onnx.checker, ONNX Runtime, parity against the reference) before "
+                   "moving the artifacts into place. Parity loads the reference weights in memory.")
+@click.option("--report-memory", is_flag=True, help="Print the export's peak RSS against the weights size.")
+@force_option
+def command(checkpoint, out, height, width, components, opset, max_text_length, text_length, audit,
+            report_memory, force):
+    """Export a Helios checkpoint (diffusers layout) to verified ONNX.
+
+    Writes OUT/<component>/model.onnx (+ external data; the VAE also has first.onnx), OUT/manifest.json,
+    the tokenizer and the scheduler config. Weights are streamed from the safetensors shards, so the
+    14B transformer exports on a host with less RAM than the checkpoint (use --no-audit there).
+
+    \b
+    Examples:
+      helios-deploy export engines/tiny -o engines/tiny-onnx --height 64 --width 128
+      helios-deploy export ~/models/Helios-Distilled -o engines/helios --no-audit --report-memory
+    """
+    from ..export.run import export_checkpoint
+
+    manifest = export_checkpoint(
+        checkpoint, out, height=height, width=width, components=parse_components(components), opset=opset,
+        text_length=text_length or max_text_length, max_text_length=max_text_length, force=force,
+        run_audit=audit, log=lambda m: click.echo(m, err=True),
+    )
+    for name, comp in manifest["components"].items():
+        graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes, {g['export_seconds']:.1f}s)" for g in comp["graphs"].values())
+        click.echo(f"{name:13s} {graphs}")
+    if "audit" in manifest:
+        click.echo("audit passed: " + ", ".join(f"{c} max rel_l2 {max(x['rel_l2'] for x in r['cases']):.1e}"
+                                                for c, r in manifest["audit"].items()))
+    if report_memory:
+        rss, w = manifest["export_peak_rss_bytes"], manifest["weights_bytes"]
+        click.echo(f"memory: export peak RSS {_gb(rss)}, weights {_gb(w)}, ratio {rss / w:.3f}")
+    click.echo(f"artifacts: {out}")

@@ -1,0 +1,42 @@
+import json
+from pathlib import Path
+
+import click
+
+from .options import parse_components
+
+
+def print_report(report: dict) -> None:
+    for name, comp in report["components"].items():
+        click.echo(f"{name} ({comp['precision']}): {'PASS' if comp['passed'] else 'FAIL'}")
+        for c in comp["cases"]:
+            click.echo(f"  {c['name']:16s} max_abs_err {c['max_abs_err']:.3e}  rel_l2 {c['rel_l2']:.3e}  "
+                       f"cosine {c['cosine']:.8f}  {'ok' if c['passed'] else 'FAIL'}")
+    if report.get("table"):
+        click.echo(report["table"])
+
+
+@click.command("parity")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("artifacts", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
+@click.option("--components", default=None, metavar="LIST", help="Subset of the exported components.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(checkpoint, artifacts, json_path, components, seed):
+    """Compare exported ONNX (ONNX Runtime, CPU) with the reference modules at every operating point,
+    at batch 2 and at a shape not used at export. Exits 1 when any case fails (fp32: rel_l2 <= 1e-4).
+
+    \b
+    Example:
+      helios-deploy parity engines/tiny engines/tiny-onnx --json engines/parity.json
+    """
+    from ..errors import UserError
+    from ..export.run import parity_report
+
+    report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    if not report["passed"]:
+        raise UserError("parity failed", found="see the cases marked FAIL above", fix="re-export, or inspect with --json")
+    click.echo(f"parity passed{f'; report: {json_path}' if json_path else ''}")
