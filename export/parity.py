@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..specs import ComponentSpec, GraphSpec, resolve_shape
-from .vae_steps import run_chunk
+from ..runtime.vae import run_chunk
 
 FP32_REL_L2 = 1e-4
 

@@ -127,14 +127,3 @@ class VaeStep(torch.nn.Module):
         else:
             out = vae.quant_conv(_run(vae.encoder, x, cache))
         return (out, *cache[: len(self.layout)])
-
-
-def run_chunk(first, step, x: torch.Tensor, direction: str) -> torch.Tensor:
-    """Run a whole chunk through the two step functions (torch modules or equivalent callables)."""
-    first_n, step_n = _frames_per_step(direction)
-    out, *cache = first(x[:, :, :first_n])
-    outs = [out]
-    for i in range(first_n, x.shape[2], step_n):
-        out, *cache = step(x[:, :, i:i + step_n], *cache)
-        outs.append(out)
-    return torch.cat(outs, dim=2)

@@ -4,7 +4,8 @@ import copy
 
 import torch
 
-from helios_deploy.export.vae_steps import VaeFirstStep, VaeStep, cache_layout, run_chunk
+from helios_deploy.export.vae_steps import VaeFirstStep, VaeStep, cache_layout
+from helios_deploy.runtime.vae import run_chunk
 
 
 def test_steps_equal_reference_decode_and_encode(tiny_ckpt):

@@ -1,0 +1,153 @@
+"""The production runtime: artifacts -> video, chunk by chunk. Imports neither diffusers nor
+transformers (unless a component is run on the torch backend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ..artifacts import Artifacts
+from ..errors import UserError
+from .runners import make_runner
+from .runners.base import BACKENDS
+from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
+from .scheduler import DMDScheduler
+from .text import PromptTokenizer
+from .vae import decode_chunk
+
+COMPONENTS_T2V = ("text_encoder", "transformer", "vae_decoder")
+
+
+@dataclass
+class Chunk:
+    index: int
+    frames: np.ndarray  # uint8 [T, H, W, 3] (or float32 in [0, 1] with output="float")
+
+
+def parse_backend(backend: str | Mapping[str, str]) -> dict[str, str]:
+    """"onnxruntime" for all, or "transformer=tensorrt,vae_decoder=torch" per component."""
+    if isinstance(backend, Mapping):
+        spec = dict(backend)
+    elif "=" in backend:
+        spec = dict(part.split("=", 1) for part in backend.split(",") if part)
+    else:
+        spec = {"*": backend}
+    bad = [v for v in spec.values() if v not in BACKENDS]
+    if bad:
+        raise UserError(f"unknown backend {bad[0]!r}", expected=f"one of {', '.join(BACKENDS)}, "
+                        "or per component like transformer=tensorrt,vae_decoder=torch")
+    return spec
+
+
+class Pipeline:
+    def __init__(self, artifacts: Artifacts, backend: dict[str, str], device: str):
+        self.artifacts, self.backend, self.device = artifacts, backend, torch.device(device)
+        m = artifacts.manifest
+        self.height, self.width = m["video"]["height"], m["video"]["width"]
+        self.text_length = m["text_length"]
+        self.scheduler = DMDScheduler(m["scheduler_config"])
+        self.block_noise = BlockNoise(self.scheduler.gamma)
+        self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
+        self._runners: dict[tuple[str, str], object] = {}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_artifacts(cls, path: str | Path, backend: str | Mapping[str, str] = "onnxruntime",
+                       device: str = "cpu") -> "Pipeline":
+        arts = Artifacts.open(path)
+        for c in ("text_encoder", "transformer", "vae_decoder"):
+            arts.require(c)
+        return cls(arts, parse_backend(backend), device)
+
+    # -- components ------------------------------------------------------------------------------
+    def runner(self, component: str, graph: str = "model"):
+        key = (component, graph)
+        if key not in self._runners:
+            spec = self.artifacts.spec(component)
+            backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
+            self._runners[key] = make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
+                                             spec.graph(graph), str(self.device)).activate()
+        return self._runners[key]
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """UMT5 embeddings [1, L, D], zero past the prompt's real length; cached per prompt."""
+        if prompt not in self._prompt_cache:
+            ids, mask = self.tokenizer([prompt])
+            out = self.runner("text_encoder").infer({"input_ids": torch.from_numpy(ids).to(self.device),
+                                                     "attention_mask": torch.from_numpy(mask).to(self.device)})
+            embeds = out["last_hidden_state"].float()
+            embeds[:, int(mask.sum()):] = 0
+            self._prompt_cache[prompt] = embeds
+        return self._prompt_cache[prompt]
+
+    def _transformer(self, feeds):
+        return self.runner("transformer").infer(feeds, check=False)["noise_pred"]
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None,
+               pyramid_steps=(1, 1, 1), amplify_first_chunk: bool = False, height: int | None = None,
+               width: int | None = None, output: str = "uint8", on_step=None) -> Iterator[Chunk]:
+        """Yield each 33-frame chunk as soon as it is decoded. ``prompt`` may be a string or a schedule
+        {chunk index: prompt} (the prompt in force changes at those chunks)."""
+        schedule = self._prompt_schedule(prompt)
+        self._check_request(num_frames, height, width, pyramid_steps, image, video)
+        spec = self.artifacts.spec("transformer")
+        generator = torch.Generator().manual_seed(seed)
+        c, h, w = spec.attrs["in_channels"], self.height // 8, self.width // 8
+        state = ChunkState(torch.zeros(1, c, sum(HISTORY_SIZES), h, w), None)
+        indices = {k: torch.tensor([v], dtype=torch.int64) for k, v in spec.attrs["frame_indices"].items()}
+        vae = self.artifacts.spec("vae_decoder").attrs
+        num_chunks = max(1, (num_frames + 32) // 33)
+        total_frames = ((num_chunks * 33) - 1) // 4 * 4 + 1
+        prompt_now = schedule[0]
+        for k in range(num_chunks):
+            prompt_now = schedule.get(k, prompt_now)
+            request = ChunkRequest(self.encode_prompt(prompt_now), tuple(pyramid_steps),
+                                   amplify_first_chunk and k == 0)
+            latents = denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request, generator,
+                                    k == 0, spec.attrs["patch_size"], indices, on_step)
+            update_history(state, latents, k == 0)
+            video_chunk = decode_chunk(self.runner("vae_decoder", "first"), self.runner("vae_decoder", "step"),
+                                       latents, vae["latents_mean"], vae["latents_std"])
+            frames = video_chunk[0].permute(1, 2, 3, 0)  # [T, H, W, 3] in [-1, 1]
+            keep = min(frames.shape[0], total_frames - 33 * k)
+            yield Chunk(k, _to_output(frames[:keep], output))
+
+    def generate(self, prompt, output: str = "uint8", **kwargs) -> np.ndarray:
+        """The whole video: uint8 [T, H, W, 3], or float32 in [0, 1] with output="float"."""
+        return np.concatenate([c.frames for c in self.stream(prompt, output=output, **kwargs)], axis=0)
+
+    # -- checks ----------------------------------------------------------------------------------
+    @staticmethod
+    def _prompt_schedule(prompt) -> dict[int, str]:
+        schedule = {0: prompt} if isinstance(prompt, str) else dict(prompt or {})
+        if 0 not in schedule or any(not isinstance(p, str) or not p.strip() for p in schedule.values()):
+            raise UserError("empty prompt", expected="a non-empty prompt (or a schedule {chunk: prompt} with chunk 0)",
+                            fix='pass --prompt "a cat walking in the snow"')
+        return schedule
+
+    def _check_request(self, num_frames, height, width, steps, image, video) -> None:
+        if not isinstance(num_frames, int) or num_frames <= 0:
+            raise UserError(f"number of frames must be positive, got {num_frames}", fix="pass --frames 33 or more")
+        sizes = f"{self.height}x{self.width}"
+        if (height or self.height) != self.height or (width or self.width) != self.width:
+            raise UserError(f"these artifacts were exported for {sizes} only", found=f"{height}x{width}",
+                            fix=f"generate at {sizes}, or re-export with --height/--width")
+        if len(steps) != self.scheduler.stages or any(int(s) < 1 for s in steps):
+            raise UserError(f"pyramid steps {tuple(steps)} invalid",
+                            expected=f"{self.scheduler.stages} positive integers, e.g. 1,1,1 or 2,2,2")
+        if image is not None or video is not None:
+            raise UserError("image and video conditioning are not supported by this runtime yet",
+                            fix="generate from a prompt only (text-to-video)")
+
+
+def _to_output(frames: torch.Tensor, output: str) -> np.ndarray:
+    """[-1, 1] -> [0, 1] as the reference's postprocess, then uint8 like its PIL conversion."""
+    x = (frames.float() / 2 + 0.5).clamp(0, 1).cpu().numpy()
+    if output == "float":
+        return x
+    return (x * 255).round().astype(np.uint8)

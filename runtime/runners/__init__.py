@@ -1,0 +1,5 @@
+"""One runner protocol for every backend (ONNX Runtime, TensorRT, PyTorch reference)."""
+
+from .base import Runner, make_runner
+
+__all__ = ["Runner", "make_runner"]

@@ -1,0 +1,86 @@
+"""The runner protocol (after Polygraphy's runners): public activate / infer / deactivate do the
+checks; each backend fills in small ``_impl`` methods. Runners take and return named torch tensors on
+their device, one graph each."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ...errors import UserError
+from ...specs import GraphSpec, bind_symbols
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+class Runner:
+    backend = "base"
+
+    def __init__(self, graph: GraphSpec, component: str, device: str):
+        self.graph, self.component, self.device = graph, component, torch.device(device)
+        self.is_active = False
+        self.seconds = 0.0  # wall time spent inside the backend (for host-overhead accounting)
+        self.calls = 0
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self._activate_impl()
+            self.is_active = True
+        return self
+
+    def infer(self, feeds: Mapping[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
+        if not self.is_active:
+            raise RuntimeError(f"{self.component}/{self.graph.name} runner used before activate()")
+        if check:
+            self._check(feeds)
+        t0 = time.perf_counter()
+        out = self._infer_impl(feeds)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate_impl()
+            self.is_active = False
+
+    def _check(self, feeds: Mapping[str, torch.Tensor]) -> None:
+        names = [t.name for t in self.graph.inputs]
+        if set(feeds) != set(names):
+            raise UserError(f"{self.component}/{self.graph.name}: wrong inputs", found=", ".join(sorted(feeds)),
+                            expected=", ".join(names))
+        bad = [f"{t.name} is {feeds[t.name].dtype}" for t in self.graph.inputs if feeds[t.name].dtype != _DTYPES[t.dtype]]
+        if bad:
+            raise UserError(f"{self.component}/{self.graph.name}: wrong input dtypes", found="; ".join(bad))
+        bind_symbols(self.graph, {k: v.shape for k, v in feeds.items()})
+
+    # backends implement these
+    def _activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _deactivate_impl(self) -> None:
+        pass
+
+
+def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str) -> Runner:
+    """The runner for one graph of one component, imported only when its backend is used."""
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(root / component / graph.file, graph, component, device)
+    if backend == "torch":
+        from .torch_ref import TorchRunner
+
+        return TorchRunner(Path(manifest["checkpoint"]["path"]), graph, component, device)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(root, manifest, component, graph, device)
+    raise UserError(f"unknown backend {backend!r}", expected=", ".join(BACKENDS))

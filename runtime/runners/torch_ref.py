@@ -1,0 +1,41 @@
+"""PyTorch runner over the reference modules (diffusers / transformers), with exactly the I/O of the
+exported graphs: how users bisect a parity problem (e.g. `--backend transformer=torch`). The runtime
+imports diffusers only through this runner, only when it is chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ...errors import UserError
+from ...specs import GraphSpec
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, checkpoint: Path, graph: GraphSpec, component: str, device: str):
+        super().__init__(graph, component, device)
+        self.checkpoint = checkpoint
+        if not checkpoint.is_dir():
+            raise UserError(f"the torch backend needs the checkpoint the artifacts came from: {checkpoint} is missing",
+                            fix="restore the checkpoint there, or use another backend")
+
+    def _activate_impl(self) -> None:
+        from ...checkpoint import Checkpoint
+        from ...export.modules import build_module, graph_module
+
+        module = build_module(Checkpoint(self.checkpoint), self.component).to(self.device)
+        self.module = graph_module(module, self.component, self.graph).eval()
+
+    def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = self.module(*[feeds[t.name] for t in self.graph.inputs])
+        outs = out if isinstance(out, tuple) else (out,)
+        return {t.name: o for t, o in zip(self.graph.outputs, outs)}
+
+    def _deactivate_impl(self) -> None:
+        del self.module

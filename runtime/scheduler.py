@@ -1,0 +1,122 @@
+"""The distilled (DMD) scheduler's arithmetic, read from the checkpoint's scheduler_config.json.
+
+Mirrors diffusers' HeliosDMDScheduler (schedulers/scheduling_helios_dmd.py) for the pyramid path, with
+the same names, so the two can be read side by side; float64 where the reference computes in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    timesteps: torch.Tensor  # float64 [n]: the transformer sees them truncated to int64
+    sigmas: torch.Tensor  # float64 [n + 1], ending at 0
+
+
+class DMDScheduler:
+    def __init__(self, config: Mapping):
+        self.config = dict(config)
+        c = self.config
+        self.num_train_timesteps = int(c.get("num_train_timesteps", 1000))
+        self.shift = float(c.get("shift", 1.0))
+        self.stages = int(c.get("stages", 3))
+        self.stage_range = list(c.get("stage_range", [0, 1 / 3, 2 / 3, 1]))
+        self.gamma = float(c.get("gamma", 1 / 3))
+        self.use_dynamic_shifting = bool(c.get("use_dynamic_shifting", False))
+        self.time_shift_type = c.get("time_shift_type", "linear")
+        self.ori_start_sigmas: dict[int, float] = {}
+        self.timesteps_per_stage: dict[int, torch.Tensor] = {}
+        self.sigmas_per_stage: dict[int, torch.Tensor] = {}
+        self._init_sigmas_for_each_stage()
+
+    def _global_sigmas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_train_timesteps
+        alphas = np.linspace(1, 1 / n, n + 1)
+        sigmas = 1.0 - alphas
+        sigmas = np.flip(self.shift * sigmas / (1 + (self.shift - 1) * sigmas))[:-1].copy()
+        sigmas = torch.from_numpy(sigmas)
+        return sigmas * n, sigmas  # timesteps, sigmas
+
+    def _init_sigmas_for_each_stage(self) -> None:
+        n = self.num_train_timesteps
+        timesteps, sigmas = self._global_sigmas()
+        distance = []
+        for i in range(self.stages):
+            start = max(int(self.stage_range[i] * n), 0)
+            end = min(int(self.stage_range[i + 1] * n), n)
+            start_sigma = sigmas[start].item()
+            end_sigma = sigmas[end].item() if end < n else 0.0
+            self.ori_start_sigmas[i] = start_sigma
+            if i != 0:
+                ori_sigma = 1 - start_sigma
+                corrected = (1 / (math.sqrt(1 + (1 / self.gamma)) * (1 - ori_sigma) + ori_sigma)) * ori_sigma
+                start_sigma = 1 - corrected
+            distance.append(start_sigma - end_sigma)
+        total = sum(distance)
+        for i in range(self.stages):
+            r0 = 0.0 if i == 0 else sum(distance[:i]) / total
+            r1 = 0.9999999999999999 if i == self.stages - 1 else sum(distance[: i + 1]) / total
+            t_max = min(timesteps[int(r0 * n)], 999)
+            t_min = timesteps[min(int(r1 * n), n - 1)]
+            ts = np.linspace(t_max, t_min, n + 1)  # a tensor when t_max/t_min are tensors, as in the reference
+            self.timesteps_per_stage[i] = ts[:-1] if isinstance(ts, torch.Tensor) else torch.from_numpy(ts[:-1])
+            self.sigmas_per_stage[i] = torch.from_numpy(np.linspace(0.999, 0, n + 1)[:-1])
+
+    def _time_shift(self, mu: float, t: torch.Tensor) -> torch.Tensor:
+        if self.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        return mu / (mu + (1 / t - 1))
+
+    def stage_schedule(self, num_steps: int, stage: int, mu: float, amplify: bool) -> StageSchedule:
+        """set_timesteps(num_steps, stage, mu=mu, is_amplify_first_chunk=amplify)."""
+        n = num_steps * 2 + 1 if amplify else num_steps + 1
+        st = self.timesteps_per_stage[stage]
+        timesteps = torch.from_numpy(np.linspace(st[0].item(), st[-1].item(), n))
+        ss = self.sigmas_per_stage[stage]
+        sigmas = torch.cat([torch.from_numpy(np.linspace(ss[0].item(), ss[-1].item(), n)), torch.zeros(1)])
+        timesteps = timesteps[:-1]
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        if self.use_dynamic_shifting:
+            sigmas = self._time_shift(mu, sigmas)
+            timesteps = st.min() + sigmas[:-1] * (st.max() - st.min())
+        return StageSchedule(timesteps, sigmas)
+
+    def renoise_coefficients(self, stage: int) -> tuple[float, float]:
+        """(alpha, beta) that fix the block artifact when a stage starts from the upsampled latents."""
+        ori_sigma = 1 - self.ori_start_sigmas[stage]
+        alpha = 1 / (math.sqrt(1 + (1 / self.gamma)) * (1 - ori_sigma) + ori_sigma)
+        beta = alpha * (1 - ori_sigma) / math.sqrt(self.gamma)
+        return alpha, beta
+
+
+def _sigma_at(schedule: StageSchedule, t: float) -> torch.Tensor:
+    """sigma of the timestep nearest to int64(t), as the reference looks it up."""
+    t_long = torch.tensor(t, dtype=torch.float64).long().double()
+    idx = torch.argmin((schedule.timesteps - t_long).abs())
+    return schedule.sigmas[idx].reshape(-1, 1, 1, 1, 1)  # 5-D like the reference: float64 arithmetic
+
+
+def dmd_step(flow: torch.Tensor, sample: torch.Tensor, schedule: StageSchedule, i: int,
+             start_latents: torch.Tensor) -> torch.Tensor:
+    """One scheduler step: x0 = x_t - sigma_t * v (float64), then re-noise x0 toward the next
+    timestep using the stage's start latents; the last step returns x0."""
+    sigma_t = _sigma_at(schedule, schedule.timesteps[i].item())
+    x0 = (sample.double() - sigma_t * flow.double()).to(flow.dtype)
+    if i == len(schedule.timesteps) - 1:
+        return x0
+    sigma = _sigma_at(schedule, schedule.timesteps[i + 1].item())
+    return ((1 - sigma) * x0 + sigma * start_latents).to(start_latents.dtype)
