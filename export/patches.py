@@ -31,6 +31,35 @@ def rope_without_autocast():
 
 
 @contextlib.contextmanager
+def cholesky_float64():
+    """diffusers 0.42 ``HeliosPyramidPipeline.sample_block_noise`` factors the block-noise covariance
+    with ``torch.linalg.cholesky`` in float32, which fails on CPU ("not positive-definite"): at
+    gamma = 1/3 the matrix is singular once rounded to fp32 and its 1e-8 jitter is lost. While active,
+    the same matrix is rebuilt and factored in float64 (gamma recovered from its fp32 entries); any other
+    matrix is refused rather than silently changed. Used only to run the reference on CPU."""
+    from fractions import Fraction
+
+    import torch
+
+    original = torch.linalg.cholesky
+
+    def cholesky(a, *args, **kwargs):
+        n = a.shape[-1]
+        gamma = float(Fraction(float(-a[0, 1])).limit_denominator(1000))
+        cov = torch.eye(n, dtype=torch.float64) * (1 + gamma) - torch.ones(n, n, dtype=torch.float64) * gamma
+        cov += torch.eye(n, dtype=torch.float64) * 1e-8
+        if not torch.allclose(cov.to(a.dtype), a, atol=1e-6):
+            raise RuntimeError("cholesky_float64 patch applies only to the block-noise covariance")
+        return original(cov, *args, **kwargs).to(a.dtype)
+
+    torch.linalg.cholesky = cholesky
+    try:
+        yield
+    finally:
+        torch.linalg.cholesky = original
+
+
+@contextlib.contextmanager
 def export_patches(component: str):
     """All patches one component needs for export."""
     with contextlib.ExitStack() as stack:

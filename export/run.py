@@ -94,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
 
 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, pipeline: bool = False) -> dict:
     """Run every exported component against the reference; the report the `parity` command writes."""
     ckpt = Checkpoint(checkpoint)
     arts = Artifacts.open(artifacts)
@@ -112,6 +112,13 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
             report["components"][name] = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed)
             local += parity_rows(name, report["components"][name])
         rows += local
+    if pipeline:
+        from ..runtime import Pipeline
+        from .pipeline_parity import run_pipeline_parity
+
+        report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed)
+        rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3")
+                 for c in report["pipeline"]["cases"] if not c["passed"]]
     report["passed"] = not rows and all(c["passed"] for c in report["components"].values())
     report["problems"] = [list(r) for r in rows]
     if rows:

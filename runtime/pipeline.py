@@ -12,6 +12,7 @@ import torch
 
 from ..artifacts import Artifacts
 from ..errors import UserError
+from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
 from .runners import make_runner
 from .runners.base import BACKENDS
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
@@ -92,13 +93,18 @@ class Pipeline:
                pyramid_steps=(1, 1, 1), amplify_first_chunk: bool = False, height: int | None = None,
                width: int | None = None, output: str = "uint8", on_step=None) -> Iterator[Chunk]:
         """Yield each 33-frame chunk as soon as it is decoded. ``prompt`` may be a string or a schedule
-        {chunk index: prompt} (the prompt in force changes at those chunks)."""
+        {chunk index: prompt} (the prompt in force changes at those chunks). The request is checked
+        before anything runs."""
         schedule = self._prompt_schedule(prompt)
         self._check_request(num_frames, height, width, pyramid_steps, image, video)
+        return self._stream(schedule, num_frames, seed, image, video, pyramid_steps, amplify_first_chunk, output,
+                            on_step)
+
+    def _stream(self, schedule, num_frames, seed, image, video, pyramid_steps, amplify_first_chunk, output,
+                on_step) -> Iterator[Chunk]:
         spec = self.artifacts.spec("transformer")
         generator = torch.Generator().manual_seed(seed)
-        c, h, w = spec.attrs["in_channels"], self.height // 8, self.width // 8
-        state = ChunkState(torch.zeros(1, c, sum(HISTORY_SIZES), h, w), None)
+        state = self._initial_state(spec.attrs["in_channels"], image, video, generator)
         indices = {k: torch.tensor([v], dtype=torch.int64) for k, v in spec.attrs["frame_indices"].items()}
         vae = self.artifacts.spec("vae_decoder").attrs
         num_chunks = max(1, (num_frames + 32) // 33)
@@ -116,6 +122,22 @@ class Pipeline:
             frames = video_chunk[0].permute(1, 2, 3, 0)  # [T, H, W, 3] in [-1, 1]
             keep = min(frames.shape[0], total_frames - 33 * k)
             yield Chunk(k, _to_output(frames[:keep], output))
+
+    def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
+        """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
+        history = torch.zeros(1, channels, sum(HISTORY_SIZES), self.height // 8, self.width // 8)
+        if image is None and video is None:
+            return ChunkState(history, None)
+        self.artifacts.require("vae_encoder")
+        encode = encoder_fn(self.runner("vae_encoder", "first"), self.runner("vae_encoder", "step"))
+        norm = Normaliser.from_attrs(self.artifacts.spec("vae_encoder").attrs)
+        if image is not None:
+            image_latents, fake = image_conditioning(image, encode, norm, generator, self.height, self.width)
+            return ChunkState(torch.cat([history[:, :, :-1], fake], dim=2), image_latents)
+        image_latents, video_latents = video_conditioning(video, encode, norm, generator, self.height, self.width)
+        keep = history.shape[2] - video_latents.shape[2]
+        history = torch.cat([history[:, :, :keep], video_latents], dim=2) if keep > 0 else video_latents
+        return ChunkState(history, image_latents)
 
     def generate(self, prompt, output: str = "uint8", **kwargs) -> np.ndarray:
         """The whole video: uint8 [T, H, W, 3], or float32 in [0, 1] with output="float"."""
@@ -140,9 +162,8 @@ class Pipeline:
         if len(steps) != self.scheduler.stages or any(int(s) < 1 for s in steps):
             raise UserError(f"pyramid steps {tuple(steps)} invalid",
                             expected=f"{self.scheduler.stages} positive integers, e.g. 1,1,1 or 2,2,2")
-        if image is not None or video is not None:
-            raise UserError("image and video conditioning are not supported by this runtime yet",
-                            fix="generate from a prompt only (text-to-video)")
+        if image is not None and video is not None:
+            raise UserError("pass an image or a video, not both", fix="use --image for I2V or --video for V2V")
 
 
 def _to_output(frames: torch.Tensor, output: str) -> np.ndarray:

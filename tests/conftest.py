@@ -4,7 +4,6 @@ computed once (session scope) and asserted by many tests."""
 from __future__ import annotations
 
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -45,22 +44,13 @@ def parity(tiny_ckpt, artifacts) -> dict:
 
 
 @pytest.fixture
-def cholesky_float64(monkeypatch):
-    """The reference pipeline factors the block-noise covariance with torch.linalg.cholesky in fp32,
-    which fails on CPU (gamma = 1/3 makes it singular once rounded to fp32). Patch only that call, in
-    the test, to factor the same matrix built in float64."""
-    original = torch.linalg.cholesky
+def cholesky_float64():
+    """The reference pipeline's fp32 Cholesky fails on CPU; factor that one matrix in float64 while
+    the test runs (helios_deploy.export.patches.cholesky_float64)."""
+    from helios_deploy.export.patches import cholesky_float64
 
-    def cholesky(a, *args, **kwargs):
-        n = a.shape[-1]
-        # recover the scheduler's gamma (1/3) from its fp32 rounding
-        gamma = float(Fraction(float(-a[0, 1])).limit_denominator(1000))
-        cov = torch.eye(n, dtype=torch.float64) * (1 + gamma) - torch.ones(n, n, dtype=torch.float64) * gamma
-        cov += torch.eye(n, dtype=torch.float64) * 1e-8
-        assert torch.allclose(cov.to(a.dtype), a, atol=1e-6), "not the block-noise covariance"
-        return original(cov, *args, **kwargs).to(a.dtype)
-
-    monkeypatch.setattr(torch.linalg, "cholesky", cholesky)
+    with cholesky_float64():
+        yield
 
 
 def run_cli(args, capsys):

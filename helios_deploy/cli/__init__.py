@@ -18,6 +18,7 @@ COMMANDS = {
     "export": "export",
     "parity": "parity",
     "demo": "demo",
+    "generate": "generate",
     "cost": "cost",
 }
 

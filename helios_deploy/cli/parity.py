@@ -12,6 +12,11 @@ def print_report(report: dict) -> None:
         for c in comp["cases"]:
             click.echo(f"  {c['name']:16s} max_abs_err {c['max_abs_err']:.3e}  rel_l2 {c['rel_l2']:.3e}  "
                        f"cosine {c['cosine']:.8f}  {'ok' if c['passed'] else 'FAIL'}")
+    if "pipeline" in report:
+        click.echo(f"pipeline (runtime vs HeliosPyramidPipeline): {'PASS' if report['pipeline']['passed'] else 'FAIL'}")
+        for c in report["pipeline"]["cases"]:
+            click.echo(f"  {c['name']:16s} frames {c['frames']}  max_abs_err {c['max_abs_err']:.3e}  "
+                       f"{'ok' if c['passed'] else 'FAIL'}")
     if report.get("table"):
         click.echo(report["table"])
 
@@ -22,7 +27,9 @@ def print_report(report: dict) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--components", default=None, metavar="LIST", help="Subset of the exported components.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(checkpoint, artifacts, json_path, components, seed):
+@click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; two chunks; amplify on "
+              "and off; 1,1,1 and 2,2,2) against diffusers' HeliosPyramidPipeline (max abs error <= 1e-3).")
+def command(checkpoint, artifacts, json_path, components, seed, pipeline):
     """Compare exported ONNX (ONNX Runtime, CPU) with the reference modules at every operating point,
     at batch 2 and at a shape not used at export. Exits 1 when any case fails (fp32: rel_l2 <= 1e-4).
 
@@ -33,7 +40,8 @@ def command(checkpoint, artifacts, json_path, components, seed):
     from ..errors import UserError
     from ..export.run import parity_report
 
-    report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed)
+    report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed,
+                           pipeline=pipeline)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
