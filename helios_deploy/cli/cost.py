@@ -1,0 +1,46 @@
+import click
+
+from .options import size_options
+
+
+@click.command("cost")
+@click.argument("checkpoint", required=False, type=click.Path())
+@click.option("--config", "config_name", default=None, metavar="NAME",
+              help="A built-in model instead of a checkpoint: helios-14b (the real configs).")
+@size_options
+@click.option("--steps", default="1,1,1", show_default=True,
+              help="Transformer calls per pyramid stage (distilled: 1,1,1 is the fastest; the shipped script "
+                   "uses 2,2,2).")
+@click.option("--text-length", type=int, default=226, show_default=True, help="Prompt tokens (UMT5, padded).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a bar chart (PNG) of time per chunk by component, precision and GPU.")
+@click.option("--meta-count/--no-meta-count", default=True, show_default=True,
+              help="Also count FLOPs with FlopCounterMode over the real modules on the meta device (a few "
+                   "seconds for 14B) and show the difference to the analytic count.")
+def command(checkpoint, config_name, height, width, steps, text_length, json_path, plot_path, meta_count):
+    """Predict FLOPs, bytes moved, time per chunk, FPS, real-time streams and memory per GPU.
+
+    Counts each component call (UMT5 once per prompt; the transformer per pyramid stage; the VAE decode
+    per 33-frame chunk) without loading weights, and estimates roofline times on H100 SXM, H100 PCIe,
+    H200, B200 and L40S in bf16 and with fp8 transformer linears.
+
+    \b
+    Examples:
+      helios-deploy cost --config helios-14b
+      helios-deploy cost --config helios-14b --steps 2,2,2 --json cost.json --plot cost.png
+      helios-deploy cost checkpoints/Helios-Distilled --height 480 --width 832
+    """
+    from ..cost import estimate
+    from ..cost.report import check_writable, format_report, write_json, write_plot
+
+    for path in (json_path, plot_path):
+        if path:
+            check_writable(path)
+    est = estimate(checkpoint, config=config_name, height=height, width=width, steps=steps,
+                   text_length=text_length, meta_count=meta_count)
+    click.echo(format_report(est))
+    if json_path:
+        click.echo(f"wrote {write_json(est, json_path)}")
+    if plot_path:
+        click.echo(f"wrote {write_plot(est, plot_path)}")
