@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,9 @@ def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Pa
     # parameters keep their module path under the wrapper's attribute (model. or vae.)
     prefix = "vae." if component.startswith("vae") else "model."
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # registry chatter (torchvision ops etc.)
-    with export_patches(component), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    with export_patches(component), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
         program = torch.onnx.export(
             wrapper, _example(graph, "meta"), dynamo=True, opset_version=opset,
             input_names=[t.name for t in graph.inputs], output_names=[t.name for t in graph.outputs],

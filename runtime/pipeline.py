@@ -119,9 +119,8 @@ class Pipeline:
             update_history(state, latents, k == 0)
             video_chunk = decode_chunk(self.runner("vae_decoder", "first"), self.runner("vae_decoder", "step"),
                                        latents, vae["latents_mean"], vae["latents_std"])
-            frames = video_chunk[0].permute(1, 2, 3, 0)  # [T, H, W, 3] in [-1, 1]
-            keep = min(frames.shape[0], total_frames - 33 * k)
-            yield Chunk(k, _to_output(frames[:keep], output))
+            keep = min(video_chunk.shape[2], total_frames - 33 * k)
+            yield Chunk(k, _to_output(video_chunk[0, :, :keep], output))
 
     def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
         """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
@@ -167,8 +166,9 @@ class Pipeline:
 
 
 def _to_output(frames: torch.Tensor, output: str) -> np.ndarray:
-    """[-1, 1] -> [0, 1] as the reference's postprocess, then uint8 like its PIL conversion."""
-    x = (frames.float() / 2 + 0.5).clamp(0, 1).cpu().numpy()
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3]: [0, 1] as the reference's postprocess, then uint8 like
+    its PIL conversion (x * 255, rounded half to even). One new tensor, then in place."""
+    x = (frames.float() / 2).add_(0.5).clamp_(0, 1)
     if output == "float":
-        return x
-    return (x * 255).round().astype(np.uint8)
+        return x.permute(1, 2, 3, 0).cpu().numpy()
+    return x.mul_(255).round_().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()

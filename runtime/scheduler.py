@@ -42,6 +42,7 @@ class DMDScheduler:
         self.timesteps_per_stage: dict[int, torch.Tensor] = {}
         self.sigmas_per_stage: dict[int, torch.Tensor] = {}
         self._init_sigmas_for_each_stage()
+        self._schedules: dict[tuple, StageSchedule] = {}  # a schedule depends only on its arguments
 
     def _global_sigmas(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_train_timesteps
@@ -82,7 +83,14 @@ class DMDScheduler:
         return mu / (mu + (1 / t - 1))
 
     def stage_schedule(self, num_steps: int, stage: int, mu: float, amplify: bool) -> StageSchedule:
-        """set_timesteps(num_steps, stage, mu=mu, is_amplify_first_chunk=amplify)."""
+        """set_timesteps(num_steps, stage, mu=mu, is_amplify_first_chunk=amplify), computed once per
+        distinct arguments (the same for every chunk of a request)."""
+        key = (num_steps, stage, mu, amplify)
+        if key not in self._schedules:
+            self._schedules[key] = self._stage_schedule(num_steps, stage, mu, amplify)
+        return self._schedules[key]
+
+    def _stage_schedule(self, num_steps: int, stage: int, mu: float, amplify: bool) -> StageSchedule:
         n = num_steps * 2 + 1 if amplify else num_steps + 1
         st = self.timesteps_per_stage[stage]
         timesteps = torch.from_numpy(np.linspace(st[0].item(), st[-1].item(), n))

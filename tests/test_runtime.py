@@ -179,3 +179,21 @@ def test_runtime_does_not_import_diffusers_or_transformers(artifacts):
             f"p = Pipeline.from_artifacts({str(artifacts)!r}); p.generate('a cat', num_frames=33); "
             "bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_reports_consistent_numbers(artifacts, tiny_ckpt, tmp_path, capsys):
+    """The bench command runs ours and the reference in one run; numbers are printed, not asserted
+    against targets here (speed targets belong to the benchmark, not to timed tests)."""
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", artifacts, "--against-reference", tiny_ckpt, "--repeats", 1,
+                                 "--json", out], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["chunks"] == 2 and r["frames"] == 65
+    assert set(r["transformer_per_stage_s"]) == {"stage0", "stage1", "stage2"}
+    assert sum(r["per_component_s"].values()) <= r["total_s"]
+    assert r["first_chunk_latency_s"] <= r["total_s"] and r["host_overhead_per_chunk_ms"] >= 0
+    assert r["backend_calls"]["transformer/model"] == 6 and r["backend_calls"]["vae_decoder/model"] == 16
+    assert r["reference_total_s"] > 0 and r["speedup_vs_reference"] == pytest.approx(r["reference_total_s"] / r["total_s"])
+    assert set(r["predicted"]["bf16_s"]) >= {"transformer/stage0", "vae_decoder/chunk"}
+    assert "speedup_vs_reference" in stdout

@@ -19,6 +19,7 @@ COMMANDS = {
     "parity": "parity",
     "demo": "demo",
     "generate": "generate",
+    "bench": "bench",
     "cost": "cost",
 }
 

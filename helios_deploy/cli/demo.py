@@ -6,7 +6,7 @@ import click
 @click.option("--height", type=int, default=64, show_default=True)
 @click.option("--width", type=int, default=128, show_default=True)
 def command(out, height, width):
-    """The embedded default: tiny checkpoint -> export -> parity, on CPU.
+    """The embedded default on CPU: tiny checkpoint -> export (audited) -> two-chunk mp4 -> pipeline parity.
 
     \b
     Example:

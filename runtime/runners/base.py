@@ -5,6 +5,7 @@ their device, one graph each."""
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
 
@@ -23,8 +24,7 @@ class Runner:
     def __init__(self, graph: GraphSpec, component: str, device: str):
         self.graph, self.component, self.device = graph, component, torch.device(device)
         self.is_active = False
-        self.seconds = 0.0  # wall time spent inside the backend (for host-overhead accounting)
-        self.calls = 0
+        self.reset_stats()
 
     def activate(self) -> "Runner":
         if not self.is_active:
@@ -39,9 +39,18 @@ class Runner:
             self._check(feeds)
         t0 = time.perf_counter()
         out = self._infer_impl(feeds)
-        self.seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.seconds += dt
         self.calls += 1
+        self.seconds_by_shape[tuple(feeds[self._first].shape)] += dt
         return out
+
+    def reset_stats(self) -> None:
+        """Wall time spent inside the backend (host overhead = the rest), in total and by the shape of
+        the first input (which tells the pyramid stages apart)."""
+        self.seconds, self.calls = 0.0, 0
+        self.seconds_by_shape: dict[tuple, float] = defaultdict(float)
+        self._first = self.graph.inputs[0].name
 
     def deactivate(self) -> None:
         if self.is_active:

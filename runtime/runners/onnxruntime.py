@@ -30,6 +30,10 @@ class OnnxRuntimeRunner(Runner):
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # ORT's intra-op threads spin after each run by default; between our calls the host work (torch
+        # ops of the sampler) then competes with spinning threads for the same cores (measured on 2 cores:
+        # 23.7 ms of host time per chunk with spinning, see the bench note)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("ONNX Runtime has no CUDA execution provider here",
