@@ -197,3 +197,19 @@ def test_bench_reports_consistent_numbers(artifacts, tiny_ckpt, tmp_path, capsys
     assert r["reference_total_s"] > 0 and r["speedup_vs_reference"] == pytest.approx(r["reference_total_s"] / r["total_s"])
     assert set(r["predicted"]["bf16_s"]) >= {"transformer/stage0", "vae_decoder/chunk"}
     assert "speedup_vs_reference" in stdout
+
+
+def test_torch_backend_refuses_a_changed_checkpoint(tiny_ckpt, artifacts, tmp_path):
+    import shutil
+
+    from helios_deploy.errors import UserError
+    from helios_deploy.tiny import write_tiny_checkpoint
+
+    arts = tmp_path / "arts"
+    shutil.copytree(artifacts, arts)
+    other = write_tiny_checkpoint(tmp_path / "other", seed=9)
+    manifest = json.loads((arts / "manifest.json").read_text())
+    manifest["checkpoint"]["path"] = str(other)  # the manifest now points at different weights
+    (arts / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="another checkpoint"):
+        Pipeline.from_artifacts(arts, backend="torch").generate("x")

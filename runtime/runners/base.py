@@ -87,7 +87,7 @@ def make_runner(backend: str, root: Path, manifest: dict, component: str, graph:
     if backend == "torch":
         from .torch_ref import TorchRunner
 
-        return TorchRunner(Path(manifest["checkpoint"]["path"]), graph, component, device)
+        return TorchRunner(manifest, graph, component, device)
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 

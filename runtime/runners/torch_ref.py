@@ -17,18 +17,22 @@ from .base import Runner
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, checkpoint: Path, graph: GraphSpec, component: str, device: str):
+    def __init__(self, manifest: dict, graph: GraphSpec, component: str, device: str):
         super().__init__(graph, component, device)
-        self.checkpoint = checkpoint
+        self.manifest = manifest
+        self.checkpoint = checkpoint = Path(manifest["checkpoint"]["path"])
         if not checkpoint.is_dir():
             raise UserError(f"the torch backend needs the checkpoint the artifacts came from: {checkpoint} is missing",
                             fix="restore the checkpoint there, or use another backend")
 
     def _activate_impl(self) -> None:
+        from ...artifacts import Artifacts
         from ...checkpoint import Checkpoint
         from ...export.modules import build_module, graph_module
 
-        module = build_module(Checkpoint(self.checkpoint), self.component).to(self.device)
+        ckpt = Checkpoint(self.checkpoint)
+        Artifacts(self.checkpoint, self.manifest).check_checkpoint(ckpt.identity)  # same weights as exported
+        module = build_module(ckpt, self.component).to(self.device)
         self.module = graph_module(module, self.component, self.graph).eval()
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
