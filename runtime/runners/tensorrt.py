@@ -122,7 +122,8 @@ class TensorRTRunner(Runner):
         ]
         problems = audit_engine(self.graph, io, self.profile_shapes)
         if problems:
-            raise UserError(f"the TensorRT engine {self.path} does not match the {self.component}/{self.graph.name} spec",
+            raise UserError(f"the TensorRT engine {self.path} does not match the "
+                            f"{self.component}/{self.graph.name} spec",
                             found="\n    " + "\n    ".join(problems), fix=f"rebuild it: {REBUILD}")
 
     def _deactivate_impl(self) -> None:
@@ -154,10 +155,12 @@ class TensorRTRunner(Runner):
         dims = bind_symbols(self.graph, shapes)
         index = select_profile(self.profile_shapes, shapes)
         if index is None:
-            raise UserError(f"the TensorRT engine for {self.component}/{self.graph.name} has no profile for these shapes",
+            raise UserError(f"the TensorRT engine for {self.component}/{self.graph.name} has no profile "
+                            "for these shapes",
                             found=", ".join(f"{k}={v}" for k, v in dims.items()),
                             expected=f"one of the operating points it was built for: {describe_points(self.graph)}",
-                            fix="run at a built operating point, or re-export and rebuild for this video size")
+                            fix="run at a built operating point; another batch needs a build with a larger max "
+                                "batch, another video size a re-export and a build")
         point = _Point(index, shapes, shapes_at(self.graph, dims, "outputs"))
         self._points[key] = point
         return point

@@ -1,0 +1,167 @@
+"""TensorRT engines built from the tiny artifacts and run on the GPU, against ONNX Runtime on the same
+inputs. Skipped (with the probe's reason) where TensorRT or an NVIDIA GPU is missing."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from helios_deploy.errors import UserError
+from helios_deploy.export import engines as E
+
+pytestmark = pytest.mark.gpu
+
+GRAPHS = [("transformer", "model"), ("text_encoder", "model"), ("vae_decoder", "first"), ("vae_decoder", "step")]
+FP32_REL_L2 = 1e-3  # fp32 engines (TensorRT may use TF32 for matmuls and convolutions)
+SAME_REL_L2 = 1e-6  # the same engine on the same inputs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tensorrt_platform():
+    """Runs before the (slow) artifacts fixture, so a machine without a GPU skips at once."""
+    info = E.current_platform()
+    if info["tensorrt"] is None or info["gpu"] is None:
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {info['error']}")
+    return info
+
+
+@pytest.fixture(scope="module")
+def built(artifacts, tmp_path_factory, tensorrt_platform):
+    """A copy of the tiny artifacts with an fp32 engine per graph, recorded as `build` will record them."""
+    from helios_deploy.artifacts import Artifacts, write_manifest
+    from helios_deploy.fsutil import sha256_file
+
+    root = tmp_path_factory.mktemp("trt") / "artifacts"
+    shutil.copytree(artifacts, root)
+    arts = Artifacts.open(root)
+    settings = E.BuildSettings(precision="fp32", timing_cache=str(root / "timing.cache"))
+    info = tensorrt_platform
+    for component in sorted({c for c, _ in GRAPHS}):
+        entry = arts.manifest["components"][component]
+        entry["engines"] = {}
+        for graph in arts.spec(component).graphs:
+            onnx = root / component / graph.file
+            data = root / component / entry["graphs"][graph.name]["data"]
+            fields = E.key_fields(sha256_file(onnx), sha256_file(data), E.profiles(graph), settings,
+                                  info["tensorrt"], info["gpu"], info["compute_capability"])
+            file = E.engine_filename(graph.file, E.key_digest(fields))
+            report = E.build_engine(onnx, graph, root / component / file, settings)
+            entry["engines"][graph.name] = E.engine_record(file, fields, report)
+    write_manifest(root, arts.manifest)
+    return Artifacts.open(root)
+
+
+def _runner(built, component, graph_name, backend="tensorrt", **options):
+    from helios_deploy.runtime.runners import make_runner
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    graph = built.spec(component).graph(graph_name)
+    if backend == "tensorrt" and options:
+        return TensorRTRunner(built.root, built.manifest, component, graph, "cuda", **options).activate()
+    device = "cuda" if backend == "tensorrt" else "cpu"
+    return make_runner(backend, built.root, built.manifest, component, graph, device).activate()
+
+
+def _feeds(built, component, graph_name, point, seed):
+    from helios_deploy.export.parity import example_inputs
+
+    spec = built.spec(component)
+    return {k: torch.from_numpy(v) for k, v in example_inputs(spec, spec.graph(graph_name), point.dims, seed).items()}
+
+
+def _rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _on_gpu(feeds):
+    return {k: v.cuda() for k, v in feeds.items()}
+
+
+def test_every_engine_was_built_with_one_profile_per_operating_point(built):
+    for component, graph_name in GRAPHS:
+        record = built.manifest["components"][component]["engines"][graph_name]
+        graph = built.spec(component).graph(graph_name)
+        assert record["report"]["engine_bytes"] > 0
+        assert record["report"]["profiles"] == len(graph.operating_points) == len(record["key"]["profiles"])
+
+
+@pytest.mark.parametrize("component, graph_name", GRAPHS)
+def test_engine_matches_onnxruntime_at_every_operating_point(built, component, graph_name):
+    trt, ort = _runner(built, component, graph_name), _runner(built, component, graph_name, "onnxruntime")
+    for seed, point in enumerate(built.spec(component).graph(graph_name).operating_points):
+        feeds = _feeds(built, component, graph_name, point, seed)
+        ours, ref = trt.infer(_on_gpu(feeds)), ort.infer(feeds)
+        assert set(ours) == set(ref)
+        for name in ref:
+            assert ours[name].shape == ref[name].shape and ours[name].device.type == "cuda"
+            assert _rel_l2(ours[name], ref[name]) <= FP32_REL_L2, (point.name, name)
+
+
+def test_profile_switching_across_the_pyramid_stages(built):
+    trt, ort = _runner(built, "transformer", "model"), _runner(built, "transformer", "model", "onnxruntime")
+    points = built.spec("transformer").graph("model").operating_points
+    feeds = {p.name: _feeds(built, "transformer", "model", p, i) for i, p in enumerate(points)}
+    ref = {name: ort.infer(f)["noise_pred"] for name, f in feeds.items()}
+    first = {}
+    for name in ["stage0", "stage1", "stage2", "stage0", "stage2", "stage1", "stage0"]:
+        out = trt.infer(_on_gpu(feeds[name]))["noise_pred"]
+        assert _rel_l2(out, ref[name]) <= FP32_REL_L2, name
+        first.setdefault(name, out.clone())
+        assert _rel_l2(out, first[name]) <= SAME_REL_L2, name
+
+
+@pytest.mark.parametrize("component, graph_name", [("transformer", "model"), ("vae_decoder", "step")])
+def test_cuda_graph_replays_equal_plain_runs(built, component, graph_name):
+    plain = _runner(built, component, graph_name)
+    graphed = _runner(built, component, graph_name, cuda_graph=True)
+    points = list(built.spec(component).graph(graph_name).operating_points)
+    kept = []
+    for round_ in range(3):  # capture, then replay with new inputs, interleaving operating points
+        for i, point in enumerate(points):
+            feeds = _on_gpu(_feeds(built, component, graph_name, point, 100 * round_ + i))
+            ours, ref = graphed.infer(feeds), plain.infer(feeds)
+            for name in ref:
+                assert _rel_l2(ours[name], ref[name]) <= SAME_REL_L2, (round_, point.name, name)
+            kept.append((ours, {k: v.clone() for k, v in ref.items()}))
+    for ours, ref in kept:  # outputs returned earlier were not overwritten by later replays
+        for name in ref:
+            assert _rel_l2(ours[name], ref[name]) <= SAME_REL_L2
+
+
+def test_vae_chunk_decodes_like_onnxruntime(built):
+    from helios_deploy.export.parity import chunk_input
+    from helios_deploy.runtime.vae import run_chunk, runner_fn
+
+    spec = built.spec("vae_decoder")
+    x = torch.from_numpy(chunk_input(spec, spec.operating_points[0].dims, seed=0))
+    ours = run_chunk(runner_fn(_runner(built, "vae_decoder", "first")),
+                     runner_fn(_runner(built, "vae_decoder", "step")), x.cuda(), "decode")
+    ref = run_chunk(runner_fn(_runner(built, "vae_decoder", "first", "onnxruntime")),
+                    runner_fn(_runner(built, "vae_decoder", "step", "onnxruntime")), x, "decode")
+    assert _rel_l2(ours, ref) <= FP32_REL_L2
+
+
+def test_shapes_without_a_profile_are_a_user_error(built):
+    trt = _runner(built, "transformer", "model")
+    point = built.spec("transformer").graph("model").operating_points[0]
+    feeds = _on_gpu(_feeds(built, "transformer", "model", point, 0))
+    feeds = {k: torch.cat([v, v]) for k, v in feeds.items()}  # batch 2: inside the export range, no profile
+    with pytest.raises(UserError, match="no profile") as e:
+        trt.infer(feeds)
+    assert "stage0" in str(e.value) and "stage2" in str(e.value)
+
+
+def test_a_stale_engine_is_refused(built):
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    manifest = copy.deepcopy(built.manifest)
+    manifest["components"]["transformer"]["engines"]["model"]["key"]["tensorrt"] = "0.0.1"
+    graph = built.spec("transformer").graph("model")
+    with pytest.raises(UserError, match="TensorRT version: 0.0.1 ->"):
+        TensorRTRunner(built.root, manifest, "transformer", graph, "cuda").activate()
+    recorded = built.manifest["components"]["transformer"]["engines"]["model"]["key"]["tensorrt"]
+    assert recorded == E.current_platform()["tensorrt"]  # the deep copy was changed, not the manifest
