@@ -43,13 +43,17 @@ def _measure(pipe, prompt, frames, steps, seed, amplify) -> dict:
         per_component[r.component] = per_component.get(r.component, 0.0) + r.seconds
     transformer = pipe._runners[("transformer", "model")]
     per_stage: dict[str, float] = {}
+    stage_calls: dict[str, int] = {}
     for shape, sec in transformer.seconds_by_shape.items():
-        per_stage[_stage_of(pipe, shape)] = per_stage.get(_stage_of(pipe, shape), 0.0) + sec
+        stage = _stage_of(pipe, shape)
+        per_stage[stage] = per_stage.get(stage, 0.0) + sec
+        stage_calls[stage] = stage_calls.get(stage, 0) + transformer.calls_by_shape[shape]
     backend = sum(per_component.values())
     steady = (sum(n_frames[1:]) / (stamps[-1] - stamps[0])) if len(stamps) > 1 else None
     return {"total_s": total, "first_chunk_latency_s": stamps[0] - t0, "chunks": len(stamps),
             "frames": sum(n_frames), "fps": sum(n_frames) / total, "steady_state_fps": steady,
             "per_component_s": per_component, "transformer_per_stage_s": per_stage,
+            "transformer_per_stage_calls": stage_calls,
             "host_overhead_per_chunk_ms": 1000 * (total - backend) / len(stamps),
             "backend_calls": {f"{r.component}/{r.graph.name}": r.calls for r in runners}}
 

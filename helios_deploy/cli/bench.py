@@ -41,10 +41,9 @@ def command(artifacts, json_path, reference, frames, steps, amplify_first_chunk,
         key = f"transformer/{stage}"
         extra = ""
         if pred and key in pred["flops"]:
-            calls = r["transformer_per_stage_s"] and r["backend_calls"]["transformer/model"] / (3 * r["chunks"]) or 1
-            per_call = sec / max(1, r["chunks"] * calls)
+            per_call = sec / r["transformer_per_stage_calls"][stage]
             extra = (f"  {pred['flops'][key] / 1e9 / max(per_call, 1e-12):.1f} GFLOP/s measured; "
-                     f"{pred['gpu']} roofline {pred['bf16_s'][key] * 1e3:.3f} ms bf16 / {pred['fp8_s'][key] * 1e3:.3f} ms fp8 per call")
+                     f"{pred['gpu']} roofline {pred['bf16_s'][key] * 1e3:.3g} ms bf16 / {pred['fp8_s'][key] * 1e3:.3g} ms fp8 per call")
         click.echo(f"  transformer {stage}: {sec:.3f}s{extra}")
     if "speedup_vs_reference" in r:
         click.echo(f"reference (diffusers) {r['reference_total_s']:.3f}s -> speedup_vs_reference {r['speedup_vs_reference']:.2f}x")

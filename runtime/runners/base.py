@@ -42,7 +42,9 @@ class Runner:
         dt = time.perf_counter() - t0
         self.seconds += dt
         self.calls += 1
-        self.seconds_by_shape[tuple(feeds[self._first].shape)] += dt
+        shape = tuple(feeds[self._first].shape)
+        self.seconds_by_shape[shape] += dt
+        self.calls_by_shape[shape] += 1
         return out
 
     def reset_stats(self) -> None:
@@ -50,6 +52,7 @@ class Runner:
         the first input (which tells the pyramid stages apart)."""
         self.seconds, self.calls = 0.0, 0
         self.seconds_by_shape: dict[tuple, float] = defaultdict(float)
+        self.calls_by_shape: dict[tuple, int] = defaultdict(int)
         self._first = self.graph.inputs[0].name
 
     def deactivate(self) -> None:
