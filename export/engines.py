@@ -211,6 +211,18 @@ def engine_entry(manifest: Mapping, component: str, graph_name: str) -> dict:
     return dict(entry)
 
 
+def source_entry(manifest: Mapping, component: str, graph_name: str, precision: str) -> dict:
+    """The manifest's record ({file, data, file_sha256, data_sha256}) of the ONNX graph an engine of this
+    precision is built from: the FP8 graph from `quantize` for fp8 (transformer model graph), else the export."""
+    comp = manifest["components"][component]
+    if precision == "fp8" and graph_name == "model":
+        if not comp.get("fp8"):
+            raise UserError(f"no FP8 graph for {component}",
+                            fix="run `helios-deploy quantize ARTIFACTS --precision fp8` first")
+        return dict(comp["fp8"])
+    return dict(comp["graphs"][graph_name])
+
+
 def engine_record(file: str, fields: Mapping, report: Mapping | None = None) -> dict:
     """The manifest entry for one engine (what engine_entry reads back)."""
     return {"file": file, "digest": key_digest(fields), "key": dict(fields), "report": dict(report or {})}

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "demo",
     "generate": "generate",
     "bench": "bench",
+    "build": "build",
     "cost": "cost",
 }
 

@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 
 from ...errors import UserError
-from ...export.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry,
+from ...export.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry, source_entry,
                                require_gpu_tensorrt, select_profile)
 from ...specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
@@ -70,7 +70,8 @@ class TensorRTRunner(Runner):
                             fix="pass --device cuda, or use --backend onnxruntime on CPU")
         self.cuda_graph, self.reuse_outputs, self.sync = cuda_graph, reuse_outputs, sync
         self.entry = engine_entry(manifest, component, graph.name)
-        self.graph_entry = manifest["components"][component].get("graphs", {}).get(graph.name, {})
+        precision = self.entry["key"].get("settings", {}).get("precision", "fp32")
+        self.graph_entry = source_entry(manifest, component, graph.name, precision)  # what it was built from
         self.path = Path(root) / component / self.entry["file"]
         if not self.path.is_file():
             raise UserError(f"the TensorRT engine {self.path} is missing", fix=f"rebuild it: {REBUILD}")

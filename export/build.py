@@ -1,0 +1,72 @@
+"""`build`: TensorRT engines for every exported graph, one optimization profile per operating point,
+keyed by everything they depend on; `--dry-run` prints the plan without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from ..artifacts import Artifacts, write_manifest
+from ..errors import UserError
+from .engines import (BuildSettings, build_engine, engine_filename, engine_record, key_digest, key_fields,
+                      probe_tensorrt, profiles, require_gpu_tensorrt, source_entry)
+
+def _graph_file(arts: Artifacts, component: str, graph, precision: str) -> tuple[Path, Path, dict]:
+    """The ONNX file this precision builds from, its external data, and the manifest's hashes for them."""
+    info = source_entry(arts.manifest, component, graph.name, precision)
+    return arts.root / component / info["file"], arts.root / component / info["data"], info
+
+
+def plan(artifacts, components: Iterable[str] | None = None, settings: BuildSettings = BuildSettings(),
+         max_batch: int | None = None, platform: dict | None = None) -> dict:
+    """Everything the build would do, per component and graph: profiles (min/opt/max per input per
+    profile), precision, settings, engine file and cache key. Verifies the ONNX files against the
+    manifest's hashes first (a graph modified after export is refused)."""
+    arts = Artifacts.open(artifacts)
+    platform = platform if platform is not None else probe_tensorrt()
+    out = {"artifacts": str(arts.root), "tensorrt": platform.get("tensorrt"), "gpu": platform.get("gpu"),
+           "compute_capability": platform.get("compute_capability"), "settings": settings.key(),
+           "timing_cache": settings.timing_cache, "components": {}}
+    for component in components or arts.components:
+        arts.require(component)
+        arts.verify_files(component)
+        spec = arts.spec(component)
+        graphs = {}
+        for graph in spec.graphs:
+            onnx_path, data_path, info = _graph_file(arts, component, graph, settings.precision)
+            profs = profiles(graph, max_batch)
+            fields = key_fields(info["file_sha256"], info["data_sha256"], profs, settings, platform.get("tensorrt"),
+                                platform.get("gpu"), platform.get("compute_capability"))
+            digest = key_digest(fields)
+            graphs[graph.name] = {
+                "onnx": str(onnx_path.relative_to(arts.root)), "precision": settings.precision,
+                "profiles": [{"operating_point": p.name, "inputs": {n: {"min": s[0], "opt": s[1], "max": s[2]}
+                                                                     for n, s in prof.items()}}
+                             for p, prof in zip(graph.operating_points, profs)],
+                "engine": engine_filename(graph.file, digest), "key": digest, "key_fields": fields,
+            }
+        out["components"][component] = graphs
+    return out
+
+
+def build(artifacts, components: Iterable[str] | None = None, settings: BuildSettings = BuildSettings(),
+          max_batch: int | None = None, rebuild: bool = False, log=print) -> dict:
+    """Build every engine of the plan that is missing or stale (all with ``rebuild``); record them in
+    the manifest. Needs TensorRT and an NVIDIA GPU: without them, one clear error."""
+    platform = require_gpu_tensorrt()
+    the_plan = plan(artifacts, components, settings, max_batch, platform)
+    arts = Artifacts.open(artifacts)
+    for component, graphs in the_plan["components"].items():
+        spec = arts.spec(component)
+        entries = arts.manifest["components"][component].setdefault("engines", {})
+        for graph in spec.graphs:
+            p = graphs[graph.name]
+            path = arts.root / component / p["engine"]
+            if not rebuild and path.is_file() and entries.get(graph.name, {}).get("digest") == p["key"]:
+                log(f"{component}/{graph.name}: up to date ({p['engine']})")
+                continue
+            log(f"{component}/{graph.name}: building {p['engine']} ({len(p['profiles'])} profiles) ...")
+            report = build_engine(arts.root / p["onnx"], graph, path, settings, max_batch)
+            entries[graph.name] = engine_record(p["engine"], p["key_fields"], report)
+            write_manifest(arts.root, arts.manifest)  # after each engine, so a later failure keeps the rest
+    return the_plan
