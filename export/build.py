@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterable
 
 from ..artifacts import Artifacts, write_manifest
-from ..errors import UserError
 from .engines import (BuildSettings, build_engine, engine_filename, engine_record, key_digest, key_fields,
                       probe_tensorrt, profiles, require_gpu_tensorrt, source_entry)
 

@@ -86,7 +86,7 @@ class Pipeline:
         return self._prompt_cache[prompt]
 
     def _transformer(self, feeds):
-        return self.runner("transformer").infer(feeds, check=False)["noise_pred"]
+        return self.runner("transformer").infer(feeds)["noise_pred"]
 
     # -- generation ------------------------------------------------------------------------------
     def stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None,

@@ -25,7 +25,7 @@ def runner_fn(runner):
     outs = [t.name for t in runner.graph.outputs]
 
     def call(*tensors):
-        result = runner.infer(dict(zip(names, tensors)), check=False)
+        result = runner.infer(dict(zip(names, tensors)))
         return [result[n] for n in outs]
 
     return call

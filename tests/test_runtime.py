@@ -214,3 +214,14 @@ def test_torch_backend_refuses_a_changed_checkpoint(tiny_ckpt, artifacts, tmp_pa
     (arts / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="another checkpoint"):
         Pipeline.from_artifacts(arts, backend="torch").generate("x")
+
+
+def test_runner_checks_feeds_against_the_spec(ours):
+    from helios_deploy.errors import UserError
+
+    runner = ours.runner("text_encoder")
+    ids = torch.zeros(1, TEXT_LENGTH, dtype=torch.int64)
+    with pytest.raises(UserError, match="wrong inputs"):
+        runner.infer({"input_ids": ids, "mask": ids})
+    with pytest.raises(UserError, match="wrong input dtypes"):
+        runner.infer({"input_ids": ids, "attention_mask": ids.float()})

@@ -24,6 +24,10 @@ class Runner:
     def __init__(self, graph: GraphSpec, component: str, device: str):
         self.graph, self.component, self.device = graph, component, torch.device(device)
         self.is_active = False
+        self._first = graph.inputs[0].name
+        self._names = frozenset(t.name for t in graph.inputs)
+        self._dtypes = [(t.name, _DTYPES[t.dtype]) for t in graph.inputs]
+        self._seen_shapes: set[tuple] = set()  # input shapes already checked against the spec
         self.reset_stats()
 
     def activate(self) -> "Runner":
@@ -32,11 +36,17 @@ class Runner:
             self.is_active = True
         return self
 
-    def infer(self, feeds: Mapping[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
+    def infer(self, feeds: Mapping[str, torch.Tensor], check: bool | None = None) -> dict[str, torch.Tensor]:
+        """Run the graph. Names and dtypes are checked against the spec on every call (microseconds);
+        shapes the first time each input shape is seen, or on every call with check=True."""
         if not self.is_active:
             raise RuntimeError(f"{self.component}/{self.graph.name} runner used before activate()")
-        if check:
-            self._check(feeds)
+        if check is not False:
+            self._check_names_dtypes(feeds)
+            shape = tuple(feeds[self._first].shape)
+            if check or shape not in self._seen_shapes:
+                bind_symbols(self.graph, {k: v.shape for k, v in feeds.items()})
+                self._seen_shapes.add(shape)
         t0 = time.perf_counter()
         out = self._infer_impl(feeds)
         dt = time.perf_counter() - t0
@@ -53,22 +63,19 @@ class Runner:
         self.seconds, self.calls = 0.0, 0
         self.seconds_by_shape: dict[tuple, float] = defaultdict(float)
         self.calls_by_shape: dict[tuple, int] = defaultdict(int)
-        self._first = self.graph.inputs[0].name
 
     def deactivate(self) -> None:
         if self.is_active:
             self._deactivate_impl()
             self.is_active = False
 
-    def _check(self, feeds: Mapping[str, torch.Tensor]) -> None:
-        names = [t.name for t in self.graph.inputs]
-        if set(feeds) != set(names):
+    def _check_names_dtypes(self, feeds: Mapping[str, torch.Tensor]) -> None:
+        if feeds.keys() != self._names:
             raise UserError(f"{self.component}/{self.graph.name}: wrong inputs", found=", ".join(sorted(feeds)),
-                            expected=", ".join(names))
-        bad = [f"{t.name} is {feeds[t.name].dtype}" for t in self.graph.inputs if feeds[t.name].dtype != _DTYPES[t.dtype]]
+                            expected=", ".join(t.name for t in self.graph.inputs))
+        bad = [f"{n} is {feeds[n].dtype}" for n, dt in self._dtypes if feeds[n].dtype != dt]
         if bad:
             raise UserError(f"{self.component}/{self.graph.name}: wrong input dtypes", found="; ".join(bad))
-        bind_symbols(self.graph, {k: v.shape for k, v in feeds.items()})
 
     # backends implement these
     def _activate_impl(self) -> None:
