@@ -22,6 +22,10 @@ COMMANDS = {
     "bench": "bench",
     "build": "build",
     "cost": "cost",
+    "quantize": "quantize",
+    "verify": "verify",
+    "triton": "triton",
+    "client": "client",
 }
 
 
