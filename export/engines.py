@@ -106,7 +106,10 @@ class BuildSettings:
     precision: str = "fp32"  # recorded only: the strongly typed network takes its types from the graph
     opt_level: int = 4  # IBuilderConfig.builder_optimization_level, 0..5
     workspace: int | None = None  # bytes, MemoryPoolType.WORKSPACE (scratch per layer at run time)
-    memory_budget: int | None = None  # bytes, MemoryPoolType.TACTIC_DRAM (device memory tactics may use at build)
+    # bytes of device memory an engine's weights may take: set, the engine is built with weight streaming
+    # (BuilderFlag.WEIGHT_STREAMING, strongly typed networks only) and the runner streams the weights above
+    # the budget from host memory (ICudaEngine.weight_streaming_budget_v2)
+    memory_budget: int | None = None
     timing_cache: str | None = None  # file loaded before and saved after the build (not part of the key)
 
     def __post_init__(self):
@@ -373,7 +376,7 @@ def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batc
     if settings.workspace:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace)
     if settings.memory_budget:
-        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_DRAM, settings.memory_budget)
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     for prof in profiles(graph, max_batch):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.items():
@@ -413,6 +416,7 @@ def _inspect(trt, logger, plan, n_profiles: int) -> dict:
         "device_memory_bytes_by_profile": [by_profile(i) for i in range(n_profiles)] if by_profile else None,
         "weights_bytes": engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE)
         if stat is not None and hasattr(engine, "get_engine_stat") else None,
+        "streamable_weights_bytes": getattr(engine, "streamable_weights_size", None),
     }
 
 
@@ -430,7 +434,7 @@ def build_engine(onnx_path: str | Path, graph: GraphSpec, out_path: str | Path, 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path}", found="see the TensorRT log above",
-                        fix="raise --workspace / --memory-budget, or lower --opt-level")
+                        fix="raise --workspace, or lower --opt-level")
     seconds = time.perf_counter() - t0
     if settings.timing_cache:
         write_atomic(Path(settings.timing_cache), config.get_timing_cache().serialize())
@@ -439,4 +443,15 @@ def build_engine(onnx_path: str | Path, graph: GraphSpec, out_path: str | Path, 
               "profiles": len(graph.operating_points), "tensorrt": trt.__version__}
     if inspect:
         report.update(_inspect(trt, logger, plan, len(graph.operating_points)))
+    if settings.memory_budget:
+        report["weight_streaming_budget_bytes"] = settings.memory_budget
     return report
+
+
+def weight_streaming_budget(settings: Mapping, streamable_bytes: int | None) -> int | None:
+    """The budget to set on an engine built with weight streaming: the build's --memory-budget when the
+    streamable weights exceed it, else None (keep all weights on the device)."""
+    budget = settings.get("memory_budget")
+    if not budget or streamable_bytes is None or streamable_bytes <= budget:
+        return None
+    return int(budget)

@@ -251,3 +251,14 @@ def test_runtime_key_takes_platform_and_manifest_hashes(graph):
     now = runtime_key(recorded, {"tensorrt": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"},
                       {"file_sha256": "a" * 64, "data_sha256": "e" * 64})
     assert E.key_changes(recorded, now) == [f"weights: {'b' * 12} -> {'e' * 12}"]
+
+
+@pytest.mark.parametrize("budget, streamable, expected", [
+    (None, 10 << 30, None),  # no budget: every weight stays on the device
+    (8 << 30, 4 << 30, None),  # the weights fit the budget
+    (8 << 30, 10 << 30, 8 << 30),  # they do not: stream what is above it
+    (8 << 30, None, None),  # an engine without weight streaming (older TensorRT)
+])
+def test_weight_streaming_budget_applies_only_when_weights_exceed_it(budget, streamable, expected):
+    settings = E.BuildSettings(precision="fp8", memory_budget=budget).key()
+    assert E.weight_streaming_budget(settings, streamable) == expected

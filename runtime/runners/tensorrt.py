@@ -26,7 +26,7 @@ import torch
 
 from ...errors import UserError
 from ...export.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry, source_entry,
-                               require_gpu_tensorrt, select_profile)
+                               require_gpu_tensorrt, select_profile, weight_streaming_budget)
 from ...specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
 
@@ -99,6 +99,10 @@ class TensorRTRunner(Runner):
                 raise UserError(f"TensorRT could not load {self.path}", found="see the TensorRT log above",
                                 fix=f"rebuild it on this machine: {REBUILD}")
             self._audit(trt, engine)
+            budget = weight_streaming_budget(self.entry["key"].get("settings", {}),
+                                             getattr(engine, "streamable_weights_size", None))
+            if budget is not None:  # before the context: it sizes its memory by the budget
+                engine.weight_streaming_budget_v2 = budget
             context = engine.create_execution_context()
         if context is None:
             raise UserError(f"could not create a TensorRT execution context for {name}",
