@@ -26,3 +26,31 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) engines/demo
+
+# The Triton server environment (helios_deploy/serving, tests/test_triton.py): tritonserver from the
+# nvidia-pytriton wheel runs the `helios` Python-backend model, whose stub needs numpy<2 (PLATFORM.md),
+# so it gets its own venv instead of pinning the project's numpy. torch first, pinned (CPU build on
+# local disk); then pytriton, numpy<2 and helios-deploy itself (runtime dependencies only). The last
+# step copies the Python backend stub into pytriton's backends/python folder (idempotent) and checks
+# that onnxruntime, tokenizers and torch import under numpy<2.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+
+.PHONY: triton-env clean-triton
+
+triton-env: $(TRITON_STAMP)
+
+$(TRITON_STAMP): pyproject.toml
+	test -x $(TRITON_VENV)/bin/python || $(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(TRITON_VENV)/bin/python -m pip install --quiet "torch==2.13.0" "nvidia-pytriton==0.7.0" "numpy<2" -e .
+	$(TRITON_VENV)/bin/python -m helios_deploy.serving.server prepare
+	touch $(TRITON_STAMP)
+
+test: $(TRITON_STAMP)
+
+clean: clean-triton
+
+clean-triton:
+	rm -rf $(TRITON_VENV)

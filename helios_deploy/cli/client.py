@@ -1,0 +1,53 @@
+import click
+
+from .generate import parse_steps
+
+
+@click.command("client")
+@click.argument("url")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video (resized to the served size).")
+@click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (resized to the served size).")
+@click.option("--frames", type=int, default=33, show_default=True, help="Rounded up to chunks of 33 frames.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage, e.g. 2,2,2.")
+@click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")
+@click.option("--model", default="helios", show_default=True, help="Model name in the repository.")
+@click.option("--fps", type=int, default=24, show_default=True)
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for each chunk (default: no limit).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
+def command(url, prompt, image, video, frames, seed, steps, amplify_first_chunk, model, fps, timeout, out):
+    """Stream a generation from a Triton server over gRPC and write the mp4 as chunks arrive.
+
+    \b
+    Examples:
+      helios-deploy client localhost:8001 --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
+      helios-deploy client localhost:8001 --prompt "the same scene at night" --image first.png -o i2v.mp4
+    """
+    from ..errors import UserError
+    from ..runtime.video_io import write_mp4
+    from ..serving.client import HeliosClient, load_conditioning
+
+    if image and video:
+        raise UserError("pass --image or --video, not both")
+    pyramid = parse_steps(steps)
+    with HeliosClient(url, model=model, timeout=timeout) as client:
+        client.check_ready()
+        image_arr, video_arr = load_conditioning(image, video, *client.video_size()) if image or video else (None, None)
+        stream = client.stream(prompt, image=image_arr, video=video_arr, num_frames=frames, seed=seed,
+                               pyramid_steps=pyramid, amplify_first_chunk=amplify_first_chunk)
+        last = [0.0]
+
+        def progress(chunks):
+            for chunk in chunks:
+                if chunk.index == 0:
+                    click.echo(f"time to first chunk: {chunk.seconds:.2f}s", err=True)
+                click.echo(f"chunk {chunk.index}: {len(chunk.frames)} frames at {chunk.seconds:.2f}s "
+                           f"(+{chunk.seconds - last[0]:.2f}s)", err=True)
+                last[0] = chunk.seconds
+                yield chunk.frames
+            if last[0] == 0.0:  # write_mp4 needs at least one chunk
+                raise UserError("the server ended the stream without sending frames", fix="check the server's log")
+
+        n = write_mp4(out, progress(stream), fps=fps)
+    click.echo(f"wrote {out}: {n} frames in {last[0]:.1f}s")

@@ -1,0 +1,143 @@
+"""gRPC streaming client for the ``helios`` model (tritonclient.grpc, decoupled streaming).
+
+    with HeliosClient("localhost:8001") as client:
+        for chunk in client.stream("a cat", num_frames=66, seed=0):
+            chunk.index, chunk.frames, chunk.seconds   # uint8 [T, H, W, 3], seconds since the request
+
+Server errors and connection failures become UserErrors. Leaving the loop early (break, an exception,
+closing the generator) cancels the request on the server, which stops at its next denoising step.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .configs import HELIOS_INPUTS
+
+_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+@dataclass
+class StreamChunk:
+    index: int
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    seconds: float  # since the request was sent
+
+
+def request_arrays(prompt: str, *, image=None, video=None, num_frames: int | None = None, seed: int | None = None,
+                   pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None) -> dict:
+    """The request's tensors as arrays of the dtypes the model declares (absent ones left out)."""
+    values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "num_frames": num_frames,
+              "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk}
+    out = {}
+    for t in HELIOS_INPUTS:
+        v = values[t.name]
+        if v is None:
+            continue
+        arr = np.asarray(v)
+        if t.name in ("image", "video") and arr.dtype != np.uint8:  # never rescale pixels silently
+            raise UserError(f"{t.name} must be a uint8 RGB array", found=f"{arr.dtype} {list(arr.shape)}",
+                            fix="convert with (x * 255).round().astype(np.uint8), or pass a file")
+        out[t.name] = arr.astype(_NUMPY[t.dtype]) if arr.ndim else np.array([v], dtype=_NUMPY[t.dtype])
+    return out
+
+
+def _server_error(error, model: str) -> UserError:
+    text = str(error.message() if hasattr(error, "message") and callable(error.message) else error)
+    return UserError(f"the Triton server refused or failed the {model} request", found=text.strip())
+
+
+class HeliosClient:
+    def __init__(self, url: str, model: str = "helios", timeout: float | None = None):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.model, self.timeout = url, model, timeout
+        try:
+            self._client = grpcclient.InferenceServerClient(url)
+        except Exception as e:  # noqa: BLE001 - tritonclient raises several kinds for a bad URL
+            raise UserError(f"cannot create a gRPC client for {url}", found=str(e), fix="pass HOST:PORT, e.g. localhost:8001")
+        self._grpc = grpcclient
+
+    def check_ready(self) -> None:
+        try:
+            ready = self._client.is_model_ready(self.model)
+        except Exception as e:  # noqa: BLE001 - InferenceServerException or a gRPC error
+            raise UserError(f"cannot reach a Triton server at {self.url}", found=str(e).strip().splitlines()[0],
+                            fix="start the server, and pass its gRPC address (default port 8001)") from None
+        if not ready:
+            raise UserError(f"model {self.model!r} is not ready on {self.url}", fix="check the server's log")
+
+    def video_size(self) -> tuple[int, int]:
+        """(height, width) the served model takes, from its config's image dims."""
+        config = self._client.get_model_config(self.model, as_json=True)["config"]
+        dims = next(i["dims"] for i in config["input"] if i["name"] == "image")
+        return int(dims[0]), int(dims[1])
+
+    def stream(self, prompt: str, **request) -> Iterator[StreamChunk]:
+        """Yield the chunks of one generation as they arrive (keywords as request_arrays)."""
+        return self.stream_arrays(request_arrays(prompt, **request))
+
+    def stream_arrays(self, arrays: Mapping[str, np.ndarray]) -> Iterator[StreamChunk]:
+        """Send ``arrays`` as they are (Triton data types from their numpy dtypes); yield the chunks."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, arr in arrays.items():
+            t = self._grpc.InferInput(name, list(arr.shape), np_to_triton_dtype(np.dtype(arr.dtype)))
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        outputs = [self._grpc.InferRequestedOutput(n) for n in ("frames", "chunk_index")]
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                                  stream_timeout=self.timeout)
+        done = False
+        try:
+            t0 = time.perf_counter()
+            self._client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
+                                            enable_empty_final_response=True)
+            while not done:
+                result, error = responses.get(timeout=self.timeout)
+                if error is not None:
+                    done = True
+                    raise _server_error(error, self.model)
+                response = result.get_response()
+                done = response.parameters["triton_final_response"].bool_param
+                if result.as_numpy("frames") is not None:
+                    yield StreamChunk(int(result.as_numpy("chunk_index")[0]), result.as_numpy("frames"),
+                                      time.perf_counter() - t0)
+        finally:
+            self._client.stop_stream(cancel_requests=not done)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "HeliosClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_conditioning(image: str | Path | None, video: str | Path | None, height: int, width: int):
+    """Image / video files -> uint8 arrays at the served size, resized as the pipeline does (Lanczos), so
+    the server's own resize is the identity and the result equals a local `generate`."""
+    from PIL import Image
+
+    from ..runtime.conditioning import load_image, load_video
+
+    def fit(frame):
+        return np.asarray(frame.convert("RGB").resize((width, height), resample=Image.LANCZOS))
+
+    if image is not None:
+        return fit(load_image(image, height, width)), None
+    if video is not None:
+        return None, np.stack([fit(f) for f in load_video(video)])
+    return None, None

@@ -1,0 +1,163 @@
+"""config.pbtxt text for the Triton model repository, derived from the component specs, and validated by
+parsing into Triton's own ModelConfig protobuf (tritonclient.grpc.model_config_pb2) before it is written.
+
+Two kinds of model:
+- ``helios``: the decoupled Python-backend model that streams video chunks. Its request and response
+  tensors are declared once here (HELIOS_INPUTS / HELIOS_OUTPUTS); model.py reads them back from the
+  config Triton hands it, so there is no second list of names.
+- ``helios_<component>[_<graph>]``: one ``tensorrt_plan`` model per built engine, whose inputs, outputs
+  and dims come from the component's GraphSpec (symbolic dims -> -1) and whose optimization profiles
+  are the spec's operating points (one per point, as export/engines.py builds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from ..specs import PYRAMID_STAGES, GraphSpec, TensorSpec
+
+# numpy dtype name (as in the specs) -> Triton data type
+TRITON_TYPES = {
+    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+    "bytes": "TYPE_STRING",
+}
+
+
+@dataclass(frozen=True)
+class ServedTensor:
+    """A request or response tensor of the ``helios`` model. Dims may name "height" / "width" (the
+    exported video size) or be -1 (any size)."""
+
+    name: str
+    dtype: str
+    dims: tuple
+    optional: bool = False
+    doc: str = ""
+
+
+HELIOS_INPUTS = (
+    ServedTensor("prompt", "bytes", (1,), doc="UTF-8 text prompt"),
+    ServedTensor("image", "uint8", ("height", "width", 3), True, "first frame for image-to-video (RGB)"),
+    ServedTensor("video", "uint8", (-1, "height", "width", 3), True, "input video for video-to-video (RGB)"),
+    ServedTensor("num_frames", "int32", (1,), True, "frames to generate (rounded up to 33-frame chunks); default 33"),
+    ServedTensor("seed", "int64", (1,), True, "random seed; default 0"),
+    ServedTensor("pyramid_steps", "int32", (PYRAMID_STAGES,), True, "steps per pyramid stage; default 1,1,1"),
+    ServedTensor("amplify_first_chunk", "bool", (1,), True, "twice the steps for the first chunk; default false"),
+)
+HELIOS_OUTPUTS = (
+    ServedTensor("frames", "uint8", (-1, "height", "width", 3), doc="the chunk's frames, RGB"),
+    ServedTensor("chunk_index", "int32", (1,), doc="0, 1, 2, ... in order"),
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where model instances run: ``count`` per GPU in ``gpus`` (KIND_GPU), or ``count`` on CPU."""
+
+    count: int = 1
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "KIND_GPU" if self.gpus else "KIND_CPU"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text building blocks
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _dims(dims: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+
+
+def _tensor_block(name: str, dtype: str, dims: Sequence[int], optional: bool = False) -> str:
+    lines = ["  {", f"    name: {_q(name)}", f"    data_type: {TRITON_TYPES[dtype]}", f"    dims: {_dims(dims)}"]
+    if optional:
+        lines.append("    optional: true")
+    return "\n".join(lines) + "\n  }"
+
+
+def _tensors(kind: str, blocks: Sequence[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
+
+
+def _instance_group(placement: Placement, profiles: Sequence[int] = ()) -> str:
+    lines = ["instance_group [", "  {", f"    count: {placement.count}", f"    kind: {placement.kind}"]
+    if placement.gpus:
+        lines.append(f"    gpus: {_dims(placement.gpus)}")
+    if profiles:
+        lines.append("    profile: [ " + ", ".join(_q(str(p)) for p in profiles) + " ]")
+    return "\n".join(lines + ["  }", "]"]) + "\n"
+
+
+def _parameters(params: Mapping[str, str]) -> str:
+    return "".join(f"parameters {{\n  key: {_q(k)}\n  value: {{ string_value: {_q(str(v))} }}\n}}\n"
+                   for k, v in params.items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two kinds of model
+
+
+def served_dims(t: ServedTensor, height: int, width: int) -> tuple[int, ...]:
+    return tuple({"height": height, "width": width}.get(d, d) if isinstance(d, str) else d for d in t.dims)
+
+
+def helios_config(height: int, width: int, placement: Placement, params: Mapping[str, str]) -> str:
+    """The decoupled Python-backend model that streams one response per 33-frame chunk."""
+    ins = [_tensor_block(t.name, t.dtype, served_dims(t, height, width), t.optional) for t in HELIOS_INPUTS]
+    outs = [_tensor_block(t.name, t.dtype, served_dims(t, height, width)) for t in HELIOS_OUTPUTS]
+    header = (f"# Generated by helios-deploy: streams {height}x{width} video, one response per 33-frame chunk,\n"
+              "# then an empty response with the final flag (clients: enable_empty_final_response).\n")
+    return (header + 'name: "helios"\nbackend: "python"\nmax_batch_size: 0\n'
+            "model_transaction_policy { decoupled: true }\n"
+            + _tensors("input", ins) + _tensors("output", outs) + _instance_group(placement) + _parameters(params))
+
+
+def plan_dims(t: TensorSpec) -> tuple[int, ...]:
+    """Spec dims as Triton dims: fixed ints stay, symbols (``batch``, ``latent_height*8``) become -1."""
+    return tuple(d if isinstance(d, int) else -1 for d in t.dims)
+
+
+def _profile_comment(graph: GraphSpec, profiles: Sequence[Mapping]) -> str:
+    lines = [f"# optimization profiles (one per operating point of the {graph.name} graph; min / opt / max):"]
+    for i, (point, prof) in enumerate(zip(graph.operating_points, profiles)):
+        lines.append(f"#   {i} {point.name}:")
+        for name, (lo, opt, hi) in prof.items():
+            lines.append(f"#     {name}: {list(lo)} / {list(opt)} / {list(hi)}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_config(name: str, graph: GraphSpec, profiles: Sequence[Mapping], placement: Placement) -> str:
+    """A tensorrt_plan model for one engine: tensors from the spec, one instance-group profile per point."""
+    ins = [_tensor_block(t.name, t.dtype, plan_dims(t)) for t in graph.inputs]
+    outs = [_tensor_block(t.name, t.dtype, plan_dims(t)) for t in graph.outputs]
+    return (f"# Generated by helios-deploy from the {graph.name} graph spec (the engine has an explicit batch axis).\n"
+            + _profile_comment(graph, profiles)
+            + f'name: {_q(name)}\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\nmax_batch_size: 0\n'
+            + _tensors("input", ins) + _tensors("output", outs) + _instance_group(placement, range(len(profiles))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation against Triton's schema
+
+
+class ConfigError(RuntimeError):
+    """A generated config.pbtxt does not parse as Triton's ModelConfig: a bug in this module."""
+
+
+def parse_config(text: str):
+    """``text`` parsed into tritonclient's ModelConfig protobuf; raises ConfigError naming the problem."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ConfigError(f"generated config.pbtxt is not a valid Triton ModelConfig: {e}\n{text}") from None

@@ -1,0 +1,182 @@
+"""The ``helios`` Triton model: a decoupled Python-backend model that runs helios_deploy.runtime in-process
+and sends one response per 33-frame chunk as soon as it is decoded, then the final flag.
+
+The repository's ``helios/1/model.py`` is a two-line shim importing TritonPythonModel from here, so the
+model code is the installed helios-deploy's (the Python backend environment needs helios-deploy).
+
+A bad request gets an error response (pb_utils.TritonError, INVALID_ARG) saying what is wrong and the
+model keeps serving; an internal failure is logged with its traceback and answered with an error too. A
+cancelled request (the client went away) is checked between denoising steps and chunks, and stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import UserError
+from .configs import HELIOS_INPUTS, served_dims
+
+try:  # only inside the Python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - imported outside Triton (tests of parse_request, the docs)
+    pb_utils = None
+
+DEFAULTS = {"num_frames": 33, "seed": 0, "pyramid_steps": (1, 1, 1), "amplify_first_chunk": False}
+_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+def _check_tensor(name: str, value: np.ndarray, height: int, width: int) -> None:
+    spec = next(t for t in HELIOS_INPUTS if t.name == name)
+    if value.dtype != _NUMPY[spec.dtype] and not (spec.dtype == "bytes" and value.dtype.kind in "SU"):
+        raise UserError(f"input {name!r} has data type {value.dtype}", expected=f"{spec.dtype} {list(spec.dims)}")
+    dims = served_dims(spec, height, width)
+    if value.ndim != len(dims) or any(d != -1 and s != d for s, d in zip(value.shape, dims)):
+        raise UserError(f"input {name!r} has shape {list(value.shape)}",
+                        expected=f"{list(dims)} ({spec.doc}; -1: any size)",
+                        fix=f"the artifacts were exported for {height}x{width}; resize to that size"
+                        if name in ("image", "video") else None)
+
+
+def _prompt(value: np.ndarray | None) -> str:
+    if value is None or value.size != 1:
+        raise UserError("the request has no prompt", expected="input 'prompt': one UTF-8 string (BYTES [1])")
+    raw = value.reshape(-1)[0]
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as e:
+        raise UserError("input 'prompt' is not UTF-8", found=str(e)) from None
+    if not text.strip():
+        raise UserError("input 'prompt' is empty", expected="a non-empty text prompt")
+    return text
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], height: int, width: int, max_frames: int) -> dict:
+    """Pipeline.stream keyword arguments from a request's tensors (``get(name)`` -> array or None);
+    a UserError for anything the pipeline would reject or that does not fit the exported size."""
+    values = {t.name: get(t.name) for t in HELIOS_INPUTS}
+    for name, value in values.items():
+        if value is not None:
+            _check_tensor(name, value, height, width)
+    out = {"prompt": _prompt(values["prompt"])}
+    out.update({k: values[k] for k in ("image", "video")})
+    if out["image"] is not None and out["video"] is not None:
+        raise UserError("the request has both 'image' and 'video'", expected="at most one (I2V or V2V)")
+    if out["video"] is not None and out["video"].shape[0] < 1:
+        raise UserError("input 'video' has no frames")
+    n = int(values["num_frames"][0]) if values["num_frames"] is not None else DEFAULTS["num_frames"]
+    if not 1 <= n <= max_frames:
+        raise UserError(f"num_frames {n} is out of range", expected=f"1..{max_frames} (this repository's --max-frames)")
+    steps = values["pyramid_steps"]
+    steps = tuple(int(s) for s in steps) if steps is not None else DEFAULTS["pyramid_steps"]
+    if any(s < 1 for s in steps):
+        raise UserError(f"pyramid_steps {list(steps)} invalid", expected="positive integers per stage, e.g. [1, 1, 1]")
+    amplify = values["amplify_first_chunk"]
+    out.update(num_frames=n, pyramid_steps=steps,
+               seed=int(values["seed"][0]) if values["seed"] is not None else DEFAULTS["seed"],
+               amplify_first_chunk=bool(amplify[0]) if amplify is not None else DEFAULTS["amplify_first_chunk"])
+    return out
+
+
+def model_parameters(model_config: Mapping) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+
+
+def resolve_device(device: str, instance_kind: str, device_id: str | int) -> str:
+    """"auto": cuda:<the instance's GPU> for KIND_GPU instances, else cpu."""
+    if device != "auto":
+        return device
+    return f"cuda:{device_id}" if str(instance_kind).upper() == "GPU" else "cpu"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        from ..runtime import Pipeline
+
+        config = json.loads(args["model_config"])
+        params = model_parameters(config)
+        root = Path(params["artifacts"])
+        if not root.is_absolute():
+            root = Path(args["model_repository"]) / root
+        device = resolve_device(params.get("device", "auto"), args.get("model_instance_kind", "CPU"),
+                                args.get("model_instance_device_id", 0))
+        self.pipe = Pipeline.from_artifacts(root, backend=params.get("backend", "onnxruntime"), device=device)
+        self.max_frames = int(params.get("max_frames", "660"))
+        t0 = time.perf_counter()
+        self._warm_up()
+        pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')}, "
+                                 f"{self.pipe.height}x{self.pipe.width}), runners ready in {time.perf_counter() - t0:.1f}s")
+
+    def _warm_up(self) -> None:
+        """Load every runner now, so the first request does not pay for session creation."""
+        graphs = [("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "first"), ("vae_decoder", "step")]
+        if "vae_encoder" in self.pipe.artifacts.components:
+            graphs += [("vae_encoder", "first"), ("vae_encoder", "step")]
+        for component, graph in graphs:
+            self.pipe.runner(component, graph)
+
+    def execute(self, requests) -> None:
+        for request in requests:
+            self._serve(request)
+        return None
+
+    def _serve(self, request) -> None:
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            get = lambda name: _as_numpy(pb_utils.get_input_tensor_by_name(request, name))  # noqa: E731
+            kwargs = parse_request(get, self.pipe.height, self.pipe.width, self.max_frames)
+            self._stream(sender, kwargs)
+            sender.send(flags=final)
+        except _Cancelled:
+            pb_utils.Logger.log_info("helios: request cancelled by the client; stopped")
+            _send_quietly(sender, None, final)
+        except UserError as e:
+            _send_quietly(sender, _error(e.render(), "INVALID_ARG"), final)
+        except Exception as e:  # an internal bug: log it, answer the request, keep serving
+            pb_utils.Logger.log_error(f"helios: internal error\n{traceback.format_exc()}")
+            _send_quietly(sender, _error(f"internal error in the helios model: {type(e).__name__}: {e}", "INTERNAL"), final)
+
+    def _stream(self, sender, kwargs: dict) -> None:
+        def on_step(stage, i):
+            if sender.is_cancelled():
+                raise _Cancelled()
+
+        for chunk in self.pipe.stream(**kwargs, on_step=on_step):
+            if sender.is_cancelled():
+                raise _Cancelled()
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("frames", np.ascontiguousarray(chunk.frames)),
+                pb_utils.Tensor("chunk_index", np.array([chunk.index], dtype=np.int32)),
+            ]))
+
+    def finalize(self) -> None:
+        self.pipe = None
+
+
+def _as_numpy(tensor) -> np.ndarray | None:
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _error(message: str, code: str):
+    codes = getattr(pb_utils, "TritonError", None)
+    code_value = getattr(codes, code, None)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code_value) if code_value is not None
+                                      else pb_utils.TritonError(message))
+
+
+def _send_quietly(sender, response, flags) -> None:
+    """Send the last response; a client that has gone away makes this fail, which is fine."""
+    try:
+        sender.send(response, flags=flags) if response is not None else sender.send(flags=flags)
+    except Exception as e:  # noqa: BLE001 - nothing left to tell a client that has gone
+        pb_utils.Logger.log_warn(f"helios: could not send the final response: {e}")

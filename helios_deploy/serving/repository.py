@@ -1,0 +1,180 @@
+"""Generate a Triton model repository from an artifact folder (``helios-deploy triton``).
+
+    MODEL_REPO/
+      README.md                       how to run it (NVIDIA's container, or tritonserver on CPU), a client example
+      helios/config.pbtxt             decoupled Python-backend model streaming 33-frame chunks
+      helios/1/model.py               shim: from helios_deploy.serving.model import TritonPythonModel
+      helios/artifacts/               the artifact folder (copied: hard links where the file system allows)
+      helios_<component>[_<graph>]/   one tensorrt_plan model per engine in the manifest, if any were built
+        config.pbtxt, 1/model.plan
+
+The repository is written to a staging folder and moved into place only when every config has parsed as
+Triton's ModelConfig, so a failure leaves nothing behind. By default the artifacts are copied into the
+repository (self-contained and relocatable); ``reference=True`` records their absolute path instead (no
+copy; the repository then works only where that path exists).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..artifacts import Artifacts
+from ..errors import UserError
+from ..export.engines import profiles
+from ..fsutil import staged_dir
+from ..specs import GraphSpec
+from .configs import Placement, helios_config, parse_config, plan_config
+from .readme import repository_readme
+
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp8")
+# what the helios model runs: (component, graph) of a T2V pipeline; the VAE encoder adds I2V/V2V
+REQUIRED = (("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "first"), ("vae_decoder", "step"))
+SHIM = ('"""The helios model: the code is helios-deploy\'s (pip install helios-deploy into the Python backend '
+        'environment)."""\n\nfrom helios_deploy.serving.model import TritonPythonModel  # noqa: F401\n')
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    instances: int = 1
+    gpus: tuple[int, ...] = ()
+    max_frames: int = 660
+    reference: bool = False  # record the artifacts' absolute path instead of copying them
+    device: str = "auto"  # cuda:<instance GPU> for KIND_GPU instances, else cpu
+
+
+@dataclass
+class RepoReport:
+    root: Path
+    models: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    artifacts: str = ""
+
+
+def model_name(component: str, graph: str) -> str:
+    return f"helios_{component}" if graph == "model" else f"helios_{component}_{graph}"
+
+
+def check_options(arts: Artifacts, opts: RepoOptions) -> None:
+    if opts.backend not in BACKENDS:
+        raise UserError(f"unknown backend {opts.backend!r}", expected=" or ".join(BACKENDS))
+    if opts.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {opts.precision!r}", expected=" or ".join(PRECISIONS))
+    for name, value in (("--instances", opts.instances), ("--max-frames", opts.max_frames)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1", found=str(value))
+    if any(g < 0 for g in opts.gpus):
+        raise UserError("GPU indices must be >= 0", found=",".join(map(str, opts.gpus)), fix="pass --gpus 0,1")
+    missing = [f"{c}/{g}" for c, g in REQUIRED if c not in arts.components or not arts.graph_path(c, g).is_file()]
+    if missing:
+        raise UserError(f"{arts.root} cannot serve text-to-video", found=f"missing {', '.join(missing)}",
+                        fix="export with --components text_encoder,transformer,vae_decoder,vae_encoder")
+    if opts.backend == "tensorrt":
+        _check_engines(arts, opts.precision)
+    elif opts.precision != "fp32":
+        raise UserError(f"--precision {opts.precision} needs --backend tensorrt",
+                        found="--backend onnxruntime runs the fp32 ONNX export",
+                        fix="helios-deploy build ARTIFACTS --precision fp8, then --backend tensorrt --precision fp8")
+
+
+def _check_engines(arts: Artifacts, precision: str) -> None:
+    engines = {c: arts.manifest["components"][c].get("engines") or {} for c in arts.components}
+    missing = [f"{c}/{g}" for c, g in REQUIRED if g not in engines.get(c, {})]
+    if missing:
+        built = ", ".join(f"{c}/{g}" for c, e in engines.items() for g in e) or "none"
+        raise UserError("--backend tensorrt needs TensorRT engines the manifest does not list",
+                        found=f"missing {', '.join(missing)}; built: {built}",
+                        fix=f"helios-deploy build {arts.root} --precision {precision} (on the GPU that will serve), "
+                            "or use --backend onnxruntime")
+    built_as = engines["transformer"]["model"].get("key", {}).get("settings", {}).get("precision", "fp32")
+    if built_as != precision:
+        raise UserError(f"the transformer engine was built for {built_as}, not {precision}",
+                        fix=f"pass --precision {built_as}, or rebuild: helios-deploy build {arts.root} --precision {precision}")
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard link (no extra space for multi-GB weights) where the file system allows it, else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _write_config(folder: Path, text: str) -> None:
+    parse_config(text)  # raises ConfigError: never write a config Triton would reject
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text)
+
+
+def _helios_model(arts: Artifacts, root: Path, opts: RepoOptions) -> str:
+    folder = root / "helios"
+    (folder / "1").mkdir(parents=True)
+    if opts.reference:
+        where, how = str(arts.root.resolve()), f"referenced at {arts.root.resolve()}"
+    else:
+        shutil.copytree(arts.root, folder / "artifacts", copy_function=_link_or_copy)
+        where, how = "artifacts", "copied into helios/artifacts"
+    gpus = opts.gpus or ((0,) if opts.backend == "tensorrt" else ())
+    params = {"artifacts": where, "backend": opts.backend, "precision": opts.precision, "device": opts.device,
+              "max_frames": str(opts.max_frames)}
+    video = arts.manifest["video"]
+    _write_config(folder, helios_config(video["height"], video["width"], Placement(opts.instances, gpus), params))
+    (folder / "1" / "model.py").write_text(SHIM)
+    return how
+
+
+def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, entry: dict, opts: RepoOptions) -> str:
+    name = model_name(component, graph.name)
+    engine = arts.root / component / entry["file"]
+    if not engine.is_file():
+        raise UserError(f"the manifest lists the engine {engine} but the file is missing",
+                        fix=f"rebuild it: helios-deploy build {arts.root}")
+    expected = profiles(graph)
+    recorded = (entry.get("key") or {}).get("profiles")
+    if recorded is not None and len(recorded) != len(expected):
+        raise UserError(f"the {component}/{graph.name} engine has {len(recorded)} optimization profiles",
+                        expected=f"{len(expected)}, one per operating point of the spec",
+                        fix=f"rebuild it: helios-deploy build {arts.root} --rebuild")
+    placement = Placement(opts.instances, opts.gpus or (0,))  # TensorRT plans run on GPUs only
+    _write_config(root / name, plan_config(name, graph, recorded or expected, placement))
+    (root / name / "1").mkdir()
+    _link_or_copy(str(engine), str(root / name / "1" / "model.plan"))
+    return name
+
+
+def _plan_models(arts: Artifacts, root: Path, opts: RepoOptions, report: RepoReport) -> None:
+    for component in arts.components:
+        engines = arts.manifest["components"][component].get("engines") or {}
+        for graph in arts.spec(component).graphs:
+            name = model_name(component, graph.name)
+            if graph.name in engines:
+                report.models.append(_plan_model(arts, root, component, graph, engines[graph.name], opts))
+            else:
+                report.skipped.append(f"{name}: no TensorRT engine in the manifest (run helios-deploy build)")
+
+
+def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions = RepoOptions(),
+                     force: bool = False, log: Callable[[str], None] = lambda m: None) -> RepoReport:
+    """Write the model repository for ``artifacts`` to ``out`` (atomically); see the module docstring."""
+    arts = Artifacts.open(artifacts)
+    check_options(arts, opts)
+    out = Path(out)
+    report = RepoReport(out)
+    with staged_dir(out, force) as tmp:
+        report.artifacts = _helios_model(arts, tmp, opts)
+        report.models.append("helios")
+        log(f"helios: decoupled Python-backend model ({opts.backend}, {opts.precision}); artifacts {report.artifacts}")
+        _plan_models(arts, tmp, opts, report)
+        (tmp / "README.md").write_text(repository_readme(arts, opts, report))
+    for name in report.models[1:]:
+        log(f"{name}: tensorrt_plan")
+    for line in report.skipped:
+        log(f"skipped {line}")
+    return report

@@ -1,0 +1,205 @@
+"""A local tritonserver on CPU: the one bundled in the nvidia-pytriton wheel (Python backend only), run
+from its own environment (`make triton-env` -> .venv-triton), because the Python backend stub needs
+numpy<2 while the project's environment has numpy 2 (see /work/shared/docs/PLATFORM.md).
+
+Used by the tests and by users without a GPU:
+
+    python -m helios_deploy.serving.server prepare                  # copy the stub into place (idempotent)
+    python -m helios_deploy.serving.server serve MODEL_REPO         # run until Ctrl-C
+
+    with LocalServer(find_env(), repo) as server:                    # free loopback ports, stopped by PID
+        client = HeliosClient(server.grpc_url)
+
+The recipe: the stub for this Python version is copied into pytriton's backends/python folder; the
+interpreter's libpython is put on LD_LIBRARY_PATH and the environment's bin first on PATH, so the stub's
+embedded interpreter finds the environment's site-packages (numpy<2, helios-deploy, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+ENV_VAR = "HELIOS_TRITON_VENV"
+DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".venv-triton"
+
+_PROBE = r"""
+import json, os, sys, sysconfig
+import numpy, pytriton
+root = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
+print(json.dumps({"root": root, "libdir": sysconfig.get_config_var("LIBDIR"), "numpy": numpy.__version__,
+                  "python": "%d.%d" % sys.version_info[:2]}))
+"""
+
+
+@dataclass(frozen=True)
+class ServerEnv:
+    """Where the server environment's pieces are."""
+
+    venv: Path
+    root: Path  # pytriton/tritonserver
+    libdir: str  # the interpreter's libpython folder
+    python_version: str
+    numpy: str
+
+    @property
+    def tritonserver(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def backends(self) -> Path:
+        return self.root / "backends"
+
+    def process_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (self.libdir, env.get("LD_LIBRARY_PATH")) if p)
+        env["VIRTUAL_ENV"] = str(self.venv)
+        env.pop("PYTHONHOME", None)
+        env.pop("PYTHONPATH", None)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+
+def find_env(venv: str | Path | None = None) -> ServerEnv:
+    """The server environment at ``venv``, $HELIOS_TRITON_VENV or <repo>/.venv-triton; a UserError if
+    it is missing or broken (the tests fail with this message rather than skip)."""
+    venv = Path(venv or os.environ.get(ENV_VAR) or DEFAULT_VENV).absolute()
+    python = venv / "bin" / "python"
+    fix = "run `make triton-env` (creates .venv-triton: torch 2.13 CPU, nvidia-pytriton 0.7.0, numpy<2, helios-deploy)"
+    if not python.is_file():
+        raise UserError(f"no Triton server environment at {venv}", found=f"no {python}", fix=fix)
+    proc = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"the Triton server environment at {venv} is incomplete", found=tail, fix=fix)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    if int(info["numpy"].split(".")[0]) >= 2:
+        raise UserError(f"numpy {info['numpy']} in {venv}", expected="numpy<2 (the Python backend stub fails with 2.x)",
+                        fix=f"{python} -m pip install 'numpy<2'")
+    return ServerEnv(venv, Path(info["root"]), info["libdir"], info["python"], info["numpy"])
+
+
+def prepare_backend(root: Path, python_version: str) -> Path:
+    """Copy the Python backend stub for this interpreter into backends/python (idempotent)."""
+    src = root / "python_backend_stubs" / python_version / "triton_python_backend_stub"
+    dst = root / "backends" / "python" / "triton_python_backend_stub"
+    if not src.is_file():
+        raise UserError(f"pytriton ships no Python backend stub for Python {python_version}", found=str(src.parent.parent))
+    if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+        tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """tritonserver on loopback with free ports; its log goes to ``log_path``; stopped by its PID."""
+
+    def __init__(self, env: ServerEnv, repo: str | Path, log_path: str | Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.env, self.repo = env, Path(repo).absolute()
+        self.log_path = Path(log_path or self.repo.with_name(self.repo.name + ".tritonserver.log"))
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.http_port = self.grpc_port = self.metrics_port = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        return [str(self.env.tritonserver), "--model-repository", str(self.repo),
+                "--backend-directory", str(self.env.backends),
+                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
+                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                "--allow-gpu-metrics", "false", "--exit-timeout-secs", "5", *self.extra_args]
+
+    def start(self, timeout: float = 180.0) -> "LocalServer":
+        prepare_backend(self.env.root, self.env.python_version)
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env.process_env(),
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.proc.returncode}; log:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the server's PID (Triton waits up to --exit-timeout-secs for requests), then SIGKILL."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its backend stubs
+            proc.wait()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["prepare"]:
+        env = find_env(argv[1] if len(argv) > 1 else sys.prefix)
+        print(f"python backend stub: {prepare_backend(env.root, env.python_version)}")
+        return 0
+    if argv[:1] == ["serve"] and len(argv) == 2:
+        server = LocalServer(find_env(), argv[1]).start()
+        print(f"tritonserver ready: grpc {server.grpc_url}, http 127.0.0.1:{server.http_port}, log {server.log_path}")
+        try:
+            server.proc.wait()
+        except KeyboardInterrupt:
+            server.stop()
+        return 0
+    print("usage: python -m helios_deploy.serving.server prepare [VENV] | serve MODEL_REPO", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
