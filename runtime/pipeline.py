@@ -45,8 +45,9 @@ def parse_backend(backend: str | Mapping[str, str]) -> dict[str, str]:
 
 
 class Pipeline:
-    def __init__(self, artifacts: Artifacts, backend: dict[str, str], device: str):
+    def __init__(self, artifacts: Artifacts, backend: dict[str, str], device: str, precision: str = "fp32"):
         self.artifacts, self.backend, self.device = artifacts, backend, torch.device(device)
+        self.precision = precision  # fp8: the quantized graphs from `quantize` (ONNX Runtime backend)
         m = artifacts.manifest
         self.height, self.width = m["video"]["height"], m["video"]["width"]
         self.text_length = m["text_length"]
@@ -58,11 +59,14 @@ class Pipeline:
 
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str | Mapping[str, str] = "onnxruntime",
-                       device: str = "cpu") -> "Pipeline":
+                       device: str = "cpu", precision: str = "fp32") -> "Pipeline":
         arts = Artifacts.open(path)
         for c in ("text_encoder", "transformer", "vae_decoder"):
             arts.require(c)
-        return cls(arts, parse_backend(backend), device)
+        if precision == "fp8" and not arts.manifest["components"]["transformer"].get("fp8"):
+            raise UserError(f"{arts.root} has no FP8 transformer graph",
+                            fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
+        return cls(arts, parse_backend(backend), device, precision)
 
     # -- components ------------------------------------------------------------------------------
     def runner(self, component: str, graph: str = "model"):
@@ -71,7 +75,7 @@ class Pipeline:
             spec = self.artifacts.spec(component)
             backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
             self._runners[key] = make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
-                                             spec.graph(graph), str(self.device)).activate()
+                                             spec.graph(graph), str(self.device), self.precision).activate()
         return self._runners[key]
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -30,9 +30,12 @@ def backend_option(f):
 @click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")
 @backend_option
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+              help="fp8: the transformer graph from `quantize` (ONNX Runtime backend).")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
-def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_chunk, backend, device, fps, out):
+def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_chunk, backend, device, precision, fps,
+            out):
     """Generate a video from exported artifacts and write it as H.264 mp4, chunk by chunk.
 
     \b
@@ -40,6 +43,7 @@ def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_
       helios-deploy generate engines/demo/artifacts --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
       helios-deploy generate ARTIFACTS --prompt "the same scene at night" --image first.png -o i2v.mp4
       helios-deploy generate ARTIFACTS --prompt "..." --backend transformer=torch -o bisect.mp4
+      helios-deploy generate ARTIFACTS --prompt "a cat in a kitchen" --precision fp8 -o cat-fp8.mp4
     """
     from ..errors import UserError
     from ..runtime import Pipeline
@@ -48,7 +52,7 @@ def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_
     if image and video:
         raise UserError("pass --image or --video, not both")
     pyramid = parse_steps(steps)
-    pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device)
+    pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device, precision=precision)
     chunks = max(1, (frames + 32) // 33) if frames > 0 else 0
     total = sum(pyramid) * chunks + (sum(pyramid) if amplify_first_chunk else 0)
     t0 = time.perf_counter()

@@ -88,12 +88,29 @@ class Runner:
         pass
 
 
-def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str) -> Runner:
+def onnx_file(manifest: dict, component: str, graph: GraphSpec, precision: str = "fp32") -> str:
+    """The ONNX file of ``graph``: with precision fp8, the quantized graph when the component has one (the
+    transformer must; components without one run fp32)."""
+    if precision == "fp8" and graph.name == "model":
+        entry = manifest["components"][component].get("fp8")
+        if entry:
+            return entry["file"]
+        if component == "transformer":
+            raise UserError("these artifacts have no FP8 transformer graph",
+                            fix="run `helios-deploy quantize ARTIFACTS --precision fp8` first")
+    elif precision not in ("fp32", "fp8"):
+        raise UserError(f"unknown precision {precision!r}", expected="fp32 or fp8")
+    return graph.file
+
+
+def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str,
+                precision: str = "fp32") -> Runner:
     """The runner for one graph of one component, imported only when its backend is used."""
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(root / component / graph.file, graph, component, device)
+        return OnnxRuntimeRunner(root / component / onnx_file(manifest, component, graph, precision), graph,
+                                 component, device)
     if backend == "torch":
         from .torch_ref import TorchRunner
 
