@@ -130,8 +130,10 @@ def our_output(component: str, spec: ComponentSpec, sessions: Mapping[str, OrtGr
 
 
 def compare_component(component: str, spec: ComponentSpec, sessions: Mapping[str, OrtGraph], module,
-                      seed: int = 0, threshold: float = FP32_REL_L2) -> dict:
-    """All parity cases of one component: {"precision", "passed", "cases": [...]}."""
+                      seed: int = 0, threshold: float = FP32_REL_L2, precision: str = "fp32",
+                      min_cosine: float | None = None) -> dict:
+    """All parity cases of one component: {"precision", "passed", "cases": [...]}. A case passes with
+    rel_l2 <= threshold (and cosine >= min_cosine when given: the FP8 targets)."""
     results = []
     for i, case in enumerate(cases(spec)):
         if component in ("vae_decoder", "vae_encoder"):
@@ -141,6 +143,10 @@ def compare_component(component: str, spec: ComponentSpec, sessions: Mapping[str
         ref = reference_output(component, module, inputs)
         ours = our_output(component, spec, sessions, inputs)
         m = metrics(ours, ref)
-        results.append({"name": case.name, "dims": dict(case.dims), **m, "passed": m["rel_l2"] <= threshold})
-    return {"precision": "fp32", "threshold_rel_l2": threshold,
-            "passed": all(r["passed"] for r in results), "cases": results}
+        ok = m["rel_l2"] <= threshold and (min_cosine is None or m["cosine"] >= min_cosine)
+        results.append({"name": case.name, "dims": dict(case.dims), **m, "passed": ok})
+    out = {"precision": precision, "threshold_rel_l2": threshold,
+           "passed": all(r["passed"] for r in results), "cases": results}
+    if min_cosine is not None:
+        out["threshold_cosine"] = min_cosine
+    return out

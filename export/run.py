@@ -94,11 +94,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
 
 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
-                  seed: int = 0, pipeline: bool = False) -> dict:
-    """Run every exported component against the reference; the report the `parity` command writes."""
+                  seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
+    """Run every exported component against the reference; the report the `parity` command writes.
+    With precision fp8: the quantized graphs instead (export/fp8_parity.py)."""
     ckpt = Checkpoint(checkpoint)
     arts = Artifacts.open(artifacts)
     arts.check_checkpoint(ckpt.identity)
+    if precision == "fp8":
+        from .fp8_parity import fp8_parity_report
+
+        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline)
     report: dict = {"passed": True, "components": {}, "problems": []}
     rows: list[tuple] = []
     for name in components or arts.components:

@@ -15,7 +15,8 @@ def print_report(report: dict) -> None:
     if "pipeline" in report:
         click.echo(f"pipeline (runtime vs HeliosPyramidPipeline): {'PASS' if report['pipeline']['passed'] else 'FAIL'}")
         for c in report["pipeline"]["cases"]:
-            click.echo(f"  {c['name']:16s} frames {c['frames']}  max_abs_err {c['max_abs_err']:.3e}  "
+            psnr = f"  PSNR per chunk {', '.join(f'{v:.2f}' for v in c['psnr_db'])} dB" if "psnr_db" in c else ""
+            click.echo(f"  {c['name']:16s} frames {c['frames']}  max_abs_err {c['max_abs_err']:.3e}{psnr}  "
                        f"{'ok' if c['passed'] else 'FAIL'}")
     if report.get("table"):
         click.echo(report["table"])
@@ -27,21 +28,25 @@ def print_report(report: dict) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--components", default=None, metavar="LIST", help="Subset of the exported components.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+              help="fp8: the graphs from `quantize` against the fp32 reference (cosine >= 0.99, rel_l2 <= 0.08; "
+                   "with --pipeline, PSNR per chunk of the FP8 runtime against the fp32 reference pipeline).")
 @click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; two chunks; amplify on "
               "and off; 1,1,1 and 2,2,2) against diffusers' HeliosPyramidPipeline (max abs error <= 1e-3).")
-def command(checkpoint, artifacts, json_path, components, seed, pipeline):
+def command(checkpoint, artifacts, json_path, components, seed, precision, pipeline):
     """Compare exported ONNX (ONNX Runtime, CPU) with the reference modules at every operating point,
     at batch 2 and at a shape not used at export. Exits 1 when any case fails (fp32: rel_l2 <= 1e-4).
 
     \b
     Example:
       helios-deploy parity engines/tiny engines/tiny-onnx --json engines/parity.json
+      helios-deploy parity engines/tiny engines/tiny-onnx --precision fp8 --pipeline
     """
     from ..errors import UserError
     from ..export.run import parity_report
 
     report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed,
-                           pipeline=pipeline)
+                           pipeline=pipeline, precision=precision)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)

@@ -1,0 +1,73 @@
+"""Accuracy of the FP8 graphs on CPU: ONNX Runtime runs each quantized graph against the fp32 reference
+modules (diffusers / transformers) at every parity case (cosine >= 0.99, rel_l2 <= 0.08), and with
+``pipeline`` the FP8 runtime's whole video against diffusers' HeliosPyramidPipeline in fp32 (PSNR per
+chunk)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..artifacts import Artifacts
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from ..fsutil import sha256_file
+from .audit import format_table
+from .modules import build_module
+from .parity import OrtGraph, compare_component
+
+FP8_REL_L2 = 0.08
+FP8_COSINE = 0.99
+
+
+def verify_fp8_files(arts: Artifacts, component: str) -> dict:
+    """The component's FP8 entry, after checking its files against the sha256 recorded by `quantize`."""
+    entry = arts.manifest["components"][component].get("fp8")
+    if not entry:
+        raise UserError(f"{arts.root} has no FP8 graph for {component}",
+                        fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
+    problems = []
+    for key in ("file", "data"):
+        path = arts.root / component / entry[key]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != entry[f"{key}_sha256"]:
+            problems.append(f"{path}: modified after quantize (sha256 differs)")
+    if problems:
+        raise UserError(f"{component} FP8 artifacts do not match the manifest", found="; ".join(problems),
+                        fix="re-run `helios-deploy quantize` (or restore the files)")
+    return entry
+
+
+def _rows(component: str, result: dict) -> list[tuple]:
+    return [(component, c["name"], "fp8 parity", f"cosine {c['cosine']:.6f} (>= {FP8_COSINE}), rel_l2 "
+             f"{c['rel_l2']:.3e} (<= {FP8_REL_L2})") for c in result["cases"] if not c["passed"]]
+
+
+def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[str] | None = None, seed: int = 0,
+                      pipeline: bool = False) -> dict:
+    names = list(components or [c for c in arts.components if arts.manifest["components"][c].get("fp8")])
+    if not names:
+        verify_fp8_files(arts, "transformer")  # raises: nothing quantized yet
+    report: dict = {"precision": "fp8", "passed": True, "components": {}, "problems": []}
+    rows: list[tuple] = []
+    for name in names:
+        spec = arts.spec(name)
+        arts.verify_files(name)
+        entry = verify_fp8_files(arts, name)
+        sessions = {"model": OrtGraph(arts.root / name / entry["file"], spec.graph("model"))}
+        result = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
+                                   precision="fp8", min_cosine=FP8_COSINE)
+        report["components"][name] = result
+        rows += _rows(name, result)
+    if pipeline:
+        from ..runtime import Pipeline
+        from .pipeline_parity import run_pipeline_psnr
+
+        report["pipeline"] = run_pipeline_psnr(ckpt.path, Pipeline.from_artifacts(arts.root, precision="fp8"), seed=seed)
+        rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB < "
+                  f"{report['pipeline']['threshold_psnr_db']} dB") for c in report["pipeline"]["cases"] if not c["passed"]]
+    report["passed"] = not rows
+    report["problems"] = [list(r) for r in rows]
+    if rows:
+        report["table"] = format_table(rows)
+    return report
