@@ -222,7 +222,7 @@ def test_triton_cli_bad_inputs_exit_1_and_write_nothing(artifacts, tmp_path, cap
     code, _, err = run_cli(["triton", artifacts, "-o", out, "--backend", "tensorrt"], capsys)
     assert code == 1 and "needs TensorRT engines" in err and "helios-deploy build" in err
     code, _, err = run_cli(["triton", artifacts, "-o", out, "--precision", "fp8"], capsys)
-    assert code == 1 and "needs --backend tensorrt" in err
+    assert code == 1 and "needs the FP8 transformer graph" in err and "helios-deploy quantize" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing, not even a staging folder
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -18,7 +18,8 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="What the helios model's runtime runs (tensorrt needs engines from `build`).")
 @click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
-              help="fp8 needs --backend tensorrt with engines built --precision fp8.")
+              help="fp8: the quantized transformer (run `quantize` first; with --backend tensorrt, engines "
+                   "built --precision fp8).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per GPU (or on CPU).")
 @click.option("--gpus", default=None, metavar="LIST", help="GPU indices, e.g. 0,1: one instance group per GPU "
               "(KIND_GPU). Default: CPU for onnxruntime, GPU 0 for tensorrt.")

@@ -109,11 +109,12 @@ class TritonPythonModel:
             root = Path(args["model_repository"]) / root
         device = resolve_device(params.get("device", "auto"), args.get("model_instance_kind", "CPU"),
                                 args.get("model_instance_device_id", 0))
-        self.pipe = Pipeline.from_artifacts(root, backend=params.get("backend", "onnxruntime"), device=device)
+        self.pipe = Pipeline.from_artifacts(root, backend=params.get("backend", "onnxruntime"), device=device,
+                                            precision=params.get("precision", "fp32"))
         self.max_frames = int(params.get("max_frames", "660"))
         t0 = time.perf_counter()
         self._warm_up()
-        pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')}, "
+        pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')} {params.get('precision')}, "
                                  f"{self.pipe.height}x{self.pipe.width}), runners ready in {time.perf_counter() - t0:.1f}s")
 
     def _warm_up(self) -> None:

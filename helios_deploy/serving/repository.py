@@ -77,10 +77,10 @@ def check_options(arts: Artifacts, opts: RepoOptions) -> None:
                         fix="export with --components text_encoder,transformer,vae_decoder,vae_encoder")
     if opts.backend == "tensorrt":
         _check_engines(arts, opts.precision)
-    elif opts.precision != "fp32":
-        raise UserError(f"--precision {opts.precision} needs --backend tensorrt",
-                        found="--backend onnxruntime runs the fp32 ONNX export",
-                        fix="helios-deploy build ARTIFACTS --precision fp8, then --backend tensorrt --precision fp8")
+    elif opts.precision == "fp8" and not arts.manifest["components"]["transformer"].get("fp8"):
+        raise UserError(f"--precision fp8 needs the FP8 transformer graph, which {arts.root} does not have",
+                        found="no fp8 entry for the transformer in the manifest",
+                        fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
 
 
 def _check_engines(arts: Artifacts, precision: str) -> None:

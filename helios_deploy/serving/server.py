@@ -166,7 +166,8 @@ class LocalServer:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else "(no log)"
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's PID (Triton waits up to --exit-timeout-secs for requests), then SIGKILL."""
+        """SIGINT to the server's PID (Triton waits up to --exit-timeout-secs for requests), then SIGKILL to
+        its process group (the server and its backend stubs) if it has not exited within ``timeout``."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -174,7 +175,7 @@ class LocalServer:
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its backend stubs
+            os.killpg(proc.pid, signal.SIGKILL)  # started in its own session: pgid == its PID
             proc.wait()
 
     def __enter__(self) -> "LocalServer":
