@@ -13,6 +13,8 @@ from .engines import (BuildSettings, build_engine, engine_filename, engine_recor
 def _graph_file(arts: Artifacts, component: str, graph, precision: str) -> tuple[Path, Path, dict]:
     """The ONNX file this precision builds from, its external data, and the manifest's hashes for them."""
     info = source_entry(arts.manifest, component, graph.name, precision)
+    if precision != "fp32":
+        arts.verify_record(component, info)
     return arts.root / component / info["file"], arts.root / component / info["data"], info
 
 

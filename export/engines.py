@@ -216,14 +216,27 @@ def engine_entry(manifest: Mapping, component: str, graph_name: str) -> dict:
 
 def source_entry(manifest: Mapping, component: str, graph_name: str, precision: str) -> dict:
     """The manifest's record ({file, data, file_sha256, data_sha256}) of the ONNX graph an engine of this
-    precision is built from: the FP8 graph from `quantize` for fp8 (transformer model graph), else the export."""
+    precision is built from. A strongly typed network takes its precision from the graph, so: fp32 builds
+    from the export; bf16 from the lowered graphs (`quantize --precision bf16`); fp8 from the FP8 graph of
+    `quantize --precision fp8` lowered to bf16 outside its Q/DQ layers (transformer), and from the bf16
+    graphs for the rest."""
     comp = manifest["components"][component]
-    if precision == "fp8" and graph_name == "model":
+    if precision == "fp32":
+        return dict(comp["graphs"][graph_name])
+    if precision == "fp8" and graph_name == "model" and (component == "transformer" or comp.get("fp8")):
         if not comp.get("fp8"):
             raise UserError(f"no FP8 graph for {component}",
                             fix="run `helios-deploy quantize ARTIFACTS --precision fp8` first")
-        return dict(comp["fp8"])
-    return dict(comp["graphs"][graph_name])
+        if not comp["fp8"].get("bf16"):
+            raise UserError(f"the FP8 graph of {component} has not been lowered to bf16 for TensorRT",
+                            fix="re-run `helios-deploy quantize ARTIFACTS --precision fp8`")
+        return dict(comp["fp8"]["bf16"])
+    lowered = (comp.get("bf16") or {}).get(graph_name)
+    if not lowered:
+        raise UserError(f"no bf16 graph for {component}/{graph_name} (a {precision} engine is bf16 outside FP8 "
+                        "layers, and a strongly typed network takes its precision from the graph)",
+                        fix="run `helios-deploy quantize ARTIFACTS --precision bf16` first")
+    return dict(lowered)
 
 
 def engine_record(file: str, fields: Mapping, report: Mapping | None = None) -> dict:

@@ -73,6 +73,19 @@ class Artifacts:
             raise UserError(f"{component} artifacts do not match the manifest", found="; ".join(problems),
                             fix="re-run the export (or restore the files)")
 
+    def verify_record(self, component: str, record: dict) -> None:
+        """A derived graph (bf16, fp8) exists and has the sha256s recorded when it was written."""
+        problems = []
+        for key in ("file", "data"):
+            path = self.root / component / record[key]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != record[f"{key}_sha256"]:
+                problems.append(f"{path}: modified after it was written (sha256 differs)")
+        if problems:
+            raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
+                            fix="re-run `helios-deploy quantize` (or restore the files)")
+
     def check_checkpoint(self, identity: dict) -> None:
         """Refuse a manifest made from another checkpoint."""
         ours = self.manifest["checkpoint"]["identity"]["sha256"]
