@@ -114,8 +114,11 @@ class TritonPythonModel:
         self.max_frames = int(params.get("max_frames", "660"))
         t0 = time.perf_counter()
         self._warm_up()
+        import torch
+
         pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')} {params.get('precision')}, "
-                                 f"{self.pipe.height}x{self.pipe.width}), runners ready in {time.perf_counter() - t0:.1f}s")
+                                 f"{self.pipe.height}x{self.pipe.width}, torch threads {torch.get_num_threads()}), "
+                                 f"runners ready in {time.perf_counter() - t0:.1f}s")
 
     def _warm_up(self) -> None:
         """Load every runner now, so the first request does not pay for session creation."""

@@ -104,6 +104,17 @@ def prepare_backend(root: Path, python_version: str) -> Path:
     return dst
 
 
+def check_runtime_imports() -> str:
+    """Import what the helios model imports (run inside the server environment); their versions."""
+    import onnxruntime
+    import tokenizers
+    import torch
+
+    from .. import runtime  # noqa: F401 - the model's own import
+
+    return f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, tokenizers {tokenizers.__version__}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,6 +200,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["prepare"]:
         env = find_env(argv[1] if len(argv) > 1 else sys.prefix)
         print(f"python backend stub: {prepare_backend(env.root, env.python_version)}")
+        print(f"runtime imports under numpy {env.numpy}: {check_runtime_imports()}")
         return 0
     if argv[:1] == ["serve"] and len(argv) == 2:
         server = LocalServer(find_env(), argv[1]).start()
