@@ -1,0 +1,214 @@
+"""FP8 quantization of the tiny checkpoint: FP8 weights where the recipe says, fp32 elsewhere, accuracy
+against the diffusers reference (per operating point and the whole video), the runtime on FP8 graphs,
+and bad input. The tiny transformer has 2 blocks, so the default recipe (first/last 3 blocks kept) would
+quantize nothing: the tests pass an explicit keep set that leaves the blocks' linear layers in FP8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from .conftest import run_cli
+
+KEEP = [r"^patch_", r"^condition_embedder\.", r"^proj_out/"]
+PROMPTS = ["A cat and a dog baking a cake together in a kitchen.",
+           "A drone shot over a snowy mountain ridge at sunrise."]
+
+
+def _copy(artifacts: Path, dst: Path) -> Path:
+    shutil.copytree(artifacts, dst)
+    return dst
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def quantized(artifacts, tmp_path_factory) -> Path:
+    """A copy of the tiny artifacts, quantized once (2 prompts from a file x 2 chunks)."""
+    from helios_deploy.export.quantize import quantize_artifacts
+
+    root = _copy(artifacts, tmp_path_factory.mktemp("fp8") / "arts")
+    prompts = root.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=KEEP, chunks=2, seed=0, log=lambda m: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fp8_graphs(quantized):
+    entry = json.loads((quantized / "manifest.json").read_text())["components"]["transformer"]["fp8"]
+    fp8 = onnx.load(str(quantized / "transformer" / entry["file"]))
+    fp32 = onnx.load(str(quantized / "transformer" / "model.onnx"))
+    return entry, fp8, fp32
+
+
+def _weight_of(model: onnx.ModelProto, node_name: str):
+    """(initializer feeding the node's weight input, whether it passes through a DequantizeLinear)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    src, via_dq = node.input[1], False
+    while src in producer and producer[src].op_type in ("DequantizeLinear", "Transpose"):
+        via_dq |= producer[src].op_type == "DequantizeLinear"
+        src = producer[src].input[0]
+    return inits.get(src), via_dq
+
+
+def test_block_linears_have_fp8_weights(fp8_graphs):
+    entry, fp8, _ = fp8_graphs
+    precision = entry["layer_precision"]
+    blocks = [n for n in precision if n.startswith("blocks.")]
+    # 2 blocks x (attn1 q,k,v,out + attn2 q,k,v,out + ffn 2) linear layers
+    assert len(blocks) == 20 and all(precision[n] == "fp8" for n in blocks)
+    for name in blocks:
+        init, via_dq = _weight_of(fp8, name)
+        assert via_dq and init is not None and init.data_type == onnx.TensorProto.FLOAT8E4M3FN, name
+    # activations: calibrated Q -> DQ in front of every FP8 layer (q/k/v share one on their common input)
+    producer = {o: n for n in fp8.graph.node for o in n.output}
+    for node in (n for n in fp8.graph.node if n.name in blocks):
+        dq = producer[node.input[0]]
+        assert dq.op_type == "DequantizeLinear" and producer[dq.input[0]].op_type == "QuantizeLinear", node.name
+
+
+def test_quantized_weights_take_a_quarter_of_fp32(fp8_graphs):
+    """Each FP8 layer's weight: same shape as in the fp32 export, one byte per value instead of four."""
+    entry, fp8, fp32 = fp8_graphs
+    before = after = 0
+    for name in (n for n, p in entry["layer_precision"].items() if p == "fp8"):
+        w8, _ = _weight_of(fp8, name)
+        w32, _ = _weight_of(fp32, name.split("/", 1)[1])  # the export's own node name
+        assert w32.data_type == onnx.TensorProto.FLOAT and sorted(w32.dims) == sorted(w8.dims)
+        assert len(w8.raw_data) == int(np.prod(w8.dims))
+        before += int(np.prod(w32.dims)) * 4
+        after += len(w8.raw_data)
+    assert before > 0 and after * 4 == before
+    assert entry["weight_bytes"]["fp8_graph"]["fp8"] == after
+
+
+def test_kept_layers_and_attention_stay_fp32(fp8_graphs):
+    entry, fp8, _ = fp8_graphs
+    precision = entry["layer_precision"]
+    kept = [n for n in precision if not n.startswith("blocks.")]
+    assert any(n.startswith("condition_embedder.") for n in kept) and any(n.startswith("proj_out/") for n in kept)
+    assert any(n.startswith("patch_") for n in kept)
+    for name in kept:
+        assert precision[name] == "fp32"
+        init, via_dq = _weight_of(fp8, name)
+        assert not via_dq and init is not None and init.data_type == onnx.TensorProto.FLOAT, name
+    producer = {o: n for n in fp8.graph.node for o in n.output}
+    attention = [n for n in fp8.graph.node if n.op_type == "MatMul" and n.name not in precision]
+    assert attention and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
+                             for n in attention for i in n.input)
+
+
+def test_manifest_records_recipe_and_calibration(quantized, fp8_graphs):
+    from helios_deploy.export.calibration import calibration_hash
+    from helios_deploy.fsutil import sha256_file
+
+    entry, _, _ = fp8_graphs
+    assert entry["recipe"]["modelopt_version"] == "0.47.0" and entry["recipe"]["quantize_mode"] == "fp8"
+    assert entry["keep_high_precision"] == KEEP
+    cal = entry["calibration"]
+    # 2 prompts x 2 chunks x 3 stages, one call each, at three different shapes
+    assert cal["calls"] == 12 and len(cal["shapes"]) == 3 and set(cal["shapes"].values()) == {4}
+    settings = {k: cal[k] for k in ("chunks", "seed", "pyramid_steps", "method", "video", "text_length", "checkpoint")}
+    assert cal["sha256"] == calibration_hash(PROMPTS, settings)
+    assert cal["sha256"] != calibration_hash(PROMPTS[:1], settings)
+    for key in ("file", "data"):
+        assert sha256_file(quantized / "transformer" / entry[key]) == entry[f"{key}_sha256"]
+    assert not list((quantized / "transformer").glob(".fp8-partial-*"))
+
+
+def test_fp8_parity_against_diffusers(tiny_ckpt, quantized):
+    from helios_deploy.export.fp8_parity import FP8_COSINE, FP8_REL_L2
+    from helios_deploy.export.pipeline_parity import PSNR_THRESHOLD
+    from helios_deploy.export.run import parity_report
+
+    report = parity_report(tiny_ckpt, quantized, precision="fp8", pipeline=True)
+    cases = report["components"]["transformer"]["cases"]
+    assert {"stage0", "stage1", "stage2"} <= {c["name"] for c in cases}
+    for c in cases:
+        assert c["cosine"] >= FP8_COSINE and c["rel_l2"] <= FP8_REL_L2, c
+        assert c["max_abs_err"] > 1e-4, c  # it is really the FP8 graph, not the fp32 one
+    for c in report["pipeline"]["cases"]:
+        assert len(c["psnr_db"]) == 2 and min(c["psnr_db"]) >= PSNR_THRESHOLD, c
+    assert report["passed"]
+
+
+def test_generate_fp8_video(quantized, tmp_path, capsys):
+    from helios_deploy.export.pipeline_parity import PSNR_THRESHOLD, psnr
+    from helios_deploy.runtime import Pipeline
+
+    out = tmp_path / "fp8.mp4"
+    code, stdout, err = run_cli(["generate", quantized, "--prompt", "a cat", "--precision", "fp8", "-o", out], capsys)
+    assert code == 0, err
+    assert out.stat().st_size > 0 and "33 frames" in stdout
+    fp32 = Pipeline.from_artifacts(quantized).generate("a cat", num_frames=33, output="float")
+    fp8 = Pipeline.from_artifacts(quantized, precision="fp8").generate("a cat", num_frames=33, output="float")
+    assert np.abs(fp8 - fp32).max() > 1e-3
+    assert psnr(fp8, fp32) >= PSNR_THRESHOLD
+
+
+def test_generate_fp8_without_quantize_is_a_user_error(artifacts, tmp_path, capsys):
+    code, _, err = run_cli(["generate", artifacts, "--prompt", "a cat", "--precision", "fp8", "-o",
+                            tmp_path / "x.mp4"], capsys)
+    assert code == 1 and "helios-deploy quantize" in err and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", b"\xff\xfe\x00\x81 not text", None])
+def test_bad_calibration_file(artifacts, tmp_path, capsys, content):
+    root = _copy(artifacts, tmp_path / "arts")
+    before = _snapshot(root)
+    path = tmp_path / "prompts.txt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)  # not UTF-8 text
+    elif content is not None:
+        path.write_text(content)  # None: the file does not exist
+    code, _, err = run_cli(["quantize", root, "--calibration-prompts", path, "--keep-high-precision", "^proj_out/"], capsys)
+    assert code == 1 and "calibration prompts file" in err and "Traceback" not in err
+    assert _snapshot(root) == before
+
+
+def test_modified_onnx_is_refused_and_nothing_written(artifacts, tmp_path, capsys):
+    root = _copy(artifacts, tmp_path / "arts")
+    with open(root / "transformer" / "model.onnx.data", "ab") as f:
+        f.write(b"\0")
+    before = _snapshot(root)
+    code, _, err = run_cli(["quantize", root, "--keep-high-precision", "^proj_out/"], capsys)
+    assert code == 1 and "modified after export" in err and "Traceback" not in err
+    assert _snapshot(root) == before
+
+
+def test_unmatched_regex_warns_and_default_recipe_on_two_blocks(artifacts, tmp_path, capsys):
+    root = _copy(artifacts, tmp_path / "arts")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    args = ["quantize", root, "--calibration-prompts", prompts, "--calibration-chunks", "1"]
+    code, out, err = run_cli([*args, "--keep-high-precision", "^proj_out/", "--keep-high-precision", "^no_such_layer"], capsys)
+    assert code == 0, err
+    assert "warning: --keep-high-precision '^no_such_layer' matches no node" in err
+    assert "fp8" in out
+    # the default recipe keeps the first and last 3 blocks: with 2 blocks nothing is left to quantize
+    root2 = _copy(artifacts, tmp_path / "arts2")
+    before = _snapshot(root2)
+    code, _, err = run_cli(["quantize", root2, "--calibration-prompts", prompts, "--calibration-chunks", "1"], capsys)
+    assert code == 1 and "every block stays in high precision" in err and "nothing to quantize" in err
+    assert _snapshot(root2) == before
+
+
+def test_default_recipe_keeps_edge_blocks():
+    from helios_deploy.export.quantize import default_keep, resolve_keep
+
+    names = [f"blocks.{b}.attn1.to_q/n{b}" for b in range(40)] + ["proj_out/n", "patch_short/c", "condition_embedder.x/n"]
+    matched, warnings = resolve_keep(default_keep("transformer", 40), names)
+    kept_blocks = sorted({int(n.split(".")[1]) for n in matched if n.startswith("blocks.")})
+    assert kept_blocks == [0, 1, 2, 37, 38, 39] and not warnings
+    assert {"proj_out/n", "patch_short/c", "condition_embedder.x/n"} <= set(matched)
