@@ -181,8 +181,9 @@ def test_four_concurrent_clients_get_complete_correct_streams(server, pipe):
 
 
 def test_client_leaving_mid_stream_does_not_wedge_the_model(server, client):
-    long_request = next(iter(client.stream(PROMPT, num_frames=660, seed=2)), None)  # close after chunk 0 of 20
-    assert long_request is not None and long_request.index == 0
+    stream = client.stream(PROMPT, num_frames=660, seed=2)  # 20 chunks
+    assert next(stream).index == 0
+    stream.close()  # leave after the first chunk: the client cancels the request
     good_request_completes(client)  # one instance: a wedged model would never answer this
     assert "request cancelled by the client; stopped" in server.log()
 
@@ -354,3 +355,29 @@ def test_plan_repository_refuses_wrong_precision_and_missing_engine_files(artifa
     code, _, err = run_cli(["triton", arts, "-o", tmp_path / "r", "--backend", "tensorrt"], capsys)
     assert code == 1 and "file is missing" in err and engine.name in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arts"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8: a repository with --precision fp8 serves the quantized transformer graph
+
+
+def test_fp8_repository_streams_the_quantized_graph(artifacts, server_env, tmp_path):
+    from helios_deploy.export.quantize import quantize_artifacts
+    from helios_deploy.runtime import Pipeline
+    from helios_deploy.serving.client import HeliosClient
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+    from helios_deploy.serving.server import LocalServer
+
+    arts = shutil.copytree(artifacts, tmp_path / "arts")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\na drone shot over a snowy ridge at sunrise\n")
+    # the tiny transformer has 2 blocks: keep only the edges so the blocks' linear layers are FP8
+    quantize_artifacts(arts, ["transformer"], prompts_file=tmp_path / "prompts.txt",
+                       keep=[r"^patch_", r"^condition_embedder\.", r"^proj_out/"], chunks=2, seed=0, log=lambda m: None)
+    write_repository(arts, tmp_path / "repo", RepoOptions(precision="fp8"))
+    with LocalServer(server_env, tmp_path / "repo", tmp_path / "server.log") as srv, \
+            HeliosClient(srv.grpc_url, timeout=300) as client:
+        got = served(client, num_frames=66, seed=4)
+        assert "onnxruntime fp8" in srv.log(), srv.log()[-4000:]
+    fp8 = Pipeline.from_artifacts(arts, precision="fp8")
+    assert_same_video(got, local(fp8, num_frames=66, seed=4))
+    assert not np.array_equal(got[0], local(Pipeline.from_artifacts(arts), num_frames=66, seed=4)[0])

@@ -4,7 +4,8 @@
         for chunk in client.stream("a cat", num_frames=66, seed=0):
             chunk.index, chunk.frames, chunk.seconds   # uint8 [T, H, W, 3], seconds since the request
 
-Server errors and connection failures become UserErrors. Leaving the loop early (break, an exception,
+One stream at a time per HeliosClient (a tritonclient gRPC client holds one stream); use one client
+per concurrent generation. Server errors, time-outs and connection failures become UserErrors. Leaving the loop early (break, an exception,
 closing the generator) cancels the request on the server, which stops at its next denoising step.
 """
 
@@ -104,7 +105,11 @@ class HeliosClient:
             self._client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
                                             enable_empty_final_response=True)
             while not done:
-                result, error = responses.get(timeout=self.timeout)
+                try:
+                    result, error = responses.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise UserError(f"no response from {self.url} within {self.timeout:g} s",
+                                    fix="raise --timeout, or check the server's log") from None
                 if error is not None:
                     done = True
                     raise _server_error(error, self.model)
