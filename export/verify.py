@@ -1,0 +1,153 @@
+"""`verify`: every TensorRT engine against ONNX Runtime running the fp32 export, at every operating point,
+and the whole pipeline on engines against the fp32 pipeline (PSNR per chunk). Needs a GPU.
+
+Polygraphy's Comparator runs both sides over the same inputs (our runners wrapped as Polygraphy runners,
+so the engines run exactly as the runtime runs them: per-stage profiles, torch CUDA tensors); the pass
+criteria are the parity metrics (rel_l2 and cosine per operating point), with targets by the precision the
+engine was built at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..artifacts import Artifacts
+from ..errors import UserError
+from .engines import engine_entry, require_gpu_tensorrt
+from .parity import example_inputs, metrics
+
+
+@dataclass(frozen=True)
+class Target:
+    rel_l2: float
+    cosine: float
+
+
+TARGETS = {
+    "fp32": Target(1e-3, 0.9999),  # TensorRT may run fp32 matmuls and convolutions in TF32
+    "bf16": Target(0.05, 0.999),  # as the bf16 graphs against the reference on CPU (export/lowering.py)
+    "fp8": Target(0.08, 0.99),  # as the FP8 graphs on CPU (parity --precision fp8)
+}
+PSNR_TARGETS = {"fp32": 40.0, "bf16": 30.0, "fp8": 30.0}  # dB, peak 1.0, per 33-frame chunk
+
+
+def graph_precision(manifest: dict, component: str, graph_name: str) -> str:
+    """What an engine computes in: its build precision, but bf16 for the graphs of an fp8 build that have
+    no FP8 graph (everything outside the quantized transformer)."""
+    built = engine_entry(manifest, component, graph_name)["key"].get("settings", {}).get("precision", "fp32")
+    if built == "fp8" and not (graph_name == "model" and manifest["components"][component].get("fp8")):
+        return "bf16"
+    return built
+
+
+def _polygraphy_runner(runner, name: str):
+    """One of our runners as a Polygraphy runner: numpy feeds in, numpy outputs out."""
+    import torch
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class Adapter(BaseRunner):
+        def activate_impl(self):
+            runner.activate()
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for t in runner.graph.inputs:
+                meta.add(t.name, np.dtype(t.dtype), [d if isinstance(d, int) else None for d in t.dims])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(runner.device) for k, v in feed_dict.items()}
+            t0 = time.perf_counter()
+            out = runner.infer(feeds)
+            self.inference_time = time.perf_counter() - t0
+            return OrderedDict((k, v.float().cpu().numpy()) for k, v in out.items())
+
+        def deactivate_impl(self):
+            runner.deactivate()
+
+    return Adapter(name=name)
+
+
+def compare_runners(reference, candidate, feeds: Sequence[dict], names: Sequence[str], target: Target) -> list[dict]:
+    """Run both runners over ``feeds`` with Polygraphy's Comparator; one result per feed (named by
+    ``names``), each output scored by rel_l2 and cosine against the reference's."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # not the feeds and outputs of every iteration
+    ref = _polygraphy_runner(reference, "reference")
+    cand = _polygraphy_runner(candidate, "candidate")
+    results = Comparator.run([ref, cand], data_loader=list(feeds))
+    rows = []
+    for name, ref_it, cand_it in zip(names, results["reference"], results["candidate"]):
+        scores = {out: metrics(cand_it[out], ref_it[out]) for out in ref_it.keys()}
+        worst = max(scores.values(), key=lambda m: m["rel_l2"])
+        passed = all(m["rel_l2"] <= target.rel_l2 and m["cosine"] >= target.cosine for m in scores.values())
+        rows.append({"name": name, **worst, "outputs": scores, "passed": passed})
+    return rows
+
+
+def verify_graph(arts: Artifacts, component: str, graph, candidate, reference, precision: str,
+                 seed: int = 0) -> dict:
+    """One graph at every operating point it was built for."""
+    spec = arts.spec(component)
+    points = graph.operating_points
+    feeds = [example_inputs(spec, graph, dict(p.dims), seed + i) for i, p in enumerate(points)]
+    target = TARGETS[precision]
+    rows = compare_runners(reference, candidate, feeds, [p.name for p in points], target)
+    return {"precision": precision, "target": vars(target), "passed": all(r["passed"] for r in rows), "cases": rows}
+
+
+def verify_pipeline(artifacts: Path, backend: str, device: str, precision: str, seed: int = 0,
+                    frames: int = 66) -> dict:
+    """The whole T2V video on the engines against the fp32 pipeline on ONNX Runtime (CPU), PSNR per chunk."""
+    from ..runtime import Pipeline
+    from .pipeline_parity import CHUNK_FRAMES, PROMPT, psnr
+
+    ours = Pipeline.from_artifacts(artifacts, backend=backend, device=device).generate(
+        PROMPT, num_frames=frames, seed=seed, output="float")
+    ref = Pipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu").generate(
+        PROMPT, num_frames=frames, seed=seed, output="float")
+    chunks = [psnr(ours[i:i + CHUNK_FRAMES], ref[i:i + CHUNK_FRAMES]) for i in range(0, len(ref), CHUNK_FRAMES)]
+    threshold = PSNR_TARGETS[precision]
+    return {"precision": precision, "threshold_psnr_db": threshold, "psnr_db_per_chunk": chunks,
+            "passed": ours.shape == ref.shape and all(p >= threshold for p in chunks)}
+
+
+def verify(artifacts, components: Iterable[str] | None = None, device: str = "cuda", pipeline: bool = True,
+           seed: int = 0) -> dict:
+    """Every engine in the manifest against ONNX Runtime fp32, then the pipeline on engines."""
+    from ..runtime.runners import make_runner
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    require_gpu_tensorrt(index)
+    arts = Artifacts.open(artifacts)
+    comps = list(components or [c for c in arts.components if arts.manifest["components"][c].get("engines")])
+    if not comps:
+        raise UserError(f"no TensorRT engines in {arts.root}", fix="run `helios-deploy build ARTIFACTS` first")
+    report: dict = {"artifacts": str(arts.root), "components": {}}
+    precisions = set()
+    for c in comps:
+        arts.require(c)
+        arts.verify_files(c)
+        graphs = {}
+        for g in arts.spec(c).graphs:
+            precision = graph_precision(arts.manifest, c, g.name)
+            precisions.add(precision)
+            candidate = make_runner("tensorrt", arts.root, arts.manifest, c, g, device)
+            reference = make_runner("onnxruntime", arts.root, arts.manifest, c, g, "cpu")
+            graphs[g.name] = verify_graph(arts, c, g, candidate, reference, precision, seed)
+        report["components"][c] = graphs
+    if pipeline:
+        worst = max(precisions, key=list(TARGETS).index)
+        report["pipeline"] = verify_pipeline(arts.root, "tensorrt", device, worst, seed)
+    report["passed"] = all(g["passed"] for gs in report["components"].values() for g in gs.values()) and \
+        report.get("pipeline", {"passed": True})["passed"]
+    return report
