@@ -165,3 +165,13 @@ def test_a_stale_engine_is_refused(built):
         TensorRTRunner(built.root, manifest, "transformer", graph, "cuda").activate()
     recorded = built.manifest["components"]["transformer"]["engines"]["model"]["key"]["tensorrt"]
     assert recorded == E.current_platform()["tensorrt"]  # the deep copy was changed, not the manifest
+
+
+def test_verify_passes_the_fp32_engines(built):
+    """`verify`: every engine at every operating point and the pipeline on engines, within fp32 targets."""
+    from helios_deploy.export.verify import verify
+
+    report = verify(built.root, device="cuda")
+    assert set(report["components"]) == {c for c, _ in GRAPHS}
+    assert report["passed"], report
+    assert report["pipeline"]["precision"] == "fp32" and len(report["pipeline"]["psnr_db_per_chunk"]) == 2
