@@ -136,8 +136,8 @@ def bf16_file(graph_file: str) -> str:
 
 def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp32: Sequence[str] = (),
                     log=print) -> dict:
-    """bf16 graphs for every graph of the components (and for the FP8 transformer graph when
-    ``quantize --precision fp8`` has written one); recorded in the manifest under ``bf16``."""
+    """bf16 graphs for every graph of the components, recorded in the manifest under ``bf16`` (the FP8
+    graph is lowered by ``quantize --precision fp8`` itself)."""
     from ..artifacts import Artifacts, write_manifest
 
     arts = Artifacts.open(artifacts)
@@ -153,12 +153,6 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
             log(f"{c}/{graph.file} -> {bf16_file(graph.file)}")
             lowered[graph.name] = write_lowered(folder / graph.file, folder, bf16_file(graph.file), keep_fp32)
         entry["bf16"] = lowered
-        fp8 = entry.get("fp8")
-        if fp8:
-            arts.verify_record(c, fp8)
-            file = f"{Path(fp8['file']).stem}.bf16.onnx"
-            log(f"{c}/{fp8['file']} -> {file}")
-            fp8["bf16"] = write_lowered(folder / fp8["file"], folder, file, keep_fp32)
         write_manifest(arts.root, arts.manifest)
     return arts.manifest
 

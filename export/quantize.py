@@ -29,6 +29,7 @@ from ..artifacts import MANIFEST, Artifacts
 from ..errors import UserError
 from ..fsutil import sha256_file
 from . import fp8_graph
+from .lowering import write_lowered
 from .calibration import calibration_hash, feed_reader, read_prompts, record_feeds, shape_summary
 
 FP8_FILE = "model.fp8.onnx"
@@ -135,12 +136,19 @@ def quantize_component(arts: Artifacts, component: str, feeds, keep: Sequence[st
                              "fp8_graph": fp8_graph.weight_bytes(final, linear)}}
 
 
+FP8_BF16_FILE = "model.fp8.bf16.onnx"
+
+
 def _install(work_out: Path, dest: Path, entry: dict) -> None:
     """Hash the finished files and move them into place (data first: the graph names it)."""
     entry["file_sha256"] = sha256_file(work_out / entry["file"])
     entry["data_sha256"] = sha256_file(work_out / entry["data"])
     entry["file_bytes"] = (work_out / entry["file"]).stat().st_size
     entry["data_bytes"] = (work_out / entry["data"]).stat().st_size
+    lowered = entry.get("bf16")
+    if lowered:  # its hashes were taken when it was written
+        os.replace(work_out / lowered["data"], dest / lowered["data"])
+        os.replace(work_out / lowered["file"], dest / lowered["file"])
     os.replace(work_out / entry["data"], dest / entry["data"])
     os.replace(work_out / entry["file"], dest / entry["file"])
 
@@ -196,6 +204,9 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
                               calibration={"sha256": calibration_hash(prompts, settings), "prompts": len(prompts),
                                            "calls": len(feeds[c]), "shapes": shape_summary(feeds[c]), **settings},
                               seconds={"calibration": round(t_cal, 2), "quantize": round(time.perf_counter() - t1, 2)})
+            # what TensorRT builds from: the same Q/DQ graph, bf16 outside its FP8 layers (export/lowering.py)
+            log(f"{c}: lowering {FP8_FILE} to bf16 outside the FP8 layers for TensorRT ...")
+            entries[c]["bf16"] = write_lowered(work / "out" / FP8_FILE, work / "out", FP8_BF16_FILE)
         manifest = json.loads(json.dumps(arts.manifest))
         for c, work in zip(components, staging):
             _install(work / "out", arts.root / c, entries[c])

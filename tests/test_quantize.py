@@ -212,3 +212,45 @@ def test_default_recipe_keeps_edge_blocks():
     kept_blocks = sorted({int(n.split(".")[1]) for n in matched if n.startswith("blocks.")})
     assert kept_blocks == [0, 1, 2, 37, 38, 39] and not warnings
     assert {"proj_out/n", "patch_short/c", "condition_embedder.x/n"} <= set(matched)
+
+
+def test_fp8_graph_is_lowered_to_bf16_for_tensorrt(tiny_ckpt, quantized, fp8_graphs):
+    """What an fp8 engine is built from: the same Q/DQ graph and FP8 weights, bf16 outside them (a strongly
+    typed network takes its precision from the graph). Run in onnx.reference (ONNX Runtime's CPU provider
+    has no bf16 Conv), it meets the FP8 targets against the diffusers module at every parity case."""
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.export.lowering import ReferenceGraph
+    from helios_deploy.export.modules import build_module
+    from helios_deploy.export.parity import compare_component
+
+    entry, fp8, _ = fp8_graphs
+    arts = Artifacts.open(quantized)
+    lowered = entry["bf16"]
+    arts.verify_record("transformer", lowered)
+    model = onnx.load(str(quantized / "transformer" / lowered["file"]))
+    count = lambda m, t: sum(1 for i in m.graph.initializer if i.data_type == t)  # noqa: E731
+    assert count(model, onnx.TensorProto.FLOAT8E4M3FN) == count(fp8, onnx.TensorProto.FLOAT8E4M3FN) > 0
+    assert count(model, onnx.TensorProto.BFLOAT16) > 0
+    spec = arts.spec("transformer")
+    graph = spec.graph("model")
+    result = compare_component("transformer", spec, {"model": ReferenceGraph(quantized / "transformer" / lowered["file"],
+                                                                             graph)},
+                               build_module(Checkpoint(tiny_ckpt), "transformer"), threshold=0.08)
+    assert len(result["cases"]) == 5
+    for case in result["cases"]:
+        assert case["rel_l2"] <= 0.08 and case["cosine"] >= 0.99, case
+
+
+def test_fp8_build_plan_uses_the_lowered_fp8_graph(quantized, capsys):
+    code, out, err = run_cli(["build", quantized, "--dry-run", "--precision", "fp8", "--components", "transformer"],
+                             capsys)
+    assert code == 0, err
+    plan = json.loads(out)["components"]["transformer"]["model"]
+    entry = json.loads((quantized / "manifest.json").read_text())["components"]["transformer"]["fp8"]
+    assert plan["onnx"] == "transformer/model.fp8.bf16.onnx" and plan["precision"] == "fp8"
+    assert plan["key_fields"]["graph_sha256"] == entry["bf16"]["file_sha256"]
+    # the other components of an fp8 build are bf16 engines: they need their lowered graphs
+    code, _, err = run_cli(["build", quantized, "--dry-run", "--precision", "fp8", "--components", "vae_decoder"],
+                           capsys)
+    assert code == 1 and "quantize ARTIFACTS --precision bf16" in err

@@ -3,15 +3,18 @@ import click
 
 @click.command("quantize")
 @click.argument("artifacts", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp8"]), default="fp8", show_default=True)
-@click.option("--components", default="transformer", show_default=True, metavar="LIST",
-              help="transformer, optionally with text_encoder (comma-separated).")
+@click.option("--precision", type=click.Choice(["fp8", "bf16"]), default="fp8", show_default=True,
+              help="fp8: calibrated FP8 linear layers (also lowered to bf16 elsewhere, what TensorRT builds); "
+                   "bf16: every graph lowered to bf16 for bf16 engines and for the non-FP8 engines of an fp8 build.")
+@click.option("--components", default=None, metavar="LIST",
+              help="fp8: transformer (default), optionally with text_encoder; bf16: any (default: all).")
 @click.option("--calibration-prompts", type=click.Path(dir_okay=False),
               help="Text file, one prompt per line (default: a built-in set of 8 varied prompts).")
 @click.option("--keep-high-precision", "keep", multiple=True, metavar="REGEX",
               help="Transformer layers to keep in high precision, by regex over module-qualified node names such as "
                    "'blocks.3.attn1.to_q/node_MatMul_1'; repeatable; replaces the default (patch embeddings, "
-                   "condition_embedder, proj_out, first and last 3 blocks). 'none' keeps nothing.")
+                   "condition_embedder, proj_out, first and last 3 blocks). 'none' keeps nothing. With bf16: nodes "
+                   "of the exported graphs to keep in fp32 (added to Sin/Cos and their arguments).")
 @click.option("--calibration-chunks", type=int, default=2, show_default=True,
               help="Chunks generated per prompt (the second and later chunks have real history).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -25,11 +28,24 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
       helios-deploy quantize engines/helios --precision fp8
       helios-deploy quantize ARTIFACTS --calibration-prompts prompts.txt --components transformer,text_encoder
       helios-deploy quantize ARTIFACTS --keep-high-precision '^patch_' --keep-high-precision '^proj_out/'
+      helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
     """
     from ..export.quantize import quantize_artifacts
 
-    names = [c.strip() for c in components.split(",") if c.strip()]
     patterns = None if not keep else [] if list(keep) == ["none"] else list(keep)
+    if precision == "bf16":
+        from ..export.lowering import lower_artifacts
+        from .options import parse_components
+
+        comps = parse_components(components) if components else None
+        manifest = lower_artifacts(artifacts, comps, keep_fp32=patterns or (),
+                                   log=lambda m: click.echo(m, err=True))
+        for name, entry in manifest["components"].items():
+            for graph, record in (entry.get("bf16") or {}).items():
+                n = record["recipe"]["nodes"]
+                click.echo(f"{name}/{graph}: {record['file']} ({n['bf16']} bf16 / {n['fp32']} fp32 nodes)")
+        return
+    names = [c.strip() for c in (components or "transformer").split(",") if c.strip()]
     result = quantize_artifacts(artifacts, names, prompts_file=calibration_prompts, keep=patterns,
                                 chunks=calibration_chunks, seed=seed, log=lambda m: click.echo(m, err=True))
     for name, e in result["components"].items():
