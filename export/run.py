@@ -96,7 +96,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
                   seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
     """Run every exported component against the reference; the report the `parity` command writes.
-    With precision fp8: the quantized graphs instead (export/fp8_parity.py)."""
+    With precision fp8: the quantized graphs instead (export/fp8_parity.py); bf16: the lowered graphs in
+    ONNX's reference evaluator (export/lowering.py)."""
     ckpt = Checkpoint(checkpoint)
     arts = Artifacts.open(artifacts)
     arts.check_checkpoint(ckpt.identity)
@@ -104,6 +105,13 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
         from .fp8_parity import fp8_parity_report
 
         return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline)
+    if precision == "bf16":
+        from .lowering import bf16_report
+
+        if pipeline:
+            raise UserError("--pipeline runs the runtime, which cannot run bf16 graphs on CPU",
+                            fix="check bf16 engines with `helios-deploy verify` on the GPU")
+        return bf16_report(ckpt.path, arts.root, components, seed=seed)
     report: dict = {"passed": True, "components": {}, "problems": []}
     rows: list[tuple] = []
     for name in components or arts.components:

@@ -109,3 +109,12 @@ def test_modified_lowered_graph_is_refused(lowered, tmp_path, capsys):
         f.write(b"\0")
     code, _, err = run_cli(["build", arts, "--dry-run", "--precision", "bf16", "--components", "text_encoder"], capsys)
     assert code == 1 and "modified after it was written" in err
+
+
+def test_parity_cli_reports_bf16(tiny_ckpt, lowered, capsys):
+    code, out, err = run_cli(["parity", tiny_ckpt, lowered, "--precision", "bf16", "--components", "text_encoder"],
+                             capsys)
+    assert code == 0, err
+    assert "text_encoder (bf16): PASS" in out and "parity passed" in out
+    code, _, err = run_cli(["parity", tiny_ckpt, lowered, "--precision", "bf16", "--pipeline"], capsys)
+    assert code == 1 and "verify" in err

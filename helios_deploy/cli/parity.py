@@ -28,9 +28,11 @@ def print_report(report: dict) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--components", default=None, metavar="LIST", help="Subset of the exported components.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp8", "bf16"]), default="fp32", show_default=True,
               help="fp8: the graphs from `quantize` against the fp32 reference (cosine >= 0.99, rel_l2 <= 0.08; "
-                   "with --pipeline, PSNR per chunk of the FP8 runtime against the fp32 reference pipeline).")
+                   "with --pipeline, PSNR per chunk of the FP8 runtime against the fp32 reference pipeline); "
+                   "bf16: the graphs from `quantize --precision bf16` in ONNX's reference evaluator "
+                   "(rel_l2 <= 0.05).")
 @click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; two chunks; amplify on "
               "and off; 1,1,1 and 2,2,2) against diffusers' HeliosPyramidPipeline (max abs error <= 1e-3).")
 def command(checkpoint, artifacts, json_path, components, seed, precision, pipeline):
