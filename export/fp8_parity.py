@@ -10,7 +10,6 @@ from typing import Iterable
 from ..artifacts import Artifacts
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..fsutil import sha256_file
 from .audit import format_table
 from .modules import build_module
 from .parity import OrtGraph, compare_component
@@ -25,16 +24,7 @@ def verify_fp8_files(arts: Artifacts, component: str) -> dict:
     if not entry:
         raise UserError(f"{arts.root} has no FP8 graph for {component}",
                         fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
-    problems = []
-    for key in ("file", "data"):
-        path = arts.root / component / entry[key]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != entry[f"{key}_sha256"]:
-            problems.append(f"{path}: modified after quantize (sha256 differs)")
-    if problems:
-        raise UserError(f"{component} FP8 artifacts do not match the manifest", found="; ".join(problems),
-                        fix="re-run `helios-deploy quantize` (or restore the files)")
+    arts.verify_record(component, entry, "quantize")
     return entry
 
 

@@ -61,30 +61,28 @@ class Artifacts:
 
     def verify_files(self, component: str) -> None:
         """Every file of the component exists and has the sha256 recorded at export."""
-        problems = []
-        for g in self.manifest["components"][component]["graphs"].values():
-            for key in ("file", "data"):
-                path = self.root / component / g[key]
-                if not path.is_file():
-                    problems.append(f"{path}: missing")
-                elif sha256_file(path) != g[f"{key}_sha256"]:
-                    problems.append(f"{path}: modified after export (sha256 differs)")
+        problems = [p for g in self.manifest["components"][component]["graphs"].values()
+                    for p in self._file_problems(component, g, "export")]
         if problems:
             raise UserError(f"{component} artifacts do not match the manifest", found="; ".join(problems),
                             fix="re-run the export (or restore the files)")
 
-    def verify_record(self, component: str, record: dict) -> None:
+    def verify_record(self, component: str, record: dict, written_by: str = "it was written") -> None:
         """A derived graph (bf16, fp8) exists and has the sha256s recorded when it was written."""
+        problems = self._file_problems(component, record, written_by)
+        if problems:
+            raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
+                            fix="re-run `helios-deploy quantize` (or restore the files)")
+
+    def _file_problems(self, component: str, record: dict, written_by: str) -> list[str]:
         problems = []
         for key in ("file", "data"):
             path = self.root / component / record[key]
             if not path.is_file():
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != record[f"{key}_sha256"]:
-                problems.append(f"{path}: modified after it was written (sha256 differs)")
-        if problems:
-            raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
-                            fix="re-run `helios-deploy quantize` (or restore the files)")
+                problems.append(f"{path}: modified after {written_by} (sha256 differs)")
+        return problems
 
     def check_checkpoint(self, identity: dict) -> None:
         """Refuse a manifest made from another checkpoint."""

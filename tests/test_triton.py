@@ -66,7 +66,7 @@ def _server_log_on_failure(request):
     yield
     if request.session.testsfailed > failed and "server" in request.fixturenames:
         log = request.getfixturevalue("server").log()
-        print(f"---- tritonserver log (last 80 lines) ----\n" + "\n".join(log.splitlines()[-80:]))
+        print("---- tritonserver log (last 80 lines) ----\n" + "\n".join(log.splitlines()[-80:]))
 
 
 @pytest.fixture(scope="module")
