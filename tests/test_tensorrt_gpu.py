@@ -175,3 +175,35 @@ def test_verify_passes_the_fp32_engines(built):
     assert set(report["components"]) == {c for c, _ in GRAPHS}
     assert report["passed"], report
     assert report["pipeline"]["precision"] == "fp32" and len(report["pipeline"]["psnr_db_per_chunk"]) == 2
+
+
+@pytest.fixture(scope="module")
+def built_fp8(artifacts, tmp_path_factory, tensorrt_platform):
+    """A copy of the tiny artifacts, quantized (blocks in FP8), lowered to bf16 and built at fp8 through
+    the CLI path (`quantize`, `quantize --precision bf16`, `build --precision fp8`)."""
+    from helios_deploy.export.build import build
+    from helios_deploy.export.lowering import lower_artifacts
+    from helios_deploy.export.quantize import quantize_artifacts
+
+    root = tmp_path_factory.mktemp("trt8") / "artifacts"
+    shutil.copytree(artifacts, root)
+    quantize_artifacts(root, ["transformer"], prompts=["a cat in a kitchen", "a drone over snowy mountains"],
+                       keep=[r"^patch_", r"^condition_embedder\.", r"^proj_out/"], chunks=2, log=lambda m: None)
+    lower_artifacts(root, ["text_encoder", "vae_decoder"], log=lambda m: None)
+    build(root, ["transformer", "text_encoder", "vae_decoder"], E.BuildSettings(precision="fp8"), log=lambda m: None)
+    return root
+
+
+def test_fp8_engines_build_from_the_lowered_graphs_and_verify(built_fp8):
+    """FP8 transformer engine (bf16 outside its Q/DQ layers), bf16 text encoder and VAE engines: each within
+    its target against ONNX Runtime fp32 at every operating point, and the pipeline within 30 dB."""
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.export.verify import verify
+
+    arts = Artifacts.open(built_fp8)
+    record = arts.manifest["components"]["transformer"]["engines"]["model"]
+    assert record["key"]["graph_sha256"] == arts.manifest["components"]["transformer"]["fp8"]["bf16"]["file_sha256"]
+    report = verify(built_fp8, device="cuda")
+    assert report["components"]["transformer"]["model"]["precision"] == "fp8"
+    assert report["components"]["vae_decoder"]["step"]["precision"] == "bf16"
+    assert report["passed"], report
