@@ -21,7 +21,7 @@ HISTORY_SIZES = (16, 2, 1)  # long, mid, short (the short history also carries t
 
 @dataclass
 class ChunkState:
-    history: torch.Tensor  # [B, C, T_hist, h, w] float32, grows by 9 frames per chunk
+    history: torch.Tensor  # [B, C, T_hist, h, w] float32, the last frames (19 once a chunk is done)
     image_latents: torch.Tensor | None  # the first-frame prefix, [B, C, 1, h, w]
 
 
@@ -124,6 +124,10 @@ def denoise_chunk(transformer, scheduler: DMDScheduler, block_noise: BlockNoise,
 
 
 def update_history(state: ChunkState, latents: torch.Tensor, is_first_chunk: bool) -> None:
+    """Append the chunk's latents. Only the last sum(HISTORY_SIZES) frames are ever read, so only they are
+    kept: the reference's history grows by 9 frames a chunk for the whole stream (2.2 MB a chunk at
+    384x640), which a long-running stream cannot afford."""
     if is_first_chunk and state.image_latents is None:
         state.image_latents = latents[:, :, 0:1]
-    state.history = torch.cat([state.history, latents], dim=2)
+    keep = sum(HISTORY_SIZES) - latents.shape[2]
+    state.history = torch.cat([state.history[:, :, -keep:], latents], dim=2)

@@ -25,6 +25,11 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
 class StageSchedule:
     timesteps: torch.Tensor  # float64 [n]: the transformer sees them truncated to int64
     sigmas: torch.Tensor  # float64 [n + 1], ending at 0
+    step_sigmas: tuple[torch.Tensor, ...] = ()  # the sigma dmd_step looks up at each timestep, [1, 1, 1, 1, 1]
+
+    def __post_init__(self):
+        if not self.step_sigmas:  # looked up once per schedule, not at every step of every chunk
+            object.__setattr__(self, "step_sigmas", tuple(_sigma_at(self, t.item()) for t in self.timesteps))
 
 
 class DMDScheduler:
@@ -122,9 +127,9 @@ def dmd_step(flow: torch.Tensor, sample: torch.Tensor, schedule: StageSchedule, 
              start_latents: torch.Tensor) -> torch.Tensor:
     """One scheduler step: x0 = x_t - sigma_t * v (float64), then re-noise x0 toward the next
     timestep using the stage's start latents; the last step returns x0."""
-    sigma_t = _sigma_at(schedule, schedule.timesteps[i].item())
+    sigma_t = schedule.step_sigmas[i]
     x0 = (sample.double() - sigma_t * flow.double()).to(flow.dtype)
     if i == len(schedule.timesteps) - 1:
         return x0
-    sigma = _sigma_at(schedule, schedule.timesteps[i + 1].item())
+    sigma = schedule.step_sigmas[i + 1]
     return ((1 - sigma) * x0 + sigma * start_latents).to(start_latents.dtype)

@@ -99,6 +99,21 @@ def test_prompt_schedule_changes_the_prompt_between_chunks(ours):
     assert np.abs(fixed[1].frames - switched[1].frames).max() > 1e-3
 
 
+def test_prompt_embeddings_are_cached_and_bounded(ours, monkeypatch):
+    import helios_deploy.runtime.pipeline as P
+
+    monkeypatch.setattr(P, "PROMPT_CACHE_SIZE", 2)
+    ours._prompt_cache.clear()
+    encoder = ours.runner("text_encoder")
+    calls = encoder.calls
+    first = ours.encode_prompt("one")
+    assert ours.encode_prompt("one") is first and encoder.calls == calls + 1  # cached: no second encoder call
+    ours.encode_prompt("two")
+    ours.encode_prompt("one")  # most recently used again
+    ours.encode_prompt("three")  # evicts "two", the least recently used
+    assert list(ours._prompt_cache) == ["one", "three"] and encoder.calls == calls + 3
+
+
 def test_torch_backend_runs_reference_modules(artifacts, ours):
     mixed = Pipeline.from_artifacts(artifacts, backend="transformer=torch,vae_decoder=torch")
     a = mixed.generate(PROMPT, num_frames=33, seed=4, output="float")
