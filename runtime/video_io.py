@@ -34,9 +34,10 @@ def write_mp4(path: str | Path, chunks: Iterable[np.ndarray], fps: int = 24) -> 
             for f in frames:
                 writer.send(np.ascontiguousarray(f))
                 count += 1
-        if writer is not None:
-            writer.close()
-            writer = None
+        if writer is None:
+            raise UserError(f"no frames to write to {path.name}", fix="generate at least one chunk (--frames 1 or more)")
+        writer.close()
+        writer = None
         os.replace(tmp, path)
     finally:
         if writer is not None:

@@ -240,3 +240,11 @@ def test_runner_checks_feeds_against_the_spec(ours):
         runner.infer({"input_ids": ids, "mask": ids})
     with pytest.raises(UserError, match="wrong input dtypes"):
         runner.infer({"input_ids": ids, "attention_mask": ids.float()})
+
+
+def test_write_mp4_without_frames_is_a_user_error_and_writes_nothing(tmp_path):
+    from helios_deploy.runtime.video_io import write_mp4
+
+    with pytest.raises(UserError, match="no frames"):
+        write_mp4(tmp_path / "empty.mp4", iter([]))
+    assert list(tmp_path.iterdir()) == []
