@@ -243,6 +243,7 @@ def test_runner_checks_feeds_against_the_spec(ours):
 
 
 def test_write_mp4_without_frames_is_a_user_error_and_writes_nothing(tmp_path):
+    from helios_deploy.errors import UserError
     from helios_deploy.runtime.video_io import write_mp4
 
     with pytest.raises(UserError, match="no frames"):
