@@ -57,6 +57,7 @@ class Pipeline:
         self.block_noise = BlockNoise(self.scheduler.gamma)
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
 
     @classmethod
@@ -128,9 +129,19 @@ class Pipeline:
                                     k == 0, spec.attrs["patch_size"], indices, on_step)
             update_history(state, latents, k == 0)
             video_chunk = decode_chunk(self.runner("vae_decoder", "first"), self.runner("vae_decoder", "step"),
-                                       latents, vae["latents_mean"], vae["latents_std"])
+                                       latents, vae["latents_mean"], vae["latents_std"],
+                                       into=self._buffer("video", (latents.shape[0], 3, 33, self.height, self.width)))
             keep = min(video_chunk.shape[2], total_frames - 33 * k)
-            yield Chunk(k, _to_output(video_chunk[0, :, :keep], output))
+            work = self._buffer("output", (3, keep, self.height, self.width)) if output != "float" else None
+            yield Chunk(k, _to_output(video_chunk[0, :, :keep], output, work))
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 work buffer on the device, allocated once per shape and reused by every chunk (fresh
+        multi-MB allocations cost page faults on every chunk). Its contents never leave the pipeline."""
+        key = (name, shape)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self._buffers[key]
 
     def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
         """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
@@ -175,11 +186,12 @@ class Pipeline:
             raise UserError("pass an image or a video, not both", fix="use --image for I2V or --video for V2V")
 
 
-def _to_output(frames: torch.Tensor, output: str) -> np.ndarray:
+def _to_output(frames: torch.Tensor, output: str, work: torch.Tensor | None = None) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] -> [T, H, W, 3]: [0, 1] as the reference's postprocess (x / 2 + 0.5,
     clamped), then uint8 like its PIL conversion (x * 255, rounded half to even). One new tensor, then in
-    place; 0.5 + 0.5 * x equals x / 2 + 0.5 bit for bit (the product is exact)."""
-    x = torch.add(_HALF.to(frames.device), frames, alpha=0.5).clamp_(0, 1)
+    place (into ``work`` when given: uint8 output only, as the float output is a view of it on the CPU);
+    0.5 + 0.5 * x equals x / 2 + 0.5 bit for bit (the product is exact)."""
+    x = torch.add(_HALF.to(frames.device), frames, alpha=0.5, out=work).clamp_(0, 1)
     if output == "float":
         return x.permute(1, 2, 3, 0).cpu().numpy()
     x = x.mul_(255).round_()
