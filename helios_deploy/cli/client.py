@@ -1,17 +1,14 @@
 import click
 
 from .generate import parse_steps
+from .options import request_options
 
 
 @click.command("client")
 @click.argument("url")
-@click.option("--prompt", required=True, help="Text prompt.")
+@request_options
 @click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video (resized to the served size).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (resized to the served size).")
-@click.option("--frames", type=int, default=33, show_default=True, help="Rounded up to chunks of 33 frames.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage, e.g. 2,2,2.")
-@click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")
 @click.option("--model", default="helios", show_default=True, help="Model name in the repository.")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for each chunk (default: no limit).")

@@ -2,6 +2,8 @@ import time
 
 import click
 
+from .options import request_options
+
 
 def parse_steps(value: str) -> tuple[int, ...]:
     try:
@@ -21,13 +23,9 @@ def backend_option(f):
 
 @click.command("generate")
 @click.argument("artifacts", type=click.Path())
-@click.option("--prompt", required=True, help="Text prompt.")
+@request_options
 @click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video.")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (at least 33 frames).")
-@click.option("--frames", type=int, default=33, show_default=True, help="Rounded up to chunks of 33 frames.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage, e.g. 2,2,2.")
-@click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")
 @backend_option
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,

@@ -31,3 +31,12 @@ def components_option(f):
         "--components", default=None, metavar="LIST",
         help=f"Comma-separated subset of {','.join(COMPONENTS)} (default: all).",
     )(f)
+
+
+def request_options(f):
+    """What one generation asks for: prompt, frames, seed, steps per pyramid stage, amplify (generate, client)."""
+    f = click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")(f)
+    f = click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage, e.g. 2,2,2.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--frames", type=int, default=33, show_default=True, help="Rounded up to chunks of 33 frames.")(f)
+    return click.option("--prompt", required=True, help="Text prompt.")(f)
