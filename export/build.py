@@ -8,7 +8,8 @@ from typing import Iterable
 
 from ..artifacts import Artifacts, write_manifest
 from .engines import (BuildSettings, build_engine, engine_filename, engine_record, key_digest, key_fields,
-                      probe_tensorrt, profiles, require_gpu_tensorrt, source_entry)
+                      profiles, source_entry)
+from .probe import probe_tensorrt, require_gpu_tensorrt
 
 def _graph_file(arts: Artifacts, component: str, graph, precision: str) -> tuple[Path, Path, dict]:
     """The ONNX file this precision builds from, its external data, and the manifest's hashes for them."""

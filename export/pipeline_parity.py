@@ -95,15 +95,18 @@ def psnr(ours: np.ndarray, ref: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
+def chunk_psnr(ours: np.ndarray, ref: np.ndarray) -> list[float]:
+    """PSNR per 33-frame chunk of two videos [T, H, W, 3] in [0, 1]; [-inf] when their shapes differ."""
+    if ours.shape != ref.shape:
+        return [float("-inf")]
+    return [psnr(ours[k:k + CHUNK_FRAMES], ref[k:k + CHUNK_FRAMES]) for k in range(0, ref.shape[0], CHUNK_FRAMES)]
+
+
 def run_pipeline_psnr(checkpoint, pipe, cases=FP8_CASES, seed: int = 0, threshold: float = PSNR_THRESHOLD) -> dict:
     """PSNR of our (FP8) runtime's video against the fp32 reference pipeline, per chunk of 33 frames."""
     results = []
     for case, expected, got in _videos(checkpoint, pipe, cases, seed):
-        if got.shape != expected.shape:
-            chunks = [float("-inf")]
-        else:
-            chunks = [psnr(got[k:k + CHUNK_FRAMES], expected[k:k + CHUNK_FRAMES])
-                      for k in range(0, expected.shape[0], CHUNK_FRAMES)]
+        chunks = chunk_psnr(got, expected)
         results.append({"name": case.name, "frames": int(expected.shape[0]), "psnr_db": chunks,
                         "max_abs_err": float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf"),
                         "passed": min(chunks) >= threshold})

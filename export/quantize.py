@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..artifacts import MANIFEST, Artifacts
+from ..artifacts import Artifacts, write_manifest
 from ..errors import UserError
 from ..fsutil import sha256_file
 from . import fp8_graph
@@ -153,12 +153,6 @@ def _install(work_out: Path, dest: Path, entry: dict) -> None:
     os.replace(work_out / entry["file"], dest / entry["file"])
 
 
-def _write_manifest_atomic(root: Path, manifest: dict) -> None:
-    tmp = root / f".{MANIFEST}.partial-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
-
-
 def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),
                        prompts_file: str | Path | None = None, keep: Sequence[str] | None = None,
                        chunks: int = 2, seed: int = 0, prompts: Sequence[str] | None = None,
@@ -211,7 +205,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
         for c, work in zip(components, staging):
             _install(work / "out", arts.root / c, entries[c])
             manifest["components"][c]["fp8"] = entries[c]
-        _write_manifest_atomic(arts.root, manifest)
+        write_manifest(arts.root, manifest)
     finally:
         for work in staging:
             shutil.rmtree(work, ignore_errors=True)

@@ -19,8 +19,12 @@ import numpy as np
 
 from ..artifacts import Artifacts
 from ..errors import UserError
-from .engines import engine_entry, require_gpu_tensorrt
+from .engines import engine_entry
+from .probe import require_gpu_tensorrt
+from .fp8_parity import FP8_COSINE, FP8_REL_L2
+from .lowering import BF16_REL_L2
 from .parity import example_inputs, metrics
+from .pipeline_parity import PROMPT, PSNR_THRESHOLD, chunk_psnr
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,10 @@ class Target:
 
 TARGETS = {
     "fp32": Target(1e-3, 0.9999),  # TensorRT may run fp32 matmuls and convolutions in TF32
-    "bf16": Target(0.05, 0.999),  # as the bf16 graphs against the reference on CPU (export/lowering.py)
-    "fp8": Target(0.08, 0.99),  # as the FP8 graphs on CPU (parity --precision fp8)
+    "bf16": Target(BF16_REL_L2, 0.999),  # as the bf16 graphs against the reference on CPU (export/lowering.py)
+    "fp8": Target(FP8_REL_L2, FP8_COSINE),  # as the FP8 graphs on CPU (parity --precision fp8)
 }
-PSNR_TARGETS = {"fp32": 40.0, "bf16": 30.0, "fp8": 30.0}  # dB, peak 1.0, per 33-frame chunk
+PSNR_TARGETS = {"fp32": 40.0, "bf16": PSNR_THRESHOLD, "fp8": PSNR_THRESHOLD}  # dB, peak 1.0, per 33-frame chunk
 
 
 def graph_precision(manifest: dict, component: str, graph_name: str) -> str:
@@ -109,13 +113,12 @@ def verify_pipeline(artifacts: Path, backend: str, device: str, precision: str, 
                     frames: int = 66) -> dict:
     """The whole T2V video on the engines against the fp32 pipeline on ONNX Runtime (CPU), PSNR per chunk."""
     from ..runtime import Pipeline
-    from .pipeline_parity import CHUNK_FRAMES, PROMPT, psnr
 
     ours = Pipeline.from_artifacts(artifacts, backend=backend, device=device).generate(
         PROMPT, num_frames=frames, seed=seed, output="float")
     ref = Pipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu").generate(
         PROMPT, num_frames=frames, seed=seed, output="float")
-    chunks = [psnr(ours[i:i + CHUNK_FRAMES], ref[i:i + CHUNK_FRAMES]) for i in range(0, len(ref), CHUNK_FRAMES)]
+    chunks = chunk_psnr(ours, ref)
     threshold = PSNR_TARGETS[precision]
     return {"precision": precision, "threshold_psnr_db": threshold, "psnr_db_per_chunk": chunks,
             "passed": ours.shape == ref.shape and all(p >= threshold for p in chunks)}

@@ -10,6 +10,7 @@ Layout (see engines/README.md):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,4 +98,7 @@ class Artifacts:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    """Write manifest.json atomically (a temporary file beside it, then a rename)."""
+    tmp = root / f".{MANIFEST}.partial-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, root / MANIFEST)

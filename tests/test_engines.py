@@ -7,6 +7,7 @@ import pytest
 
 from helios_deploy.errors import UserError
 from helios_deploy.export import engines as E
+from helios_deploy.export import probe
 from helios_deploy.specs import resolve_shape, spec_to_json
 
 from .conftest import HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH
@@ -166,34 +167,34 @@ def test_check_engine_key_names_what_changed(graph, over, needle):
 
 
 def test_probe_finds_no_tensorrt_here_and_does_not_raise():
-    info = E.probe_tensorrt()
+    info = probe.probe_tensorrt()
     assert set(info) == {"tensorrt", "gpu", "compute_capability", "error"}
     assert info["tensorrt"] is None and "tensorrt" in info["error"]
 
 
 def test_require_gpu_tensorrt_names_what_is_missing():
     with pytest.raises(UserError) as e:
-        E.require_gpu_tensorrt()
+        probe.require_gpu_tensorrt()
     assert "tensorrt" in str(e.value) and "--backend onnxruntime" in str(e.value)
 
 
 def test_a_crashing_probe_is_an_error_not_a_crash():
-    info = E.probe_tensorrt(code="import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    info = probe.probe_tensorrt(code="import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     assert info["tensorrt"] is None and "SIGSEGV" in info["error"]
 
 
 def test_a_crash_after_tensorrt_keeps_what_was_found():
     code = ('import json, os, signal; print("HELIOS_PROBE " + json.dumps({"tensorrt": "10.9.0", "errors": [], '
             '"step": "gpu"}), flush=True); os.kill(os.getpid(), signal.SIGSEGV)')
-    info = E.probe_tensorrt(code=code)
+    info = probe.probe_tensorrt(code=code)
     assert info["tensorrt"] == "10.9.0" and info["gpu"] is None
     assert "SIGSEGV" in info["error"] and "GPU" in info["error"]
 
 
 def test_a_failing_or_hanging_probe_is_an_error():
-    failed = E.probe_tensorrt(code="raise SystemExit('driver exploded')")
+    failed = probe.probe_tensorrt(code="raise SystemExit('driver exploded')")
     assert "driver exploded" in failed["error"]
-    hung = E.probe_tensorrt(code="import time; time.sleep(30)", timeout=1)
+    hung = probe.probe_tensorrt(code="import time; time.sleep(30)", timeout=1)
     assert "did not finish" in hung["error"]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from helios_deploy.errors import UserError
 from helios_deploy.export import engines as E
+from helios_deploy.export import probe
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +23,7 @@ SAME_REL_L2 = 1e-6  # the same engine on the same inputs
 @pytest.fixture(scope="session", autouse=True)
 def tensorrt_platform():
     """Runs before the (slow) artifacts fixture, so a machine without a GPU skips at once."""
-    info = E.current_platform()
+    info = probe.current_platform()
     if info["tensorrt"] is None or info["gpu"] is None:
         pytest.skip(f"needs TensorRT and an NVIDIA GPU: {info['error']}")
     return info
@@ -164,7 +165,7 @@ def test_a_stale_engine_is_refused(built):
     with pytest.raises(UserError, match="TensorRT version: 0.0.1 ->"):
         TensorRTRunner(built.root, manifest, "transformer", graph, "cuda").activate()
     recorded = built.manifest["components"]["transformer"]["engines"]["model"]["key"]["tensorrt"]
-    assert recorded == E.current_platform()["tensorrt"]  # the deep copy was changed, not the manifest
+    assert recorded == probe.current_platform()["tensorrt"]  # the deep copy was changed, not the manifest
 
 
 def test_verify_passes_the_fp32_engines(built):

@@ -55,7 +55,7 @@ def test_comparator_core_fails_what_is_off_target(artifacts, tiny_ckpt):
 
 
 def test_verify_without_gpu_names_what_is_missing(artifacts, capsys):
-    from helios_deploy.export.engines import current_platform
+    from helios_deploy.export.probe import current_platform
 
     info = current_platform()
     if info["gpu"] and info["tensorrt"]:

@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .configs import HELIOS_INPUTS
+from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS
 
 _NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -95,7 +95,7 @@ class HeliosClient:
             t = self._grpc.InferInput(name, list(arr.shape), np_to_triton_dtype(np.dtype(arr.dtype)))
             t.set_data_from_numpy(arr)
             inputs.append(t)
-        outputs = [self._grpc.InferRequestedOutput(n) for n in ("frames", "chunk_index")]
+        outputs = [self._grpc.InferRequestedOutput(t.name) for t in HELIOS_OUTPUTS]
         responses: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)),
                                   stream_timeout=self.timeout)
