@@ -27,7 +27,6 @@ import numpy as np
 from ..errors import UserError
 from ..fsutil import sha256_file
 from ..specs import GraphSpec
-from .fp8_graph import split_sequences
 
 SINUSOID_OPS = ("Sin", "Cos")
 SHAPE_OPS = ("Shape", "Size")  # read only their input's shape: the walk below stops there
@@ -50,15 +49,16 @@ def sinusoid_feeders(model) -> list[str]:
     return sorted(keep)
 
 
-def _split_copy(src: Path, dst: Path) -> None:
-    """``src`` with the exporter's SplitToSequence/SequenceAt (torch.split with symbolic sizes) turned into
-    Split (fp8_graph.split_sequences, the same fix quantize applies): AutoCast cannot type the sequence
-    (ONNX Runtime then refuses the lowered graph: "expected seq(tensor(float))")."""
-    import onnx
+def _optimized_copy(src: Path, dst: Path) -> None:
+    """The exported graph after onnxscript's full optimizer, with shape inference: it turns the
+    exporter's SplitToSequence/SequenceAt (torch.split with symbolic sizes) into Split, which AutoCast
+    cannot type (ONNX Runtime then refuses the lowered graph: "expected seq(tensor(float))")."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
 
-    model = onnx.load(str(src))
-    split_sequences(model)
-    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    model = ir.load(src)
+    onnxscript.optimizer.optimize(model)
+    ir.save(model, dst, external_data=dst.name + ".data")
 
 
 def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
@@ -68,8 +68,8 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     with tempfile.TemporaryDirectory(prefix="helios-lower-") as tmp:
-        optimized = Path(tmp) / "split.onnx"
-        _split_copy(Path(src), optimized)
+        optimized = Path(tmp) / "optimized.onnx"
+        _optimized_copy(Path(src), optimized)
         feeders = sinusoid_feeders(onnx.load(optimized, load_external_data=False))
         patterns = [f"^{_escape(n)}$" for n in feeders] + list(keep_fp32)
         logging.getLogger("modelopt").setLevel(logging.ERROR)
