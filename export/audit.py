@@ -15,7 +15,7 @@ from .parity import OrtGraph, compare_component
 def _check_io(session: OrtGraph) -> list[str]:
     """Session inputs/outputs against the spec: names, order, dtypes, ranks."""
     problems = []
-    to_ort = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+    to_ort = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
     for kind, actual, declared in (("input", session.session.get_inputs(), session.graph.inputs),
                                    ("output", session.session.get_outputs(), session.graph.outputs)):
         if [a.name for a in actual] != [t.name for t in declared]:

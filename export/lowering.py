@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import UserError
 from ..fsutil import sha256_file
 from ..specs import GraphSpec
+from .vae_chunk import POSTPROCESS_NODES
 
 SINUSOID_OPS = ("Sin", "Cos")
 SHAPE_OPS = ("Shape", "Size")  # read only their input's shape: the walk below stops there
@@ -71,7 +72,8 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
         optimized = Path(tmp) / "optimized.onnx"
         _optimized_copy(Path(src), optimized)
         feeders = sinusoid_feeders(onnx.load(optimized, load_external_data=False))
-        patterns = [f"^{_escape(n)}$" for n in feeders] + list(keep_fp32)
+        # the VAE chunk's uint8 conversion stays fp32: bf16 cannot tell 254.6 from 255 (export/vae_chunk.py)
+        patterns = [f"^{_escape(n)}$" for n in feeders] + [POSTPROCESS_NODES] + list(keep_fp32)
         logging.getLogger("modelopt").setLevel(logging.ERROR)
         # data_max / init_max = inf: no reference run (it would load every weight into ONNX Runtime);
         # the precision of each node is set by the rules above alone

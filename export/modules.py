@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..specs import GraphSpec
-from .vae_steps import VaeFirstStep, VaeStep, cache_layout
+from .vae_steps import VaeChunkDecoder, VaeFirstStep, VaeStep, cache_layout
 
 
 def build_module(ckpt: Checkpoint, component: str, load_weights: bool = True):
@@ -59,6 +59,8 @@ class NamedInputs(torch.nn.Module):
 
 def graph_module(model, component: str, graph: GraphSpec):
     """The torch module whose export is ``graph``."""
+    if component == "vae_decoder" and graph.name == "model":
+        return VaeChunkDecoder(model)
     if component in ("vae_decoder", "vae_encoder"):
         direction = "decode" if component == "vae_decoder" else "encode"
         layout = cache_layout(model, direction) if _on_meta(model) else cache_layout(_meta_copy(model), direction)

@@ -21,6 +21,7 @@ from .audit import audit, format_table, open_sessions, parity_rows
 from .modules import build_module
 from .onnx_export import export_graph
 from .parity import compare_component
+from .vae_chunk import export_chunk_decoder
 from .vae_steps import cache_layout
 
 DEFAULT_OPSET = 20
@@ -57,8 +58,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     if opset < 18:
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
-    specs = build_specs(ckpt.configs, height, width, text_length, max_text_length, components,
-                        vae_layouts(ckpt, components))
+    layouts = vae_layouts(ckpt, components)
+    specs = build_specs(ckpt.configs, height, width, text_length, max_text_length, components, layouts)
     manifest = {
         "format": FORMAT, "helios_deploy_version": __version__,
         "checkpoint": {"path": str(ckpt.path.resolve()), "identity": ckpt.identity,
@@ -73,7 +74,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
             graphs = {}
             for g in spec.graphs:
                 log(f"exporting {name}/{g.file} ...")
-                info = export_graph(ckpt, name, g, tmp / name, opset)
+                if name == "vae_decoder":  # one chunk graph, composed from the first and step graphs
+                    info = export_chunk_decoder(ckpt, g, tmp / name, opset, layouts["decode"], height, width)
+                else:
+                    info = export_graph(ckpt, name, g, tmp / name, opset)
                 info["file_sha256"] = sha256_file(tmp / name / info["file"])
                 info["data_sha256"] = sha256_file(tmp / name / info["data"])
                 graphs[g.name] = info

@@ -9,6 +9,9 @@ hold activations for all 33 frames at once. Instead we export:
 - ``first``: the first step, from an empty cache; returns its output and the cache;
 - ``step``: one further step, cache in and cache out.
 
+The decoder's artifact is one graph per chunk composed from its two (export/vae_chunk.py); the encoder
+keeps both, as the video it encodes has any length.
+
 The reference's cache entries change form after the first step (``None``, the marker ``"Rep"``, or a
 single frame). Each is padded here with leading zero frames to its steady-state shape, which feeds the
 causal convolutions the same values the reference's own zero padding does, so the result is equal to
@@ -127,3 +130,18 @@ class VaeStep(torch.nn.Module):
         else:
             out = vae.quant_conv(_run(vae.encoder, x, cache))
         return (out, *cache[: len(self.layout)])
+
+
+class VaeChunkDecoder(torch.nn.Module):
+    """The decoder's chunk graph in PyTorch (the torch backend's vae_decoder): latents [B, z, 9, h, w] ->
+    (video [B, 3, 33, 8h, 8w] in [-1, 1] from ``vae.decode``, frames uint8 [B, 33, 8h, 8w, 3])."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        from ..runtime.vae import to_frames
+
+        video = self.vae.decode(latents, return_dict=False)[0]
+        return video, to_frames(video)

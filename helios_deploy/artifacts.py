@@ -19,7 +19,7 @@ from .fsutil import sha256_file
 from .specs import ComponentSpec, spec_from_json
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the VAE decoder is one chunk graph (was first + step)
 
 
 @dataclass

@@ -31,7 +31,7 @@ _DIM = re.compile(r"^([a-z_]+)(?:\*(\d+))?$")
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy dtype name: float32, int64
+    dtype: str  # numpy dtype name: float32, int64, uint8
     dims: tuple  # int | "symbol" | "symbol*k"
     kind: str = "normal"  # how example values are drawn: normal, timestep, indices, token_ids, mask, video
 
@@ -51,7 +51,7 @@ class OperatingPoint:
 class GraphSpec:
     """One ONNX graph: its tensors, the ranges of its symbols and its operating points."""
 
-    name: str  # "model" for single-graph components; "first" / "step" for the VAE
+    name: str  # "model" for single-graph components; "first" / "step" for the VAE encoder
     file: str  # file name inside the component's artifact folder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -294,8 +294,9 @@ def _cache_tensors(layout: Iterable[Sequence[int]], prefix: str) -> tuple[Tensor
     )
 
 
-def _vae_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width: int) -> tuple[GraphSpec, ...]:
-    """The first and step graphs of one VAE direction (see export/vae_steps.py)."""
+def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width: int) -> tuple[GraphSpec, ...]:
+    """The first and step graphs of one VAE direction (see export/vae_steps.py): the encoder's graphs, and
+    the pieces the decoder's chunk graph is composed of."""
     ranges = {"batch": (1, MAX_BATCH), "latent_height": (1, _at_least_2(height // 8)),
               "latent_width": (1, _at_least_2(width // 8))}
     point = (OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),)
@@ -317,15 +318,25 @@ def _vae_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width
 
 
 def vae_decoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
+    """One graph decoding a whole chunk: 9 latent frames -> 33 video frames, float32 in [-1, 1] as the
+    reference's ``vae.decode`` and uint8 channels-last as the pipeline's output (export/vae_chunk.py)."""
     z = int(cfg["z_dim"])
-    return ComponentSpec("vae_decoder", _vae_graphs("decode", z, 3, layout, height, width), attrs=_vae_attrs(cfg))
+    first, _ = vae_step_graphs("decode", z, 3, layout, height, width)
+    frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
+    hw = ("latent_height*8", "latent_width*8")
+    latents = ("batch", z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")
+    chunk = GraphSpec("model", "model.onnx", (TensorSpec("latents", "float32", latents),),
+                      (TensorSpec("video", "float32", ("batch", 3, frames, *hw)),
+                       TensorSpec("frames", "uint8", ("batch", frames, *hw, 3))),
+                      first.ranges, first.operating_points)
+    return ComponentSpec("vae_decoder", (chunk,), attrs=_vae_attrs(cfg))
 
 
 def vae_encoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
     # outputs DiagonalGaussian parameters (mean and log-variance on the channel axis), as
     # AutoencoderKLWan returns them: sampling draws random numbers, so it stays with the caller
     z = int(cfg["z_dim"])
-    return ComponentSpec("vae_encoder", _vae_graphs("encode", 3, 2 * z, layout, height, width), attrs=_vae_attrs(cfg))
+    return ComponentSpec("vae_encoder", vae_step_graphs("encode", 3, 2 * z, layout, height, width), attrs=_vae_attrs(cfg))
 
 
 COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")

@@ -19,7 +19,7 @@ from .runners.base import BACKENDS
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
 from .scheduler import DMDScheduler
 from .text import PromptTokenizer
-from .vae import decode_chunk
+from .vae import decode_chunk, to_unit
 
 COMPONENTS_T2V = ("text_encoder", "transformer", "vae_decoder")
 PROMPT_CACHE_SIZE = 64  # prompt embeddings kept (least recently used dropped)
@@ -57,7 +57,6 @@ class Pipeline:
         self.block_noise = BlockNoise(self.scheduler.gamma)
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
-        self._buffers: dict[tuple, torch.Tensor] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
 
     @classmethod
@@ -128,20 +127,13 @@ class Pipeline:
             latents = denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request, generator,
                                     k == 0, spec.attrs["patch_size"], indices, on_step)
             update_history(state, latents, k == 0)
-            video_chunk = decode_chunk(self.runner("vae_decoder", "first"), self.runner("vae_decoder", "step"),
-                                       latents, vae["latents_mean"], vae["latents_std"],
-                                       into=self._buffer("video", (latents.shape[0], 3, 33, self.height, self.width)))
-            keep = min(video_chunk.shape[2], total_frames - 33 * k)
-            work = self._buffer("output", (3, keep, self.height, self.width)) if output != "float" else None
-            yield Chunk(k, _to_output(video_chunk[0, :, :keep], output, work))
-
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 work buffer on the device, allocated once per shape and reused by every chunk (fresh
-        multi-MB allocations cost page faults on every chunk). Its contents never leave the pipeline."""
-        key = (name, shape)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
-        return self._buffers[key]
+            decoded = decode_chunk(self.runner("vae_decoder"), latents, vae["latents_mean"], vae["latents_std"])
+            keep = min(decoded["frames"].shape[1], total_frames - 33 * k)
+            if output == "float":
+                frames = to_unit(decoded["video"][0, :, :keep]).permute(1, 2, 3, 0)
+            else:  # uint8 [T, H, W, 3], converted on the device by the chunk graph
+                frames = decoded["frames"][0, :keep]
+            yield Chunk(k, frames.cpu().numpy())
 
     def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
         """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
@@ -184,22 +176,3 @@ class Pipeline:
                             expected=f"{self.scheduler.stages} positive integers, e.g. 1,1,1 or 2,2,2")
         if image is not None and video is not None:
             raise UserError("pass an image or a video, not both", fix="use --image for I2V or --video for V2V")
-
-
-def _to_output(frames: torch.Tensor, output: str, work: torch.Tensor | None = None) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3]: [0, 1] as the reference's postprocess (x / 2 + 0.5,
-    clamped), then uint8 like its PIL conversion (x * 255, rounded half to even). One new tensor, then in
-    place (into ``work`` when given: uint8 output only, as the float output is a view of it on the CPU);
-    0.5 + 0.5 * x equals x / 2 + 0.5 bit for bit (the product is exact)."""
-    x = torch.add(_HALF.to(frames.device), frames, alpha=0.5, out=work).clamp_(0, 1)
-    if output == "float":
-        return x.permute(1, 2, 3, 0).cpu().numpy()
-    x = x.mul_(255).round_()
-    if x.device.type != "cpu":  # convert and lay out on the device: a quarter of the bytes cross to the host
-        return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
-    # on the CPU numpy's cast does the transpose and the uint8 conversion in one vectorised pass (torch's
-    # float->uint8 cast and its channels-last copy measured 10x slower on a 33x64x128 chunk)
-    return x.numpy().transpose(1, 2, 3, 0).astype(np.uint8)
-
-
-_HALF = torch.tensor(0.5)

@@ -1,4 +1,5 @@
-"""Chunk-level VAE over the first/step graphs with the causal cache as explicit tensors."""
+"""Chunk-level VAE: the decoder's chunk graph, and the encoder's first/step graphs with the causal
+cache as explicit tensors."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ from typing import Sequence
 import torch
 
 
-def run_chunk(first, step, x: torch.Tensor, direction: str, into: torch.Tensor | None = None) -> torch.Tensor:
+def run_chunk(first, step, x: torch.Tensor, direction: str) -> torch.Tensor:
     """Run a whole chunk through two step functions that take and return tensors in spec order:
     decode: 1 latent frame per step; encode: 1 video frame, then 4 per step. The steps' outputs are
-    joined along time (``into`` a buffer reused from chunk to chunk when given)."""
+    joined along time."""
     first_n, step_n = (1, 1) if direction == "decode" else (1, 4)
     out, *cache = first(x[:, :, :first_n])
     outs = [out]
     for i in range(first_n, x.shape[2], step_n):
         out, *cache = step(x[:, :, i:i + step_n], *cache)
         outs.append(out)
-    return torch.cat(outs, dim=2, out=into)
+    return torch.cat(outs, dim=2)
 
 
 def runner_fn(runner):
@@ -32,10 +33,23 @@ def runner_fn(runner):
     return call
 
 
-def decode_chunk(first, step, latents: torch.Tensor, latents_mean: Sequence[float],
-                 latents_std: Sequence[float], into: torch.Tensor | None = None) -> torch.Tensor:
-    """Un-normalise the 9 latent frames as the pipeline does and decode them to 33 frames [B, 3, 33, H, W]."""
+def decode_chunk(decoder, latents: torch.Tensor, latents_mean: Sequence[float],
+                 latents_std: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Un-normalise the 9 latent frames as the pipeline does and decode them in one call of the chunk
+    graph: {"video": [B, 3, 33, H, W] in [-1, 1], "frames": uint8 [B, 33, H, W, 3]}."""
     z = latents.shape[1]
     mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1).to(latents.device)
     inv_std = 1.0 / torch.tensor(latents_std, dtype=torch.float32).view(1, z, 1, 1, 1).to(latents.device)
-    return run_chunk(runner_fn(first), runner_fn(step), latents / inv_std + mean, "decode", into)
+    return decoder.infer({"latents": latents / inv_std + mean})
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] as the reference's postprocess (x / 2 + 0.5, clamped); 0.5 * x + 0.5 equals
+    x / 2 + 0.5 bit for bit (the product is exact)."""
+    return (video * 0.5 + 0.5).clamp_(0, 1)
+
+
+def to_frames(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] as the reference pipeline's PIL conversion
+    (x * 255 rounded half to even): what the chunk graph computes on the device (export/vae_chunk.py)."""
+    return to_unit(video).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 4, 1)

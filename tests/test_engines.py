@@ -206,7 +206,7 @@ def _manifest(specs, engines=None) -> dict:
             "graphs": {"model": {"file": "model.onnx", "data": "model.onnx.data"}}}
     if engines is not None:
         comp["engines"] = engines
-    return {"format": 1, "components": {"transformer": comp}}
+    return {"format": FORMAT, "components": {"transformer": comp}}
 
 
 def _runner(tmp_path, manifest, graph, device="cuda"):

@@ -209,7 +209,7 @@ def test_bench_reports_consistent_numbers(artifacts, tiny_ckpt, tmp_path, capsys
     assert sum(r["per_component_s"].values()) <= r["total_s"]
     assert r["first_chunk_latency_s"] <= r["total_s"] and r["host_overhead_per_chunk_ms"] >= 0
     assert r["backend_calls"]["transformer/model"] == 6
-    assert r["backend_calls"]["vae_decoder/first"] == 2 and r["backend_calls"]["vae_decoder/step"] == 16
+    assert r["backend_calls"]["vae_decoder/model"] == 2  # one call of the chunk graph per chunk
     assert r["reference_total_s"] > 0 and r["speedup_vs_reference"] == pytest.approx(r["reference_total_s"] / r["total_s"])
     assert set(r["predicted"]["bf16_s"]) >= {"transformer/stage0", "vae_decoder/chunk"}
     assert "speedup_vs_reference" in stdout

@@ -300,7 +300,7 @@ def _with_fake_engines(artifacts: Path, dest: Path, graphs, precision: str = "fp
     return dest
 
 
-T2V_GRAPHS = [("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "first"), ("vae_decoder", "step")]
+T2V_GRAPHS = [("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "model")]
 
 
 def test_plan_configs_from_engine_records(artifacts, tmp_path):
@@ -309,8 +309,7 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", gpus=(0, 1), reference=True))
-    assert report.models == ["helios", "helios_transformer", "helios_text_encoder", "helios_vae_decoder_first",
-                             "helios_vae_decoder_step"]
+    assert report.models == ["helios", "helios_transformer", "helios_text_encoder", "helios_vae_decoder"]
     assert report.skipped == [f"helios_vae_encoder_{g}: no TensorRT engine in the manifest (run helios-deploy build)"
                               for g in ("first", "step")]
     cfg = {m: parse_config((tmp_path / "repo" / m / "config.pbtxt").read_text()) for m in report.models}
@@ -333,7 +332,9 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     assert [(t.name, model_type_name(t.data_type), list(t.dims)) for t in te.input] == [
         ("input_ids", "TYPE_INT64", [-1, -1]), ("attention_mask", "TYPE_INT64", [-1, -1])]
     assert list(te.instance_group[0].profile) == ["0"]
-    assert [t.name for t in cfg["helios_vae_decoder_step"].input][:2] == ["latents", "cache_in_0"]
+    vae = cfg["helios_vae_decoder"]  # the chunk graph: 9 latent frames in, 33 frames out (float and uint8)
+    assert [(t.name, list(t.dims)[2]) for t in vae.input] == [("latents", 9)]
+    assert [(o.name, model_type_name(o.data_type)) for o in vae.output] == [("video", "TYPE_FP32"), ("frames", "TYPE_UINT8")]
     assert (tmp_path / "repo" / "helios_transformer" / "1" / "model.plan").read_bytes() == b"fake engine transformer/model"
     helios = cfg["helios"]
     assert helios.parameters["backend"].string_value == "tensorrt"

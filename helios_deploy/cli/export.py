@@ -26,7 +26,7 @@ def command(checkpoint, out, height, width, components, opset, max_text_length, 
             report_memory, force):
     """Export a Helios checkpoint (diffusers layout) to verified ONNX.
 
-    Writes OUT/<component>/model.onnx (+ external data; the VAE also has first.onnx), OUT/manifest.json,
+    Writes OUT/<component>/model.onnx (+ external data; the VAE encoder also has first.onnx), OUT/manifest.json,
     the tokenizer and the scheduler config. Weights are streamed from the safetensors shards, so the
     14B transformer exports on a host with less RAM than the checkpoint (use --no-audit there).
 

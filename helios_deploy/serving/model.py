@@ -122,11 +122,10 @@ class TritonPythonModel:
 
     def _warm_up(self) -> None:
         """Load every runner now, so the first request does not pay for session creation."""
-        graphs = [("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "first"), ("vae_decoder", "step")]
-        if "vae_encoder" in self.pipe.artifacts.components:
-            graphs += [("vae_encoder", "first"), ("vae_encoder", "step")]
-        for component, graph in graphs:
-            self.pipe.runner(component, graph)
+        for component in ("text_encoder", "transformer", "vae_decoder", "vae_encoder"):
+            if component in self.pipe.artifacts.components:
+                for graph in self.pipe.artifacts.spec(component).graphs:
+                    self.pipe.runner(component, graph.name)
 
     def execute(self, requests) -> None:
         for request in requests:

@@ -33,7 +33,7 @@ from .readme import repository_readme
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp8")
 # what the helios model runs: (component, graph) of a T2V pipeline; the VAE encoder adds I2V/V2V
-REQUIRED = (("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "first"), ("vae_decoder", "step"))
+REQUIRED = (("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "model"))
 SHIM = ('"""The helios model: the code is helios-deploy\'s (pip install helios-deploy into the Python backend '
         'environment)."""\n\nfrom helios_deploy.serving.model import TritonPythonModel  # noqa: F401\n')
 

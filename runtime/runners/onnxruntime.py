@@ -12,8 +12,8 @@ from ...errors import UserError
 from ...specs import GraphSpec, resolve_shape, bind_symbols
 from .base import Runner
 
-_NP = {"float32": np.float32, "int64": np.int64}
-_TORCH = {"float32": torch.float32, "int64": torch.int64}
+_NP = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
+_TORCH = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
 
 
 class OnnxRuntimeRunner(Runner):

@@ -31,7 +31,7 @@ from ...export.probe import require_gpu_tensorrt
 from ...specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
 
-_TORCH = {"float32": torch.float32, "int64": torch.int64}
+_TORCH = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8_e4m3fn"}
 

@@ -1,0 +1,162 @@
+"""The VAE decoder of one chunk as one graph, composed from the exported ``first`` and ``step`` graphs.
+
+The runtime decodes a chunk (9 latent frames -> 33 video frames) with a fresh causal cache every time.
+Run as first + 8 steps, every call hands 25 cache tensors back and forth through the host, which
+cost more host time per chunk than the whole sampler (see the runtime note in export/vae_steps.py).
+Here the calls are joined at the ONNX level instead of re-tracing the loop (which the exporter unrolls
+slowly): one copy of the ``first`` graph, then ``frames - 1`` copies of the ``step`` graph, each
+cache output wired to the next copy's cache input, the videos concatenated along time. Every copy reads
+the same weights (initializers are shared by name, and ``first``'s equal ones are merged into them),
+so the file holds the weights once. Cache outputs of the last copy are dead and pruned.
+
+The graph also returns the chunk as the frames users get: uint8 [B, T, H, W, 3], computed as the
+reference pipeline post-processes (x / 2 + 0.5 clamped to [0, 1], then x * 255 rounded half to even
+as its PIL conversion), so the conversion runs on the device and only a quarter of the bytes leave it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LATENTS, VIDEO, FRAMES = "latents", "video", "frames"
+POSTPROCESS_NODES = r"^chunk/(scale_half|shift_half|clip|scale_255|round)$"  # float math of the uint8 frames
+
+
+def _renamed(node, rename, prefix: str):
+    import onnx
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        raise ValueError(f"VAE node {node.name} has a subgraph; the chunk composer does not handle control flow")
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    new.name = prefix + node.name
+    new.input[:] = [rename(v) for v in node.input]
+    new.output[:] = [rename(v) for v in node.output]
+    return new
+
+
+def _prune(nodes: list, outputs: set[str]) -> list:
+    """Only the nodes the graph outputs depend on, in their original (topological) order."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(v for v in node.input if v)
+    return keep[::-1]
+
+
+def _const(name: str, values, dtype=np.int64):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def compose_decoder(first, step, frames: int):
+    """onnx.ModelProto of the chunk decoder from the ``first`` and ``step`` models (weights loaded).
+
+    Inputs: latents [B, z, frames, h, w]. Outputs: video [B, 3, 1 + 4 (frames - 1), 8h, 8w] float32 in
+    [-1, 1], frames uint8 [B, T, 8h, 8w, 3]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    caches_in = [i.name for i in step.graph.input][1:]
+    caches_out = [o.name for o in first.graph.output][1:]
+    if len(caches_in) != len(caches_out):
+        raise ValueError(f"first has {len(caches_out)} cache outputs, step {len(caches_in)} cache inputs")
+    # initializer names as each copy sees them: step's as they are (every step copy shares them), first's
+    # merged into step's when equal, else under their own prefix
+    shared = {t.name: t for t in step.graph.initializer}
+    initializers = list(step.graph.initializer)
+    names = {"step": {n: n for n in shared}, "first": {}}
+    for t in first.graph.initializer:
+        twin = shared.get(t.name)
+        if twin is not None and onnx.numpy_helper.to_array(twin).tobytes() == onnx.numpy_helper.to_array(t).tobytes():
+            names["first"][t.name] = t.name
+            continue
+        own = onnx.TensorProto()
+        own.CopyFrom(t)
+        own.name = names["first"][t.name] = "first/" + t.name
+        initializers.append(own)
+
+    nodes, videos = [], []
+    for k in range(frames):
+        model, kind, prefix = (first, "first", "first/") if k == 0 else (step, "step", f"step{k}/")
+        wiring = {model.graph.input[0].name: prefix + LATENTS, **names[kind]}
+        if k > 0:  # cache_in_i <- the previous copy's cache_out_i
+            previous = "first/" if k == 1 else f"step{k - 1}/"
+            wiring.update({c_in: previous + c_out for c_in, c_out in zip(caches_in, caches_out)})
+        rename = lambda v, wiring=wiring, prefix=prefix: wiring.get(v, prefix + v) if v else v  # noqa: E731
+        starts, ends = f"{prefix}slice_start", f"{prefix}slice_end"
+        initializers += [_const(starts, [k]), _const(ends, [k + 1])]
+        nodes.append(helper.make_node("Slice", [LATENTS, starts, ends, "chunk/axis_time"], [prefix + LATENTS],
+                                      name=f"{prefix}slice_latents"))
+        nodes += [_renamed(n, rename, prefix) for n in model.graph.node]
+        videos.append(prefix + model.graph.output[0].name)
+    initializers += [_const("chunk/axis_time", [2]), _const("chunk/half", 0.5, np.float32),
+                     _const("chunk/zero", 0.0, np.float32), _const("chunk/one", 1.0, np.float32),
+                     _const("chunk/scale", 255.0, np.float32)]
+    nodes += [
+        helper.make_node("Concat", videos, [VIDEO], axis=2, name="chunk/concat_video"),
+        # the reference's postprocess: x / 2 + 0.5 (equal bit for bit to x * 0.5 + 0.5), clamp, * 255, round
+        helper.make_node("Mul", [VIDEO, "chunk/half"], ["chunk/scaled"], name="chunk/scale_half"),
+        helper.make_node("Add", ["chunk/scaled", "chunk/half"], ["chunk/unit"], name="chunk/shift_half"),
+        helper.make_node("Clip", ["chunk/unit", "chunk/zero", "chunk/one"], ["chunk/clipped"], name="chunk/clip"),
+        helper.make_node("Mul", ["chunk/clipped", "chunk/scale"], ["chunk/pixels"], name="chunk/scale_255"),
+        helper.make_node("Round", ["chunk/pixels"], ["chunk/rounded"], name="chunk/round"),
+        helper.make_node("Cast", ["chunk/rounded"], ["chunk/uint8"], to=TensorProto.UINT8, name="chunk/to_uint8"),
+        helper.make_node("Transpose", ["chunk/uint8"], [FRAMES], perm=[0, 2, 3, 4, 1], name="chunk/channels_last"),
+    ]
+    nodes = _prune(nodes, {VIDEO, FRAMES})
+    used = {v for n in nodes for v in n.input}
+    initializers = [t for t in initializers if t.name in used]
+
+    x = first.graph.input[0].type.tensor_type
+    b, z, _, h, w = [d.dim_param or d.dim_value for d in x.shape.dim]
+    y = first.graph.output[0].type.tensor_type
+    _, c, _, hh, ww = [d.dim_param or d.dim_value for d in y.shape.dim]
+    t_out = 1 + 4 * (frames - 1)
+    graph = helper.make_graph(
+        nodes, "vae_decoder_chunk",
+        [helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [b, z, frames, h, w])],
+        [helper.make_tensor_value_info(VIDEO, TensorProto.FLOAT, [b, c, t_out, hh, ww]),
+         helper.make_tensor_value_info(FRAMES, TensorProto.UINT8, [b, t_out, hh, ww, c])],
+        initializer=initializers)
+    return helper.make_model(graph, opset_imports=list(step.opset_import), ir_version=step.ir_version,
+                             producer_name="helios-deploy", doc_string=__doc__.split("\n\n")[0])
+
+
+def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, frames: int, inline_bytes: int) -> int:
+    """Compose and save with the weights in ``out_path.name + ".data"``; returns the node count."""
+    import onnx
+
+    model = compose_decoder(onnx.load(str(first_path)), onnx.load(str(step_path)), frames)
+    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_path.name + ".data", size_threshold=inline_bytes)
+    return len(model.graph.node)
+
+
+def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height: int, width: int) -> dict:
+    """Export the decoder's first and step graphs (in a scratch folder) and compose ``graph.file`` from
+    them; returns the export info of the composed graph."""
+    import shutil
+    import time
+
+    from ..specs import vae_step_graphs
+    from .onnx_export import INLINE_BYTES, export_graph
+
+    t0 = time.perf_counter()
+    parts = out_dir / ".parts"
+    first, step = vae_step_graphs("decode", int(ckpt.configs["vae"]["z_dim"]), 3, layout, height, width)
+    try:
+        infos = [export_graph(ckpt, "vae_decoder", g, parts, opset) for g in (first, step)]
+        traced = time.perf_counter()
+        nodes = write_chunk_decoder(parts / first.file, parts / step.file, out_dir / graph.file,
+                                    int(graph.inputs[0].dims[2]), INLINE_BYTES)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return {"file": graph.file, "data": graph.file + ".data", "nodes": nodes,
+            "composed_of": {g.name: {"nodes": i["nodes"], "initializers": i["initializers"]}
+                            for g, i in zip((first, step), infos)},
+            "export_seconds": round(traced - t0, 3), "write_seconds": round(time.perf_counter() - traced, 3)}
