@@ -27,7 +27,6 @@ import numpy as np
 from ..errors import UserError
 from ..fsutil import sha256_file
 from ..specs import GraphSpec
-from .vae_chunk import POSTPROCESS_NODES
 
 SINUSOID_OPS = ("Sin", "Cos")
 SHAPE_OPS = ("Shape", "Size")  # read only their input's shape: the walk below stops there
@@ -72,8 +71,7 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
         optimized = Path(tmp) / "optimized.onnx"
         _optimized_copy(Path(src), optimized)
         feeders = sinusoid_feeders(onnx.load(optimized, load_external_data=False))
-        # the VAE chunk's uint8 conversion stays fp32: bf16 cannot tell 254.6 from 255 (export/vae_chunk.py)
-        patterns = [f"^{_escape(n)}$" for n in feeders] + [POSTPROCESS_NODES] + list(keep_fp32)
+        patterns = [f"^{_escape(n)}$" for n in feeders] + list(keep_fp32)
         logging.getLogger("modelopt").setLevel(logging.ERROR)
         # data_max / init_max = inf: no reference run (it would load every weight into ONNX Runtime);
         # the precision of each node is set by the rules above alone
@@ -85,6 +83,27 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
     return {"tool": f"modelopt.onnx.autocast {_modelopt_version()}", "low_precision": "bf16",
             "keep_fp32": list(keep_fp32), "fp32_ops": list(SINUSOID_OPS) + ["sinusoid arguments"],
             "nodes": counts}
+
+
+def lower_chunk(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
+    """The VAE decoder's chunk graph: its first and step graphs are taken back out of it, lowered one by
+    one and composed again (export/vae_chunk.py). The caches between the copies stay float32 (the parts'
+    inputs and outputs), and so does the uint8 conversion added by the composition (bf16 cannot tell
+    254.6 from 255)."""
+    import onnx
+
+    from .vae_chunk import split_parts, write_chunk_decoder
+
+    chunk = onnx.load(str(src), load_external_data=False)
+    frames = chunk.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    with tempfile.TemporaryDirectory(prefix="helios-lower-chunk-") as tmp:
+        first, step = split_parts(Path(src), Path(tmp))
+        recipes = [lower_graph(p, Path(tmp) / f"{p.stem}.bf16.onnx", keep_fp32) for p in (first, step)]
+        write_chunk_decoder(Path(tmp) / "first.bf16.onnx", Path(tmp) / "step.bf16.onnx", Path(dst), frames, 1024,
+                            io_like=chunk)
+    first_counts, step_counts = recipes[0]["nodes"], recipes[1]["nodes"]
+    nodes = {k: first_counts[k] + (frames - 1) * step_counts[k] for k in first_counts}
+    return {**recipes[1], "nodes": nodes, "composed": "first + step lowered, then composed per chunk"}
 
 
 def _escape(name: str) -> str:
@@ -116,12 +135,13 @@ def _precision_counts(model) -> dict[str, int]:
     return counts
 
 
-def write_lowered(src: Path, out_dir: Path, file: str, keep_fp32: Sequence[str] = ()) -> dict:
-    """Lower ``src`` into ``out_dir/file`` atomically (a temporary folder, then a move of both files);
-    returns the manifest record {file, data, file_sha256, data_sha256, recipe}."""
+def write_lowered(src: Path, out_dir: Path, file: str, keep_fp32: Sequence[str] = (), chunk: bool = False) -> dict:
+    """Lower ``src`` (a VAE decoder chunk graph with ``chunk``) into ``out_dir/file`` atomically (a
+    temporary folder, then a move of both files); returns the manifest record {file, data, file_sha256,
+    data_sha256, recipe}."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{file}.partial-", dir=out_dir))
     try:
-        recipe = lower_graph(src, tmp / file, keep_fp32)
+        recipe = (lower_chunk if chunk else lower_graph)(src, tmp / file, keep_fp32)
         data = file + ".data"
         record = {"file": file, "data": data, "file_sha256": sha256_file(tmp / file),
                   "data_sha256": sha256_file(tmp / data), "recipe": recipe}
@@ -153,7 +173,8 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
         lowered = {}
         for graph in arts.spec(c).graphs:
             log(f"{c}/{graph.file} -> {bf16_file(graph.file)}")
-            lowered[graph.name] = write_lowered(folder / graph.file, folder, bf16_file(graph.file), keep_fp32)
+            lowered[graph.name] = write_lowered(folder / graph.file, folder, bf16_file(graph.file), keep_fp32,
+                                               chunk=c == "vae_decoder")
         entry["bf16"] = lowered
         write_manifest(arts.root, arts.manifest)
     return arts.manifest

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 LATENTS, VIDEO, FRAMES = "latents", "video", "frames"
-POSTPROCESS_NODES = r"^chunk/(scale_half|shift_half|clip|scale_255|round)$"  # float math of the uint8 frames
 
 
 def _renamed(node, rename, prefix: str):
@@ -62,9 +61,10 @@ def compose_decoder(first, step, frames: int):
     from onnx import TensorProto, helper
 
     caches_in = [i.name for i in step.graph.input][1:]
-    caches_out = [o.name for o in first.graph.output][1:]
-    if len(caches_in) != len(caches_out):
-        raise ValueError(f"first has {len(caches_out)} cache outputs, step {len(caches_in)} cache inputs")
+    caches_out = {"first": [o.name for o in first.graph.output][1:], "step": [o.name for o in step.graph.output][1:]}
+    if not len(caches_in) == len(caches_out["first"]) == len(caches_out["step"]):
+        raise ValueError(f"first has {len(caches_out['first'])} cache outputs, step {len(caches_in)} cache inputs "
+                         f"and {len(caches_out['step'])} cache outputs")
     # initializer names as each copy sees them: step's as they are (every step copy shares them), first's
     # merged into step's when equal, else under their own prefix
     shared = {t.name: t for t in step.graph.initializer}
@@ -85,8 +85,8 @@ def compose_decoder(first, step, frames: int):
         model, kind, prefix = (first, "first", "first/") if k == 0 else (step, "step", f"step{k}/")
         wiring = {model.graph.input[0].name: prefix + LATENTS, **names[kind]}
         if k > 0:  # cache_in_i <- the previous copy's cache_out_i
-            previous = "first/" if k == 1 else f"step{k - 1}/"
-            wiring.update({c_in: previous + c_out for c_in, c_out in zip(caches_in, caches_out)})
+            previous, source = ("first/", "first") if k == 1 else (f"step{k - 1}/", "step")
+            wiring.update({c_in: previous + c_out for c_in, c_out in zip(caches_in, caches_out[source])})
         rename = lambda v, wiring=wiring, prefix=prefix: wiring.get(v, prefix + v) if v else v  # noqa: E731
         starts, ends = f"{prefix}slice_start", f"{prefix}slice_end"
         initializers += [_const(starts, [k]), _const(ends, [k + 1])]
@@ -127,11 +127,17 @@ def compose_decoder(first, step, frames: int):
                              producer_name="helios-deploy", doc_string=__doc__.split("\n\n")[0])
 
 
-def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, frames: int, inline_bytes: int) -> int:
-    """Compose and save with the weights in ``out_path.name + ".data"``; returns the node count."""
+def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, frames: int, inline_bytes: int,
+                        io_like=None) -> int:
+    """Compose and save with the weights in ``out_path.name + ".data"``; returns the node count.
+    ``io_like``: a chunk model whose input/output declarations (dim names) the new one takes."""
     import onnx
 
     model = compose_decoder(onnx.load(str(first_path)), onnx.load(str(step_path)), frames)
+    if io_like is not None:
+        for mine, theirs in ((model.graph.input, io_like.graph.input), (model.graph.output, io_like.graph.output)):
+            del mine[:]
+            mine.extend(theirs)
     onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out_path.name + ".data", size_threshold=inline_bytes)
     return len(model.graph.node)
@@ -160,3 +166,25 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
             "composed_of": {g.name: {"nodes": i["nodes"], "initializers": i["initializers"]}
                             for g, i in zip((first, step), infos)},
             "export_seconds": round(traced - t0, 3), "write_seconds": round(time.perf_counter() - traced, 3)}
+
+
+def split_parts(chunk_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """The ``first`` graph and one ``step`` graph taken back out of a chunk graph (onnx.utils.extract_model),
+    for work that is per part: AutoCast's time grows much faster than the graph (bf16 lowering of the tiny
+    chunk graph took minutes, its two parts seconds)."""
+    import re
+
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(str(chunk_path), load_external_data=False)
+    produced = {o for n in model.graph.node for o in n.output}
+    caches = sorted((v for v in produced if re.fullmatch(r"first/cache_out_\d+", v)),
+                    key=lambda v: int(v.rsplit("_", 1)[1]))
+    first_video = next(n.input[0] for n in model.graph.node if n.name == "chunk/concat_video")
+    step_video = next(n.input[1] for n in model.graph.node if n.name == "chunk/concat_video")
+    first, step = out_dir / "first.onnx", out_dir / "step.onnx"
+    onnx.utils.extract_model(str(chunk_path), str(first), ["first/" + LATENTS], [first_video, *caches])
+    onnx.utils.extract_model(str(chunk_path), str(step), ["step1/" + LATENTS, *caches],
+                             [step_video, *(c.replace("first/", "step1/", 1) for c in caches)])
+    return first, step

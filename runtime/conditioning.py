@@ -70,20 +70,27 @@ class Normaliser:
         return cls(torch.tensor(attrs["latents_mean"], dtype=torch.float32).view(1, z, 1, 1, 1),
                    1.0 / torch.tensor(attrs["latents_std"], dtype=torch.float32).view(1, z, 1, 1, 1))
 
+    def to(self, device) -> "Normaliser":
+        return Normaliser(self.mean.to(device), self.inv_std.to(device))
+
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents - self.mean) * self.inv_std
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the pipeline does before ``vae.decode``: latents / inv_std + mean."""
+        return latents / self.inv_std + self.mean
 
 
 def sample_latents(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """DiagonalGaussianDistribution(moments).sample(generator)."""
     mean, logvar = torch.chunk(moments, 2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator, dtype=moments.dtype)
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=moments.dtype, device=generator.device)
 
 
 def _noised(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    sigma = torch.rand(1, generator=generator) * (SIGMA_MAX - SIGMA_MIN) + SIGMA_MIN
-    return sigma * torch.randn(x.shape, generator=generator) + (1 - sigma) * x
+    sigma = torch.rand(1, generator=generator, device=generator.device) * (SIGMA_MAX - SIGMA_MIN) + SIGMA_MIN
+    return sigma * torch.randn(x.shape, generator=generator, device=generator.device) + (1 - sigma) * x
 
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, T, H, W] -> moments [1, 2z, t, h, w]
@@ -91,7 +98,7 @@ Encode = Callable[[torch.Tensor], torch.Tensor]  # [1, 3, T, H, W] -> moments [1
 
 def image_conditioning(image, encode: Encode, norm: Normaliser, generator, height, width):
     """(image_latents [1, z, 1, h, w], fake_image_latents [1, z, 1, h, w]) after noise."""
-    x = to_tensor([load_image(image, height, width)], height, width)
+    x = to_tensor([load_image(image, height, width)], height, width).to(generator.device)
     image_latents = norm(sample_latents(encode(x), generator))
     fake = norm(sample_latents(encode(x.repeat(1, 1, CHUNK_FRAMES, 1, 1)), generator))[:, :, -1:]
     return _noised(image_latents, generator), _noised(fake, generator)
@@ -104,7 +111,7 @@ def video_conditioning(video, encode: Encode, norm: Normaliser, generator, heigh
     if len(frames) < CHUNK_FRAMES:
         raise UserError(f"video too short: {len(frames)} frames", expected=f"at least {CHUNK_FRAMES} frames",
                         fix="pass a longer video")
-    x = to_tensor(frames, height, width)
+    x = to_tensor(frames, height, width).to(generator.device)
     n = x.shape[2] // CHUNK_FRAMES
     start = x.shape[2] - n * CHUNK_FRAMES
     first = norm(sample_latents(encode(x[:, :, 0:1]), generator))
@@ -113,9 +120,9 @@ def video_conditioning(video, encode: Encode, norm: Normaliser, generator, heigh
     first = _noised(first, generator)
     noisy = []
     for chunk in chunks:
-        sig = torch.rand(chunk.shape[2], generator=generator) * (SIGMA_MAX - SIGMA_MIN) + SIGMA_MIN
-        sig = sig.view(1, 1, -1, 1, 1)
-        noisy.append(sig * torch.randn(chunk.shape, generator=generator) + (1 - sig) * chunk)
+        sig = torch.rand(chunk.shape[2], generator=generator, device=generator.device)
+        sig = (sig * (SIGMA_MAX - SIGMA_MIN) + SIGMA_MIN).view(1, 1, -1, 1, 1)
+        noisy.append(sig * torch.randn(chunk.shape, generator=generator, device=generator.device) + (1 - sig) * chunk)
     return first, torch.cat(noisy, dim=2)
 
 

@@ -19,7 +19,7 @@ from .runners.base import BACKENDS
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
 from .scheduler import DMDScheduler
 from .text import PromptTokenizer
-from .vae import decode_chunk, to_unit
+from .vae import to_unit
 
 COMPONENTS_T2V = ("text_encoder", "transformer", "vae_decoder")
 PROMPT_CACHE_SIZE = 64  # prompt embeddings kept (least recently used dropped)
@@ -58,6 +58,7 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
+        self._norm: Normaliser | None = None
 
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str | Mapping[str, str] = "onnxruntime",
@@ -113,10 +114,13 @@ class Pipeline:
     def _stream(self, schedule, num_frames, seed, image, video, pyramid_steps, amplify_first_chunk, output,
                 on_step) -> Iterator[Chunk]:
         spec = self.artifacts.spec("transformer")
-        generator = torch.Generator().manual_seed(seed)
+        # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
+        # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
+        generator = torch.Generator(self.device).manual_seed(seed)
         state = self._initial_state(spec.attrs["in_channels"], image, video, generator)
-        indices = {k: torch.tensor([v], dtype=torch.int64) for k, v in spec.attrs["frame_indices"].items()}
-        vae = self.artifacts.spec("vae_decoder").attrs
+        indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
+                   for k, v in spec.attrs["frame_indices"].items()}
+        latent_norm = self._latent_norm()
         num_chunks = max(1, (num_frames + 32) // 33)
         total_frames = ((num_chunks * 33) - 1) // 4 * 4 + 1
         prompt_now = schedule[0]
@@ -127,7 +131,7 @@ class Pipeline:
             latents = denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request, generator,
                                     k == 0, spec.attrs["patch_size"], indices, on_step)
             update_history(state, latents, k == 0)
-            decoded = decode_chunk(self.runner("vae_decoder"), latents, vae["latents_mean"], vae["latents_std"])
+            decoded = self.runner("vae_decoder").infer({"latents": latent_norm.denormalise(latents)})
             keep = min(decoded["frames"].shape[1], total_frames - 33 * k)
             if output == "float":
                 frames = to_unit(decoded["video"][0, :, :keep]).permute(1, 2, 3, 0)
@@ -135,14 +139,20 @@ class Pipeline:
                 frames = decoded["frames"][0, :keep]
             yield Chunk(k, frames.cpu().numpy())
 
+    def _latent_norm(self) -> Normaliser:
+        """The VAE's latent normalisation on the device (the decoder's input is un-normalised with it)."""
+        if self._norm is None:
+            self._norm = Normaliser.from_attrs(self.artifacts.spec("vae_decoder").attrs).to(self.device)
+        return self._norm
+
     def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
         """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
-        history = torch.zeros(1, channels, sum(HISTORY_SIZES), self.height // 8, self.width // 8)
+        history = torch.zeros(1, channels, sum(HISTORY_SIZES), self.height // 8, self.width // 8, device=self.device)
         if image is None and video is None:
             return ChunkState(history, None)
         self.artifacts.require("vae_encoder")
         encode = encoder_fn(self.runner("vae_encoder", "first"), self.runner("vae_encoder", "step"))
-        norm = Normaliser.from_attrs(self.artifacts.spec("vae_encoder").attrs)
+        norm = Normaliser.from_attrs(self.artifacts.spec("vae_encoder").attrs).to(self.device)
         if image is not None:
             image_latents, fake = image_conditioning(image, encode, norm, generator, self.height, self.width)
             return ChunkState(torch.cat([history[:, :, :-1], fake], dim=2), image_latents)

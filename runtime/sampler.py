@@ -37,14 +37,17 @@ def slice_history(state: ChunkState, is_first_chunk: bool) -> dict[str, torch.Te
 
 
 def generate_chunk_noise(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32)  # [B, C, 9, h, w]
+    """[B, C, 9, h, w], drawn on the generator's device (as the reference's randn_tensor does)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
 
 
 def _per_frame(latents: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply a 2-D resize to every frame: [B, C, T, H, W] -> [B*T, C, H, W] -> back."""
+    """Apply a 2-D resize to every frame. The reference moves time next to batch ([B*T, C, H, W]); a 2-D
+    resize treats every channel alone, so [B, C*T, H, W] (a view, no transpose copies) gives the same
+    values."""
     b, c, t = latents.shape[:3]
-    x = fn(latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, *latents.shape[3:]))
-    return x.reshape(b, t, c, *x.shape[2:]).permute(0, 2, 1, 3, 4)
+    x = fn(latents.reshape(b, c * t, *latents.shape[3:]))
+    return x.reshape(b, c, t, *x.shape[2:])
 
 
 def downsample_to_stage0(latents: torch.Tensor, num_stages: int) -> torch.Tensor:
@@ -66,11 +69,15 @@ class BlockNoise:
         cov = torch.eye(n, dtype=torch.float64) * (1 + gamma) - torch.ones(n, n, dtype=torch.float64) * gamma
         cov += torch.eye(n, dtype=torch.float64) * 1e-8
         self.L = torch.linalg.cholesky(cov).float()
+        self._factor_t: dict[torch.device, torch.Tensor] = {}  # L.T on each device that draws
 
     def sample(self, generator: torch.Generator, b: int, c: int, t: int, h: int, w: int) -> torch.Tensor:
         ph, pw = self.ph, self.pw
-        z = torch.randn(b * c * t * (h // ph) * (w // pw), ph * pw, generator=generator)
-        noise = (z @ self.L.T).view(b, c, t, h // ph, w // pw, ph, pw)
+        device = generator.device
+        if device not in self._factor_t:
+            self._factor_t[device] = self.L.T.to(device)
+        z = torch.randn(b * c * t * (h // ph) * (w // pw), ph * pw, generator=generator, device=device)
+        noise = (z @ self._factor_t[device]).view(b, c, t, h // ph, w // pw, ph, pw)
         return noise.permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
 
 

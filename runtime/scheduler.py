@@ -25,7 +25,7 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
 class StageSchedule:
     timesteps: torch.Tensor  # float64 [n]: the transformer sees them truncated to int64
     sigmas: torch.Tensor  # float64 [n + 1], ending at 0
-    step_sigmas: tuple[torch.Tensor, ...] = ()  # the sigma dmd_step looks up at each timestep, [1, 1, 1, 1, 1]
+    step_sigmas: tuple[float, ...] = ()  # the sigma dmd_step looks up at each timestep (a float64 value)
 
     def __post_init__(self):
         if not self.step_sigmas:  # looked up once per schedule, not at every step of every chunk
@@ -116,20 +116,22 @@ class DMDScheduler:
         return alpha, beta
 
 
-def _sigma_at(schedule: StageSchedule, t: float) -> torch.Tensor:
+def _sigma_at(schedule: StageSchedule, t: float) -> float:
     """sigma of the timestep nearest to int64(t), as the reference looks it up."""
     t_long = torch.tensor(t, dtype=torch.float64).long().double()
     idx = torch.argmin((schedule.timesteps - t_long).abs())
-    return schedule.sigmas[idx].reshape(-1, 1, 1, 1, 1)  # 5-D like the reference: float64 arithmetic
+    return schedule.sigmas[idx].item()
 
 
 def dmd_step(flow: torch.Tensor, sample: torch.Tensor, schedule: StageSchedule, i: int,
              start_latents: torch.Tensor) -> torch.Tensor:
-    """One scheduler step: x0 = x_t - sigma_t * v (float64), then re-noise x0 toward the next
-    timestep using the stage's start latents; the last step returns x0."""
+    """One scheduler step: x0 = x_t - sigma_t * v, then re-noise x0 toward the next timestep using the
+    stage's start latents; the last step returns x0. In float64 as the reference, whose sigma is a
+    float64 tensor of shape [1, 1, 1, 1, 1]: here a Python float times float64 tensors, the same IEEE
+    operations, on whatever device the latents are on."""
     sigma_t = schedule.step_sigmas[i]
     x0 = (sample.double() - sigma_t * flow.double()).to(flow.dtype)
     if i == len(schedule.timesteps) - 1:
         return x0
     sigma = schedule.step_sigmas[i + 1]
-    return ((1 - sigma) * x0 + sigma * start_latents).to(start_latents.dtype)
+    return ((1 - sigma) * x0.double() + sigma * start_latents.double()).to(start_latents.dtype)

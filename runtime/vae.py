@@ -3,8 +3,6 @@ cache as explicit tensors."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 
@@ -31,16 +29,6 @@ def runner_fn(runner):
         return [result[n] for n in outs]
 
     return call
-
-
-def decode_chunk(decoder, latents: torch.Tensor, latents_mean: Sequence[float],
-                 latents_std: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Un-normalise the 9 latent frames as the pipeline does and decode them in one call of the chunk
-    graph: {"video": [B, 3, 33, H, W] in [-1, 1], "frames": uint8 [B, 33, H, W, 3]}."""
-    z = latents.shape[1]
-    mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1).to(latents.device)
-    inv_std = 1.0 / torch.tensor(latents_std, dtype=torch.float32).view(1, z, 1, 1, 1).to(latents.device)
-    return decoder.infer({"latents": latents / inv_std + mean})
 
 
 def to_unit(video: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from helios_deploy.artifacts import FORMAT
 from helios_deploy.errors import UserError
 from helios_deploy.export import engines as E
 from helios_deploy.export import probe

@@ -52,12 +52,13 @@ class OnnxRuntimeRunner(Runner):
         return {n: torch.from_numpy(o) for n, o in zip(self.output_names, outs)}
 
     def _infer_cuda(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Bind torch CUDA tensors by address; outputs are allocated from the spec's shapes."""
+        """Bind torch CUDA tensors by address (feeds elsewhere are copied to the device first: small
+        host tensors such as the timestep); outputs are allocated from the spec's shapes."""
         dims = bind_symbols(self.graph, {k: v.shape for k, v in feeds.items()})
         binding = self.session.io_binding()
         index = self.device.index or 0
         for t in self.graph.inputs:
-            x = feeds[t.name].contiguous()
+            x = feeds[t.name].to(self.device).contiguous()
             binding.bind_input(t.name, "cuda", index, _NP[t.dtype], tuple(x.shape), x.data_ptr())
         outs = {}
         for t in self.graph.outputs:
