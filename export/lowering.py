@@ -85,22 +85,18 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
             "nodes": counts}
 
 
-def lower_chunk(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
+def lower_chunk(src: Path, dst: Path, graph: GraphSpec, keep_fp32: Sequence[str] = ()) -> dict:
     """The VAE decoder's chunk graph: its first and step graphs are taken back out of it, lowered one by
     one and composed again (export/vae_chunk.py). The caches between the copies stay float32 (the parts'
     inputs and outputs), and so does the uint8 conversion added by the composition (bf16 cannot tell
     254.6 from 255)."""
-    import onnx
-
     from .vae_chunk import split_parts, write_chunk_decoder
 
-    chunk = onnx.load(str(src), load_external_data=False)
-    frames = chunk.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    frames = int(graph.inputs[0].dims[2])
     with tempfile.TemporaryDirectory(prefix="helios-lower-chunk-") as tmp:
         first, step = split_parts(Path(src), Path(tmp))
         recipes = [lower_graph(p, Path(tmp) / f"{p.stem}.bf16.onnx", keep_fp32) for p in (first, step)]
-        write_chunk_decoder(Path(tmp) / "first.bf16.onnx", Path(tmp) / "step.bf16.onnx", Path(dst), frames, 1024,
-                            io_like=chunk)
+        write_chunk_decoder(Path(tmp) / "first.bf16.onnx", Path(tmp) / "step.bf16.onnx", Path(dst), graph, 1024)
     first_counts, step_counts = recipes[0]["nodes"], recipes[1]["nodes"]
     nodes = {k: first_counts[k] + (frames - 1) * step_counts[k] for k in first_counts}
     return {**recipes[1], "nodes": nodes, "composed": "first + step lowered, then composed per chunk"}
@@ -135,13 +131,17 @@ def _precision_counts(model) -> dict[str, int]:
     return counts
 
 
-def write_lowered(src: Path, out_dir: Path, file: str, keep_fp32: Sequence[str] = (), chunk: bool = False) -> dict:
-    """Lower ``src`` (a VAE decoder chunk graph with ``chunk``) into ``out_dir/file`` atomically (a
-    temporary folder, then a move of both files); returns the manifest record {file, data, file_sha256,
-    data_sha256, recipe}."""
+def write_lowered(src: Path, out_dir: Path, file: str, keep_fp32: Sequence[str] = (),
+                  chunk: GraphSpec | None = None) -> dict:
+    """Lower ``src`` into ``out_dir/file`` atomically (a temporary folder, then a move of both files);
+    ``chunk``: the spec of ``src`` when it is a composed VAE chunk graph. Returns the manifest record
+    {file, data, file_sha256, data_sha256, recipe}."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{file}.partial-", dir=out_dir))
     try:
-        recipe = (lower_chunk if chunk else lower_graph)(src, tmp / file, keep_fp32)
+        if chunk is not None:
+            recipe = lower_chunk(src, tmp / file, chunk, keep_fp32)
+        else:
+            recipe = lower_graph(src, tmp / file, keep_fp32)
         data = file + ".data"
         record = {"file": file, "data": data, "file_sha256": sha256_file(tmp / file),
                   "data_sha256": sha256_file(tmp / data), "recipe": recipe}
@@ -173,8 +173,9 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
         lowered = {}
         for graph in arts.spec(c).graphs:
             log(f"{c}/{graph.file} -> {bf16_file(graph.file)}")
+            composed = "composed_of" in entry["graphs"][graph.name]  # recorded by the export (vae_chunk)
             lowered[graph.name] = write_lowered(folder / graph.file, folder, bf16_file(graph.file), keep_fp32,
-                                               chunk=c == "vae_decoder")
+                                               chunk=graph if composed else None)
         entry["bf16"] = lowered
         write_manifest(arts.root, arts.manifest)
     return arts.manifest

@@ -92,7 +92,7 @@ def metrics(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def reference_output(component: str, module, graph_inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
     """The reference module's output for the same inputs."""
     with torch.no_grad():
-        if component == "vae_decoder":  # the chunk graph's "video"; its "frames" are checked in the pipeline
+        if component == "vae_decoder":  # the chunk graph's "video" (its uint8 "frames": tests/test_vae_steps.py)
             return module.decode(torch.from_numpy(graph_inputs["latents"]), return_dict=False)[0].numpy()
         if component == "vae_encoder":
             return module.encode(torch.from_numpy(graph_inputs)).latent_dist.parameters.numpy()

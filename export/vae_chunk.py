@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-LATENTS, VIDEO, FRAMES = "latents", "video", "frames"
-
 
 def _renamed(node, rename, prefix: str):
     import onnx
@@ -52,13 +50,23 @@ def _const(name: str, values, dtype=np.int64):
     return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
 
 
-def compose_decoder(first, step, frames: int):
-    """onnx.ModelProto of the chunk decoder from the ``first`` and ``step`` models (weights loaded).
+def _value_info(tensor):
+    from onnx import TensorProto, helper
 
-    Inputs: latents [B, z, frames, h, w]. Outputs: video [B, 3, 1 + 4 (frames - 1), 8h, 8w] float32 in
-    [-1, 1], frames uint8 [B, T, 8h, 8w, 3]."""
+    dtypes = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8}
+    return helper.make_tensor_value_info(tensor.name, dtypes[tensor.dtype], list(tensor.dims))
+
+
+def compose_decoder(first, step, graph):
+    """onnx.ModelProto of the chunk decoder from the ``first`` and ``step`` models (weights loaded), with
+    the inputs and outputs of ``graph`` (the vae_decoder spec's chunk graph): latents [B, z, frames, h, w]
+    -> video [B, 3, T, 8h, 8w] float32 in [-1, 1] and frames uint8 [B, T, 8h, 8w, 3]."""
     import onnx
     from onnx import TensorProto, helper
+
+    latents = graph.inputs[0].name
+    video, pixels = (t.name for t in graph.outputs)
+    frames = int(graph.inputs[0].dims[2])
 
     caches_in = [i.name for i in step.graph.input][1:]
     caches_out = {"first": [o.name for o in first.graph.output][1:], "step": [o.name for o in step.graph.output][1:]}
@@ -83,14 +91,14 @@ def compose_decoder(first, step, frames: int):
     nodes, videos = [], []
     for k in range(frames):
         model, kind, prefix = (first, "first", "first/") if k == 0 else (step, "step", f"step{k}/")
-        wiring = {model.graph.input[0].name: prefix + LATENTS, **names[kind]}
+        wiring = {model.graph.input[0].name: prefix + latents, **names[kind]}
         if k > 0:  # cache_in_i <- the previous copy's cache_out_i
             previous, source = ("first/", "first") if k == 1 else (f"step{k - 1}/", "step")
             wiring.update({c_in: previous + c_out for c_in, c_out in zip(caches_in, caches_out[source])})
         rename = lambda v, wiring=wiring, prefix=prefix: wiring.get(v, prefix + v) if v else v  # noqa: E731
         starts, ends = f"{prefix}slice_start", f"{prefix}slice_end"
         initializers += [_const(starts, [k]), _const(ends, [k + 1])]
-        nodes.append(helper.make_node("Slice", [LATENTS, starts, ends, "chunk/axis_time"], [prefix + LATENTS],
+        nodes.append(helper.make_node("Slice", [latents, starts, ends, "chunk/axis_time"], [prefix + latents],
                                       name=f"{prefix}slice_latents"))
         nodes += [_renamed(n, rename, prefix) for n in model.graph.node]
         videos.append(prefix + model.graph.output[0].name)
@@ -98,46 +106,32 @@ def compose_decoder(first, step, frames: int):
                      _const("chunk/zero", 0.0, np.float32), _const("chunk/one", 1.0, np.float32),
                      _const("chunk/scale", 255.0, np.float32)]
     nodes += [
-        helper.make_node("Concat", videos, [VIDEO], axis=2, name="chunk/concat_video"),
+        helper.make_node("Concat", videos, [video], axis=2, name="chunk/concat_video"),
         # the reference's postprocess: x / 2 + 0.5 (equal bit for bit to x * 0.5 + 0.5), clamp, * 255, round
-        helper.make_node("Mul", [VIDEO, "chunk/half"], ["chunk/scaled"], name="chunk/scale_half"),
+        helper.make_node("Mul", [video, "chunk/half"], ["chunk/scaled"], name="chunk/scale_half"),
         helper.make_node("Add", ["chunk/scaled", "chunk/half"], ["chunk/unit"], name="chunk/shift_half"),
         helper.make_node("Clip", ["chunk/unit", "chunk/zero", "chunk/one"], ["chunk/clipped"], name="chunk/clip"),
         helper.make_node("Mul", ["chunk/clipped", "chunk/scale"], ["chunk/pixels"], name="chunk/scale_255"),
         helper.make_node("Round", ["chunk/pixels"], ["chunk/rounded"], name="chunk/round"),
         helper.make_node("Cast", ["chunk/rounded"], ["chunk/uint8"], to=TensorProto.UINT8, name="chunk/to_uint8"),
-        helper.make_node("Transpose", ["chunk/uint8"], [FRAMES], perm=[0, 2, 3, 4, 1], name="chunk/channels_last"),
+        helper.make_node("Transpose", ["chunk/uint8"], [pixels], perm=[0, 2, 3, 4, 1], name="chunk/channels_last"),
     ]
-    nodes = _prune(nodes, {VIDEO, FRAMES})
+    nodes = _prune(nodes, {video, pixels})
     used = {v for n in nodes for v in n.input}
     initializers = [t for t in initializers if t.name in used]
 
-    x = first.graph.input[0].type.tensor_type
-    b, z, _, h, w = [d.dim_param or d.dim_value for d in x.shape.dim]
-    y = first.graph.output[0].type.tensor_type
-    _, c, _, hh, ww = [d.dim_param or d.dim_value for d in y.shape.dim]
-    t_out = 1 + 4 * (frames - 1)
-    graph = helper.make_graph(
-        nodes, "vae_decoder_chunk",
-        [helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [b, z, frames, h, w])],
-        [helper.make_tensor_value_info(VIDEO, TensorProto.FLOAT, [b, c, t_out, hh, ww]),
-         helper.make_tensor_value_info(FRAMES, TensorProto.UINT8, [b, t_out, hh, ww, c])],
+    graph_proto = helper.make_graph(
+        nodes, "vae_decoder_chunk", [_value_info(t) for t in graph.inputs], [_value_info(t) for t in graph.outputs],
         initializer=initializers)
-    return helper.make_model(graph, opset_imports=list(step.opset_import), ir_version=step.ir_version,
+    return helper.make_model(graph_proto, opset_imports=list(step.opset_import), ir_version=step.ir_version,
                              producer_name="helios-deploy", doc_string=__doc__.split("\n\n")[0])
 
 
-def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, frames: int, inline_bytes: int,
-                        io_like=None) -> int:
-    """Compose and save with the weights in ``out_path.name + ".data"``; returns the node count.
-    ``io_like``: a chunk model whose input/output declarations (dim names) the new one takes."""
+def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, graph, inline_bytes: int) -> int:
+    """Compose ``graph`` and save it with the weights in ``out_path.name + ".data"``; returns the node count."""
     import onnx
 
-    model = compose_decoder(onnx.load(str(first_path)), onnx.load(str(step_path)), frames)
-    if io_like is not None:
-        for mine, theirs in ((model.graph.input, io_like.graph.input), (model.graph.output, io_like.graph.output)):
-            del mine[:]
-            mine.extend(theirs)
+    model = compose_decoder(onnx.load(str(first_path)), onnx.load(str(step_path)), graph)
     onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out_path.name + ".data", size_threshold=inline_bytes)
     return len(model.graph.node)
@@ -158,8 +152,7 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
     try:
         infos = [export_graph(ckpt, "vae_decoder", g, parts, opset) for g in (first, step)]
         traced = time.perf_counter()
-        nodes = write_chunk_decoder(parts / first.file, parts / step.file, out_dir / graph.file,
-                                    int(graph.inputs[0].dims[2]), INLINE_BYTES)
+        nodes = write_chunk_decoder(parts / first.file, parts / step.file, out_dir / graph.file, graph, INLINE_BYTES)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return {"file": graph.file, "data": graph.file + ".data", "nodes": nodes,
@@ -178,13 +171,14 @@ def split_parts(chunk_path: Path, out_dir: Path) -> tuple[Path, Path]:
     import onnx.utils
 
     model = onnx.load(str(chunk_path), load_external_data=False)
+    latents = model.graph.input[0].name
     produced = {o for n in model.graph.node for o in n.output}
     caches = sorted((v for v in produced if re.fullmatch(r"first/cache_out_\d+", v)),
                     key=lambda v: int(v.rsplit("_", 1)[1]))
     first_video = next(n.input[0] for n in model.graph.node if n.name == "chunk/concat_video")
     step_video = next(n.input[1] for n in model.graph.node if n.name == "chunk/concat_video")
     first, step = out_dir / "first.onnx", out_dir / "step.onnx"
-    onnx.utils.extract_model(str(chunk_path), str(first), ["first/" + LATENTS], [first_video, *caches])
-    onnx.utils.extract_model(str(chunk_path), str(step), ["step1/" + LATENTS, *caches],
+    onnx.utils.extract_model(str(chunk_path), str(first), ["first/" + latents], [first_video, *caches])
+    onnx.utils.extract_model(str(chunk_path), str(step), ["step1/" + latents, *caches],
                              [step_video, *(c.replace("first/", "step1/", 1) for c in caches)])
     return first, step

@@ -58,7 +58,8 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
-        self._norm: Normaliser | None = None
+        # the VAE's latent normalisation on the device (the decoder's input is un-normalised with it)
+        self.latent_norm = Normaliser.from_attrs(artifacts.spec("vae_decoder").attrs).to(self.device)
 
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str | Mapping[str, str] = "onnxruntime",
@@ -120,7 +121,6 @@ class Pipeline:
         state = self._initial_state(spec.attrs["in_channels"], image, video, generator)
         indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
                    for k, v in spec.attrs["frame_indices"].items()}
-        latent_norm = self._latent_norm()
         num_chunks = max(1, (num_frames + 32) // 33)
         total_frames = ((num_chunks * 33) - 1) // 4 * 4 + 1
         prompt_now = schedule[0]
@@ -131,19 +131,13 @@ class Pipeline:
             latents = denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request, generator,
                                     k == 0, spec.attrs["patch_size"], indices, on_step)
             update_history(state, latents, k == 0)
-            decoded = self.runner("vae_decoder").infer({"latents": latent_norm.denormalise(latents)})
+            decoded = self.runner("vae_decoder").infer({"latents": self.latent_norm.denormalise(latents)})
             keep = min(decoded["frames"].shape[1], total_frames - 33 * k)
             if output == "float":
                 frames = to_unit(decoded["video"][0, :, :keep]).permute(1, 2, 3, 0)
             else:  # uint8 [T, H, W, 3], converted on the device by the chunk graph
                 frames = decoded["frames"][0, :keep]
             yield Chunk(k, frames.cpu().numpy())
-
-    def _latent_norm(self) -> Normaliser:
-        """The VAE's latent normalisation on the device (the decoder's input is un-normalised with it)."""
-        if self._norm is None:
-            self._norm = Normaliser.from_attrs(self.artifacts.spec("vae_decoder").attrs).to(self.device)
-        return self._norm
 
     def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
         """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""

@@ -110,7 +110,8 @@ def denoise_chunk(transformer, scheduler: DMDScheduler, block_noise: BlockNoise,
                   request: ChunkRequest, generator: torch.Generator, is_first_chunk: bool,
                   patch_size, frame_indices: dict[str, torch.Tensor], on_step=None) -> torch.Tensor:
     """All pyramid stages of one chunk; returns its 9 clean latent frames [B, C, 9, h, w]."""
-    history = slice_history(state, is_first_chunk)
+    # the inputs that stay the same for every step of the chunk
+    fixed = {"encoder_hidden_states": request.prompt_embeds, **frame_indices, **slice_history(state, is_first_chunk)}
     b, c, _, h, w = state.history.shape
     latents = downsample_to_stage0(generate_chunk_noise(generator, (b, c, 9, h, w)), len(request.steps))
     start_points = [latents]
@@ -120,10 +121,9 @@ def denoise_chunk(transformer, scheduler: DMDScheduler, block_noise: BlockNoise,
         if stage > 0:
             latents = upsample_and_renoise(latents, stage, scheduler, block_noise, generator)
             start_points.append(latents)
-        for i, t in enumerate(schedule.timesteps):
-            timestep = t.expand(b).to(torch.int64)
-            flow = transformer({"hidden_states": latents, "timestep": timestep,
-                                "encoder_hidden_states": request.prompt_embeds, **frame_indices, **history})
+        timesteps = schedule.timesteps.to(device=latents.device, dtype=torch.int64)  # truncated, as the model sees them
+        for i in range(len(timesteps)):
+            flow = transformer({"hidden_states": latents, "timestep": timesteps[i].expand(b), **fixed})
             latents = dmd_step(flow, latents, schedule, i, start_points[stage])
             if on_step is not None:
                 on_step(stage, i)

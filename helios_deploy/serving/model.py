@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import UserError
+from ..specs import COMPONENTS
 from .configs import HELIOS_INPUTS, served_dims
 
 try:  # only inside the Python backend stub
@@ -122,7 +123,7 @@ class TritonPythonModel:
 
     def _warm_up(self) -> None:
         """Load every runner now, so the first request does not pay for session creation."""
-        for component in ("text_encoder", "transformer", "vae_decoder", "vae_encoder"):
+        for component in COMPONENTS:
             if component in self.pipe.artifacts.components:
                 for graph in self.pipe.artifacts.spec(component).graphs:
                     self.pipe.runner(component, graph.name)
