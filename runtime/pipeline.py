@@ -54,7 +54,8 @@ class Pipeline:
         self.height, self.width = m["video"]["height"], m["video"]["width"]
         self.text_length = m["text_length"]
         self.scheduler = DMDScheduler(m["scheduler_config"])
-        self.block_noise = BlockNoise(self.scheduler.gamma)
+        patch = artifacts.spec("transformer").attrs["patch_size"]  # (t, h, w): the blocks are (h, w)
+        self.block_noise = BlockNoise(self.scheduler.gamma, tuple(patch[1:]))
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first

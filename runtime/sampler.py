@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .scheduler import DMDScheduler, calculate_shift, dmd_step
 
 HISTORY_SIZES = (16, 2, 1)  # long, mid, short (the short history also carries the 1-frame prefix)
@@ -55,40 +56,57 @@ def downsample_to_stage0(latents: torch.Tensor, num_stages: int) -> torch.Tensor
     h, w = latents.shape[3:]
     for _ in range(num_stages - 1):
         h, w = h // 2, w // 2
-        latents = _per_frame(latents, lambda x, s=(h, w): F.interpolate(x, size=s, mode="bilinear") * 2)
+        latents = _per_frame(latents, lambda x, s=(h, w): F.interpolate(x, size=s, mode="bilinear").mul_(2))
     return latents
 
 
 class BlockNoise:
-    """Correlated 2x2 block noise. Its covariance is singular at gamma = 1/3 once rounded to fp32,
-    so it is built and factored once in float64 (the reference's fp32 Cholesky fails on CPU)."""
+    """Correlated 2x2 block noise and the stage-start re-noising. The covariance is singular at
+    gamma = 1/3 once rounded to fp32, so it is built and factored once in float64 (the reference's fp32
+    Cholesky fails on CPU)."""
 
     def __init__(self, gamma: float, patch: tuple[int, int] = (2, 2)):
-        self.ph, self.pw = patch
-        n = self.ph * self.pw
-        cov = torch.eye(n, dtype=torch.float64) * (1 + gamma) - torch.ones(n, n, dtype=torch.float64) * gamma
-        cov += torch.eye(n, dtype=torch.float64) * 1e-8
+        if tuple(patch) != (2, 2):  # the pyramid upsamples 2x: one noise block per upsampled pixel
+            raise UserError(f"unsupported transformer patch size {tuple(patch)} (height, width)",
+                            expected="(2, 2), as every Helios checkpoint has")
+        cov = torch.eye(4, dtype=torch.float64) * (1 + gamma) - torch.ones(4, 4, dtype=torch.float64) * gamma
+        cov += torch.eye(4, dtype=torch.float64) * 1e-8
         self.L = torch.linalg.cholesky(cov).float()
-        self._factor_t: dict[torch.device, torch.Tensor] = {}  # L.T on each device that draws
+        self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def sample(self, generator: torch.Generator, b: int, c: int, t: int, h: int, w: int) -> torch.Tensor:
-        ph, pw = self.ph, self.pw
-        device = generator.device
-        if device not in self._factor_t:
-            self._factor_t[device] = self.L.T.to(device)
-        z = torch.randn(b * c * t * (h // ph) * (w // pw), ph * pw, generator=generator, device=device)
-        noise = (z @ self._factor_t[device]).view(b, c, t, h // ph, w // pw, ph, pw)
-        return noise.permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
+    def renoise(self, low: torch.Tensor, alpha: float, beta: float, generator: torch.Generator) -> torch.Tensor:
+        """alpha * nearest_2x(low) + beta * block_noise for ``low`` [B, C, T, h, w]; returns [B, C, T, 2h, 2w].
+
+        The reference draws z [B*C*T*h*w, 4] (one row per 2x2 block), takes z @ L.T, lays the blocks
+        out over the 2h x 2w grid and adds the upsampled latents. Both the block layout and the
+        nearest upsampling are linear maps of a row of blocks, so with rows m = (b, c, t, i) and blocks
+        j along the width, one GEMM each gives the result in place on the grid:
+          out[m, (a, j, b)] = z[m, (j, k)] @ W[(j, k), (a, j, b)] + low[m, j] @ U[j, (a, j, b)],
+        W = I_w (x) beta * L.T and U = I_w (x) alpha (block-diagonal). Each output sums exactly one
+        non-zero term of U (alpha * low, exact) and the four of L.T; no permute or broadcast passes.
+        Same draws as the reference, in the same order."""
+        b, c, t, h, w = low.shape
+        z = torch.randn(b * c * t * h, w * 4, generator=generator, device=generator.device)
+        noise_map, up_map = self._linear_maps(w, alpha, beta, z.device)
+        out = torch.addmm(torch.mm(low.reshape(-1, w), up_map), z, noise_map)
+        return out.view(b, c, t, 2 * h, 2 * w)
+
+    def _linear_maps(self, w: int, alpha: float, beta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (w, alpha, beta, device)
+        if key not in self._maps:
+            eye = torch.eye(w)
+            blocks = (self.L.T * beta).view(4, 2, 2)  # [k, a, b]
+            noise_map = torch.einsum("jJ,kab->jkaJb", eye, blocks).reshape(4 * w, 4 * w)
+            up_map = torch.einsum("jJ,ab->jaJb", eye * alpha, torch.ones(2, 2)).reshape(w, 4 * w)
+            self._maps[key] = noise_map.to(device), up_map.to(device)
+        return self._maps[key]
 
 
 def upsample_and_renoise(latents, stage: int, scheduler: DMDScheduler, noise: BlockNoise,
                          generator: torch.Generator) -> torch.Tensor:
     """Nearest 2x upsampling, then alpha * x + beta * block noise (the reference's "fix the stage")."""
-    h, w = latents.shape[3] * 2, latents.shape[4] * 2
-    latents = _per_frame(latents, lambda x: F.interpolate(x, size=(h, w), mode="nearest"))
     alpha, beta = scheduler.renoise_coefficients(stage)
-    b, c, t = latents.shape[:3]
-    return alpha * latents + beta * noise.sample(generator, b, c, t, h, w)
+    return noise.renoise(latents, alpha, beta, generator)
 
 
 def stage_mu(latents: torch.Tensor, patch_size, config: dict) -> float:
@@ -121,9 +139,8 @@ def denoise_chunk(transformer, scheduler: DMDScheduler, block_noise: BlockNoise,
         if stage > 0:
             latents = upsample_and_renoise(latents, stage, scheduler, block_noise, generator)
             start_points.append(latents)
-        timesteps = schedule.timesteps.to(device=latents.device, dtype=torch.int64)  # truncated, as the model sees them
-        for i in range(len(timesteps)):
-            flow = transformer({"hidden_states": latents, "timestep": timesteps[i].expand(b), **fixed})
+        for i, timestep in enumerate(schedule.model_timesteps(latents.device, b)):
+            flow = transformer({"hidden_states": latents, "timestep": timestep, **fixed})
             latents = dmd_step(flow, latents, schedule, i, start_points[stage])
             if on_step is not None:
                 on_step(stage, i)

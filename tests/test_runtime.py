@@ -249,3 +249,66 @@ def test_write_mp4_without_frames_is_a_user_error_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match="no frames"):
         write_mp4(tmp_path / "empty.mp4", iter([]))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps,amplify", [(1, False), (2, False), (2, True)])
+def test_dmd_step_equals_reference_scheduler_step(tiny_ckpt, steps, amplify):
+    """Our float32 step against HeliosDMDScheduler.step (float64 inside) on the schedules the pipeline
+    uses: every step of every stage, within float32 rounding."""
+    from diffusers import HeliosDMDScheduler
+
+    from helios_deploy.runtime.scheduler import dmd_step
+
+    cfg = json.loads((tiny_ckpt / "scheduler" / "scheduler_config.json").read_text())
+    ref, ours = HeliosDMDScheduler.from_config(cfg), DMDScheduler(cfg)
+    g = torch.Generator().manual_seed(0)
+    for stage in range(3):
+        mu = calculate_shift(64 * 4 ** stage)
+        ref.set_timesteps(steps, stage, mu=mu, is_amplify_first_chunk=amplify)
+        schedule = ours.stage_schedule(steps, stage, mu, amplify)
+        sample, start = torch.randn(2, 1, 4, 9, 8, 16, generator=g)
+        for i, t in enumerate(ref.timesteps):
+            flow = torch.randn(1, 4, 9, 8, 16, generator=g)
+            want = ref.step(flow, t, sample, return_dict=False, cur_sampling_step=i, dmd_noisy_tensor=start,
+                            dmd_sigmas=ref.sigmas, dmd_timesteps=ref.timesteps, all_timesteps=ref.timesteps)[0]
+            got = dmd_step(flow, sample, schedule, i, start)
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            assert not torch.equal(got, sample)
+            sample = got
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 9, 4, 8), (2, 3, 2, 3, 5)])
+def test_block_renoise_equals_reference(shape):
+    """Nearest 2x upsampling plus block noise (BlockNoise.renoise, two GEMMs) against the reference:
+    HeliosPyramidPipeline.sample_block_noise (with the float64 Cholesky it needs on CPU),
+    F.interpolate(nearest) per frame, alpha * latents + beta * noise; the same generator state."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from diffusers import HeliosPyramidPipeline
+
+    from helios_deploy.export.patches import cholesky_float64
+    from helios_deploy.runtime.sampler import BlockNoise
+
+    b, c, t, h, w = shape
+    low = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    alpha, beta = 0.8165, 0.4714
+    fake = SimpleNamespace(scheduler=SimpleNamespace(config=SimpleNamespace(gamma=1 / 3)))
+    with cholesky_float64():
+        noise = HeliosPyramidPipeline.sample_block_noise(fake, b, c, t, 2 * h, 2 * w, (1, 2, 2), "cpu",
+                                                         torch.Generator().manual_seed(7))
+    up = F.interpolate(low.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), size=(2 * h, 2 * w), mode="nearest")
+    up = up.reshape(b, t, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+    want = alpha * up + beta * noise
+    got = BlockNoise(1 / 3).renoise(low, alpha, beta, torch.Generator().manual_seed(7))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_block_noise_refuses_other_patch_sizes():
+    from helios_deploy.errors import UserError
+    from helios_deploy.runtime.sampler import BlockNoise
+
+    with pytest.raises(UserError, match="patch size"):
+        BlockNoise(1 / 3, (1, 1))
