@@ -52,12 +52,16 @@ def _per_frame(latents: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 def downsample_to_stage0(latents: torch.Tensor, num_stages: int) -> torch.Tensor:
-    """Bilinear halving with x2 amplitude, once per extra stage."""
+    """Bilinear halving with x2 amplitude, once per extra stage. The amplitude is applied once at the
+    end: scaling by a power of two is exact and commutes with the (linear) resize, so the values are the
+    reference's bit for bit, with one pass fewer."""
+    if num_stages == 1:
+        return latents
     h, w = latents.shape[3:]
     for _ in range(num_stages - 1):
         h, w = h // 2, w // 2
-        latents = _per_frame(latents, lambda x, s=(h, w): F.interpolate(x, size=s, mode="bilinear").mul_(2))
-    return latents
+        latents = _per_frame(latents, lambda x, s=(h, w): F.interpolate(x, size=s, mode="bilinear"))
+    return latents.mul_(2 ** (num_stages - 1))
 
 
 class BlockNoise:

@@ -312,3 +312,21 @@ def test_block_noise_refuses_other_patch_sizes():
 
     with pytest.raises(UserError, match="patch size"):
         BlockNoise(1 / 3, (1, 1))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_downsample_to_stage0_equals_reference_bit_for_bit(stages):
+    """The reference's lines (HeliosPyramidPipeline.__call__, before the stage loop): frames next to
+    batch, bilinear halving x2 per extra stage; ours resizes [B, C*T, H, W] views and scales once."""
+    import torch.nn.functional as F
+
+    from helios_deploy.runtime.sampler import downsample_to_stage0
+
+    b, c, t, h, w = 2, 16, 9, 32, 48
+    x = torch.randn(b, c, t, h, w, generator=torch.Generator().manual_seed(0))
+    ref = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    for _ in range(stages - 1):
+        h, w = h // 2, w // 2
+        ref = F.interpolate(ref, size=(h, w), mode="bilinear") * 2
+    ref = ref.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+    assert torch.equal(downsample_to_stage0(x.clone(), stages), ref)
