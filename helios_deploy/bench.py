@@ -62,7 +62,7 @@ def _reference_seconds(checkpoint, pipe, prompt, frames, steps, seed, amplify, r
     import torch
     from diffusers import HeliosPyramidPipeline
 
-    from .export.patches import cholesky_float64
+    from .export.exporter.patches import cholesky_float64
 
     ref = HeliosPyramidPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)

@@ -15,8 +15,8 @@ DEMO_PROMPT = "A red car drives along a coastal road at sunset; waves crash on t
 
 
 def run_demo(out: str | Path, height: int = 64, width: int = 128, log=print) -> dict:
-    from .export.pipeline_parity import run_pipeline_parity
-    from .export.run import export_checkpoint
+    from .export.parity.pipeline import run_pipeline_parity
+    from .export.exporter.run import export_checkpoint
     from .runtime import Pipeline
     from .runtime.video_io import write_mp4
 

@@ -295,7 +295,7 @@ def _cache_tensors(layout: Iterable[Sequence[int]], prefix: str) -> tuple[Tensor
 
 
 def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width: int) -> tuple[GraphSpec, ...]:
-    """The first and step graphs of one VAE direction (see export/vae_steps.py): the encoder's graphs, and
+    """The first and step graphs of one VAE direction (see export/exporter/vae_steps.py): the encoder's graphs, and
     the pieces the decoder's chunk graph is composed of."""
     ranges = {"batch": (1, MAX_BATCH), "latent_height": (1, _at_least_2(height // 8)),
               "latent_width": (1, _at_least_2(width // 8))}
@@ -319,7 +319,7 @@ def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, w
 
 def vae_decoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
     """One graph decoding a whole chunk: 9 latent frames -> 33 video frames, float32 in [-1, 1] as the
-    reference's ``vae.decode`` and uint8 channels-last as the pipeline's output (export/vae_chunk.py)."""
+    reference's ``vae.decode`` and uint8 channels-last as the pipeline's output (export/transforms/vae_chunk.py)."""
     z = int(cfg["z_dim"])
     first, _ = vae_step_graphs("decode", z, 3, layout, height, width)
     frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
@@ -348,7 +348,7 @@ def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_le
     """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder).
 
     ``vae_layouts`` gives the VAE cache layout per direction ("decode", "encode"), learned from the
-    VAE module by the exporter (export/vae_steps.py).
+    VAE module by the exporter (export/exporter/vae_steps.py).
     """
     check_video_size(height, width, size_multiple(configs["transformer"], configs["vae"]))
     if not 1 <= text_length <= max_text_length:

@@ -105,23 +105,28 @@ def build_tokenizer():
     )
 
 
+def init_values(name: str, shape, generator):
+    """Seeded values for one parameter that keep activations O(1) (default inits are often zeros or ones,
+    which would leave weights unexercised by parity tests): weights N(0, 1/fan_in), biases 0.02 N(0, 1),
+    norm gains and history key scales 1 + 0.1 N(0, 1), scale/shift tables 0.1 N(0, 1)."""
+    import torch
+
+    if "scale_shift_table" in name:  # the generic draw first, then its own (the tiny checkpoint's values)
+        init_values("", shape, generator)
+        return 0.1 * torch.randn(shape, generator=generator)
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+    if name.endswith("bias"):
+        return 0.02 * torch.randn(shape, generator=generator)
+    return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+
+
 def _randomize(module, generator) -> None:
-    """Replace default inits (many are zeros or ones) with seeded values that keep activations O(1),
-    so parity tests exercise every weight."""
     import torch
 
     for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            fan_in = math.prod(p.shape[1:])
-            values = torch.randn(p.shape, generator=generator) / math.sqrt(fan_in)
-        elif name.endswith("bias"):
-            values = 0.02 * torch.randn(p.shape, generator=generator)
-        else:  # norm gains, scale/shift tables, history key scales
-            values = 1.0 + 0.1 * torch.randn(p.shape, generator=generator)
-        if "scale_shift_table" in name:
-            values = 0.1 * torch.randn(p.shape, generator=generator)
         with torch.no_grad():
-            p.copy_(values.to(p.dtype))
+            p.copy_(init_values(name, p.shape, generator).to(p.dtype))
 
 
 def build_pipeline(seed: int = 0, amplify_history: bool = True):

@@ -39,5 +39,5 @@ def to_unit(video: torch.Tensor) -> torch.Tensor:
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
     """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] as the reference pipeline's PIL conversion
-    (x * 255 rounded half to even): what the chunk graph computes on the device (export/vae_chunk.py)."""
+    (x * 255 rounded half to even): what the chunk graph computes on the device (export/transforms/vae_chunk.py)."""
     return to_unit(video).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 4, 1)

@@ -27,7 +27,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def artifacts(tiny_ckpt, tmp_path_factory) -> Path:
     """All four components exported from the tiny checkpoint (the audit runs in test_export)."""
-    from helios_deploy.export.run import export_checkpoint
+    from helios_deploy.export.exporter.run import export_checkpoint
 
     out = tmp_path_factory.mktemp("arts") / "onnx"
     export_checkpoint(tiny_ckpt, out, height=HEIGHT, width=WIDTH, text_length=TEXT_LENGTH,
@@ -38,7 +38,7 @@ def artifacts(tiny_ckpt, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def parity(tiny_ckpt, artifacts) -> dict:
     """The parity report of every exported component against the diffusers/transformers reference."""
-    from helios_deploy.export.run import parity_report
+    from helios_deploy.export.parity.report import parity_report
 
     return parity_report(tiny_ckpt, artifacts)
 
@@ -46,8 +46,8 @@ def parity(tiny_ckpt, artifacts) -> dict:
 @pytest.fixture
 def cholesky_float64():
     """The reference pipeline's fp32 Cholesky fails on CPU; factor that one matrix in float64 while
-    the test runs (helios_deploy.export.patches.cholesky_float64)."""
-    from helios_deploy.export.patches import cholesky_float64
+    the test runs (helios_deploy.export.exporter.patches.cholesky_float64)."""
+    from helios_deploy.export.exporter.patches import cholesky_float64
 
     with cholesky_float64():
         yield

@@ -59,7 +59,7 @@ def test_modified_graph_is_refused(artifacts, tmp_path, capsys):
 
 
 def test_build_without_gpu_names_what_is_missing(artifacts, tmp_path, capsys):
-    from helios_deploy.export.probe import current_platform
+    from helios_deploy.export.tensorrt.probe import current_platform
 
     if current_platform()["gpu"] and current_platform()["tensorrt"]:
         import pytest

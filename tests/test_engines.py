@@ -7,8 +7,8 @@ import pytest
 
 from helios_deploy.artifacts import FORMAT
 from helios_deploy.errors import UserError
-from helios_deploy.export import engines as E
-from helios_deploy.export import probe
+from helios_deploy.export.tensorrt import engines as E
+from helios_deploy.export.tensorrt import probe
 from helios_deploy.specs import resolve_shape, spec_to_json
 
 from .conftest import HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH

@@ -76,7 +76,7 @@ def test_export_audit_runs_and_fails_with_a_table(tiny_ckpt, tmp_path, monkeypat
     behind) when the reference disagrees."""
     import torch
 
-    from helios_deploy.export import run as export_run
+    from helios_deploy.export.exporter import run as export_run
 
     out = tmp_path / "good"
     code, stdout, err = run_cli(["export", tiny_ckpt, "-o", out, "--height", 64, "--width", 128,

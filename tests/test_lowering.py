@@ -19,7 +19,7 @@ LOWERED = ("transformer", "text_encoder", "vae_decoder")
 
 @pytest.fixture(scope="module")
 def lowered(artifacts, tmp_path_factory):
-    from helios_deploy.export.lowering import lower_artifacts
+    from helios_deploy.export.transforms.lowering import lower_artifacts
 
     root = tmp_path_factory.mktemp("bf16") / "arts"
     shutil.copytree(artifacts, root)
@@ -29,7 +29,7 @@ def lowered(artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16_parity(tiny_ckpt, lowered):
-    from helios_deploy.export.lowering import bf16_report
+    from helios_deploy.export.parity.bf16 import bf16_report
 
     return bf16_report(tiny_ckpt, lowered, LOWERED)
 
@@ -58,7 +58,7 @@ def test_lowered_graphs_are_bf16_with_float32_io(lowered):
 
 def test_sinusoid_arguments_stay_float32(lowered):
     """The timestep and rotary embeddings' Sin/Cos and everything computing their arguments."""
-    from helios_deploy.export.lowering import sinusoid_feeders
+    from helios_deploy.export.transforms.lowering import sinusoid_feeders
 
     model = onnx.load(lowered / "transformer" / "model.bf16.onnx")
     types = _types(model)

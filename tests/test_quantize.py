@@ -32,7 +32,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def quantized(artifacts, tmp_path_factory) -> Path:
     """A copy of the tiny artifacts, quantized once (2 prompts from a file x 2 chunks)."""
-    from helios_deploy.export.quantize import quantize_artifacts
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
 
     root = _copy(artifacts, tmp_path_factory.mktemp("fp8") / "arts")
     prompts = root.parent / "prompts.txt"
@@ -109,7 +109,7 @@ def test_kept_layers_and_attention_stay_fp32(fp8_graphs):
 
 
 def test_manifest_records_recipe_and_calibration(quantized, fp8_graphs):
-    from helios_deploy.export.calibration import calibration_hash
+    from helios_deploy.export.transforms.calibration import calibration_hash
     from helios_deploy.fsutil import sha256_file
 
     entry, _, _ = fp8_graphs
@@ -127,9 +127,9 @@ def test_manifest_records_recipe_and_calibration(quantized, fp8_graphs):
 
 
 def test_fp8_parity_against_diffusers(tiny_ckpt, quantized):
-    from helios_deploy.export.fp8_parity import FP8_COSINE, FP8_REL_L2
-    from helios_deploy.export.pipeline_parity import PSNR_THRESHOLD
-    from helios_deploy.export.run import parity_report
+    from helios_deploy.export.parity.fp8 import FP8_COSINE, FP8_REL_L2
+    from helios_deploy.export.parity.pipeline import PSNR_THRESHOLD
+    from helios_deploy.export.parity.report import parity_report
 
     report = parity_report(tiny_ckpt, quantized, precision="fp8", pipeline=True)
     cases = report["components"]["transformer"]["cases"]
@@ -143,7 +143,7 @@ def test_fp8_parity_against_diffusers(tiny_ckpt, quantized):
 
 
 def test_generate_fp8_video(quantized, tmp_path, capsys):
-    from helios_deploy.export.pipeline_parity import PSNR_THRESHOLD, psnr
+    from helios_deploy.export.parity.pipeline import PSNR_THRESHOLD, psnr
     from helios_deploy.runtime import Pipeline
 
     out = tmp_path / "fp8.mp4"
@@ -205,7 +205,7 @@ def test_unmatched_regex_warns_and_default_recipe_on_two_blocks(artifacts, tmp_p
 
 
 def test_default_recipe_keeps_edge_blocks():
-    from helios_deploy.export.quantize import default_keep, resolve_keep
+    from helios_deploy.export.transforms.quantize import default_keep, resolve_keep
 
     names = [f"blocks.{b}.attn1.to_q/n{b}" for b in range(40)] + ["proj_out/n", "patch_short/c", "condition_embedder.x/n"]
     matched, warnings = resolve_keep(default_keep("transformer", 40), names)
@@ -220,9 +220,9 @@ def test_fp8_graph_is_lowered_to_bf16_for_tensorrt(tiny_ckpt, quantized, fp8_gra
     has no bf16 Conv), it meets the FP8 targets against the diffusers module at every parity case."""
     from helios_deploy.artifacts import Artifacts
     from helios_deploy.checkpoint import Checkpoint
-    from helios_deploy.export.lowering import ReferenceGraph
-    from helios_deploy.export.modules import build_module
-    from helios_deploy.export.parity import compare_component
+    from helios_deploy.export.parity.bf16 import ReferenceGraph
+    from helios_deploy.export.exporter.modules import build_module
+    from helios_deploy.export.parity.compare import compare_component
 
     entry, fp8, _ = fp8_graphs
     arts = Artifacts.open(quantized)

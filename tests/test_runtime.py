@@ -69,7 +69,7 @@ def test_prompt_embeddings_equal_reference(reference_pipe, ours):
 @pytest.fixture(scope="module")
 def pipeline_parity(tiny_ckpt, ours):
     """Every pipeline case run once through both our runtime and HeliosPyramidPipeline."""
-    from helios_deploy.export.pipeline_parity import run_pipeline_parity
+    from helios_deploy.export.parity.pipeline import run_pipeline_parity
 
     return run_pipeline_parity(tiny_ckpt, ours)
 
@@ -288,7 +288,7 @@ def test_block_renoise_equals_reference(shape):
     import torch.nn.functional as F
     from diffusers import HeliosPyramidPipeline
 
-    from helios_deploy.export.patches import cholesky_float64
+    from helios_deploy.export.exporter.patches import cholesky_float64
     from helios_deploy.runtime.sampler import BlockNoise
 
     b, c, t, h, w = shape

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helios_deploy.errors import UserError
-from helios_deploy.export import engines as E
-from helios_deploy.export import probe
+from helios_deploy.export.tensorrt import engines as E
+from helios_deploy.export.tensorrt import probe
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +67,7 @@ def _runner(built, component, graph_name, backend="tensorrt", **options):
 
 
 def _feeds(built, component, graph_name, point, seed):
-    from helios_deploy.export.parity import example_inputs
+    from helios_deploy.export.parity.compare import example_inputs
 
     spec = built.spec(component)
     return {k: torch.from_numpy(v) for k, v in example_inputs(spec, spec.graph(graph_name), point.dims, seed).items()}
@@ -169,7 +169,7 @@ def test_a_stale_engine_is_refused(built):
 
 def test_verify_passes_the_fp32_engines(built):
     """`verify`: every engine at every operating point and the pipeline on engines, within fp32 targets."""
-    from helios_deploy.export.verify import verify
+    from helios_deploy.export.tensorrt.verify import verify
 
     report = verify(built.root, device="cuda")
     assert set(report["components"]) == {c for c, _ in GRAPHS}
@@ -181,9 +181,9 @@ def test_verify_passes_the_fp32_engines(built):
 def built_fp8(artifacts, tmp_path_factory, tensorrt_platform):
     """A copy of the tiny artifacts, quantized (blocks in FP8), lowered to bf16 and built at fp8 through
     the CLI path (`quantize`, `quantize --precision bf16`, `build --precision fp8`)."""
-    from helios_deploy.export.build import build
-    from helios_deploy.export.lowering import lower_artifacts
-    from helios_deploy.export.quantize import quantize_artifacts
+    from helios_deploy.export.tensorrt.build import build
+    from helios_deploy.export.transforms.lowering import lower_artifacts
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
 
     root = tmp_path_factory.mktemp("trt8") / "artifacts"
     shutil.copytree(artifacts, root)
@@ -198,7 +198,7 @@ def test_fp8_engines_build_from_the_lowered_graphs_and_verify(built_fp8):
     """FP8 transformer engine (bf16 outside its Q/DQ layers), bf16 text encoder and VAE engines: each within
     its target against ONNX Runtime fp32 at every operating point, and the pipeline within 30 dB."""
     from helios_deploy.artifacts import Artifacts
-    from helios_deploy.export.verify import verify
+    from helios_deploy.export.tensorrt.verify import verify
 
     arts = Artifacts.open(built_fp8)
     record = arts.manifest["components"]["transformer"]["engines"]["model"]

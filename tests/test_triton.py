@@ -285,7 +285,7 @@ def test_latency_through_triton_vs_in_process(pipe, client):
 
 def _with_fake_engines(artifacts: Path, dest: Path, graphs, precision: str = "fp32") -> Path:
     from helios_deploy.artifacts import Artifacts, write_manifest
-    from helios_deploy.export import engines as E
+    from helios_deploy.export.tensorrt import engines as E
 
     shutil.copytree(artifacts, dest)
     arts = Artifacts.open(dest)
@@ -363,7 +363,7 @@ def test_plan_repository_refuses_wrong_precision_and_missing_engine_files(artifa
 
 
 def test_fp8_repository_streams_the_quantized_graph(artifacts, server_env, tmp_path):
-    from helios_deploy.export.quantize import quantize_artifacts
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
     from helios_deploy.runtime import Pipeline
     from helios_deploy.serving.client import HeliosClient
     from helios_deploy.serving.repository import RepoOptions, write_repository

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from helios_deploy.export.vae_steps import VaeFirstStep, VaeStep, cache_layout
+from helios_deploy.export.exporter.vae_steps import VaeFirstStep, VaeStep, cache_layout
 from helios_deploy.runtime.vae import run_chunk
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helios_deploy.artifacts import Artifacts
-from helios_deploy.export.verify import TARGETS, compare_runners, verify_graph
+from helios_deploy.export.tensorrt.verify import TARGETS, compare_runners, verify_graph
 from helios_deploy.runtime.runners import make_runner
 
 from .conftest import run_cli
@@ -44,7 +44,7 @@ def test_comparator_core_fails_what_is_off_target(artifacts, tiny_ckpt):
             return {k: v + 0.03 * v.std() * torch.randn(v.shape, generator=g) for k, v in out.items()}
 
     off = Off(ort.path, graph, "text_encoder", "cpu")
-    from helios_deploy.export.parity import example_inputs
+    from helios_deploy.export.parity.compare import example_inputs
 
     feeds = [example_inputs(arts.spec("text_encoder"), graph, dict(p.dims), 0) for p in graph.operating_points]
     names = [p.name for p in graph.operating_points]
@@ -55,7 +55,7 @@ def test_comparator_core_fails_what_is_off_target(artifacts, tiny_ckpt):
 
 
 def test_verify_without_gpu_names_what_is_missing(artifacts, capsys):
-    from helios_deploy.export.probe import current_platform
+    from helios_deploy.export.tensorrt.probe import current_platform
 
     info = current_platform()
     if info["gpu"] and info["tensorrt"]:

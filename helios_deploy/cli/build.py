@@ -29,8 +29,8 @@ def command(artifacts, precision, components, opt_level, timing_cache, workspace
       helios-deploy build engines/helios --precision fp8 --timing-cache engines/timing.cache
       helios-deploy build engines/helios --precision fp32 --dry-run
     """
-    from ..export.build import build, plan
-    from ..export.engines import BuildSettings
+    from ..export.tensorrt.build import build, plan
+    from ..export.tensorrt.engines import BuildSettings
 
     settings = BuildSettings(precision=precision, opt_level=opt_level, workspace=workspace,
                              memory_budget=memory_budget, timing_cache=timing_cache)

@@ -35,7 +35,7 @@ def command(checkpoint, out, height, width, components, opset, max_text_length, 
       helios-deploy export engines/tiny -o engines/tiny-onnx --height 64 --width 128
       helios-deploy export ~/models/Helios-Distilled -o engines/helios --no-audit --report-memory
     """
-    from ..export.run import export_checkpoint
+    from ..export.exporter.run import export_checkpoint
 
     manifest = export_checkpoint(
         checkpoint, out, height=height, width=width, components=parse_components(components), opset=opset,

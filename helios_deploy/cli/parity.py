@@ -45,7 +45,7 @@ def command(checkpoint, artifacts, json_path, components, seed, precision, pipel
       helios-deploy parity engines/tiny engines/tiny-onnx --precision fp8 --pipeline
     """
     from ..errors import UserError
-    from ..export.run import parity_report
+    from ..export.parity.report import parity_report
 
     report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed,
                            pipeline=pipeline, precision=precision)

@@ -30,11 +30,11 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
       helios-deploy quantize ARTIFACTS --keep-high-precision '^patch_' --keep-high-precision '^proj_out/'
       helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
     """
-    from ..export.quantize import quantize_artifacts
+    from ..export.transforms.quantize import quantize_artifacts
 
     patterns = None if not keep else [] if list(keep) == ["none"] else list(keep)
     if precision == "bf16":
-        from ..export.lowering import lower_artifacts
+        from ..export.transforms.lowering import lower_artifacts
         from .options import parse_components
 
         comps = parse_components(components) if components else None

@@ -27,7 +27,7 @@ def command(artifacts, components, device, pipeline, json_path, seed):
       helios-deploy verify engines/helios --json engines/verify.json
     """
     from ..errors import UserError
-    from ..export.verify import verify
+    from ..export.tensorrt.verify import verify
 
     report = verify(artifacts, parse_components(components) if components else None, device=device,
                     pipeline=pipeline, seed=seed)

@@ -60,7 +60,7 @@ def _meta_tensor(shape, dtype: str) -> torch.Tensor:
 
 
 def _run(modules: dict, call: Call) -> None:
-    from ..export.patches import rope_without_autocast
+    from ..export.exporter.patches import rope_without_autocast
 
     ins = {name: _meta_tensor(shape, dtype) for name, (shape, dtype) in call.inputs.items()}
     if call.component == "transformer":

@@ -7,7 +7,7 @@ Two kinds of model:
   config Triton hands it, so there is no second list of names.
 - ``helios_<component>[_<graph>]``: one ``tensorrt_plan`` model per built engine, whose inputs, outputs
   and dims come from the component's GraphSpec (symbolic dims -> -1) and whose optimization profiles
-  are the spec's operating points (one per point, as export/engines.py builds them).
+  are the spec's operating points (one per point, as export/tensorrt/engines.py builds them).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Callable
 
 from ..artifacts import Artifacts
 from ..errors import UserError
-from ..export.engines import profiles
+from ..export.tensorrt.engines import profiles
 from ..fsutil import staged_dir
 from ..specs import GraphSpec
 from .configs import Placement, helios_config, parse_config, plan_config

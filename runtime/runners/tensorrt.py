@@ -25,9 +25,9 @@ from typing import Mapping
 import torch
 
 from ...errors import UserError
-from ...export.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry, source_entry,
+from ...export.tensorrt.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry, source_entry,
                                select_profile, weight_streaming_budget)
-from ...export.probe import require_gpu_tensorrt
+from ...export.tensorrt.probe import require_gpu_tensorrt
 from ...specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
 

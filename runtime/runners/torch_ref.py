@@ -28,7 +28,7 @@ class TorchRunner(Runner):
     def _activate_impl(self) -> None:
         from ...artifacts import Artifacts
         from ...checkpoint import Checkpoint
-        from ...export.modules import build_module, graph_module
+        from ...export.exporter.modules import build_module, graph_module
 
         ckpt = Checkpoint(self.checkpoint)
         Artifacts(self.checkpoint, self.manifest).check_checkpoint(ckpt.identity)  # same weights as exported

@@ -9,7 +9,7 @@ hold activations for all 33 frames at once. Instead we export:
 - ``first``: the first step, from an empty cache; returns its output and the cache;
 - ``step``: one further step, cache in and cache out.
 
-The decoder's artifact is one graph per chunk composed from its two (export/vae_chunk.py); the encoder
+The decoder's artifact is one graph per chunk composed from its two (export/transforms/vae_chunk.py); the encoder
 keeps both, as the video it encodes has any length.
 
 The reference's cache entries change form after the first step (``None``, the marker ``"Rep"``, or a
@@ -141,7 +141,7 @@ class VaeChunkDecoder(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latents):
-        from ..runtime.vae import to_frames
+        from ...runtime.vae import to_frames
 
         video = self.vae.decode(latents, return_dict=False)[0]
         return video, to_frames(video)

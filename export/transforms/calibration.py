@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-from ..fsutil import sha256_bytes
+from ...errors import UserError
+from ...fsutil import sha256_bytes
 
 # Built-in calibration prompts: varied subjects, motion, lighting and camera work, like real requests.
 DEFAULT_PROMPTS = (

@@ -17,14 +17,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..artifacts import Artifacts
-from ..errors import UserError
+from ...artifacts import Artifacts
+from ...errors import UserError
 from .engines import engine_entry
 from .probe import require_gpu_tensorrt
-from .fp8_parity import FP8_COSINE, FP8_REL_L2
-from .lowering import BF16_REL_L2
-from .parity import example_inputs, metrics
-from .pipeline_parity import PROMPT, PSNR_THRESHOLD, chunk_psnr
+from ..parity.fp8 import FP8_COSINE, FP8_REL_L2
+from ..parity.bf16 import BF16_REL_L2
+from ..parity.compare import example_inputs, metrics
+from ..parity.pipeline import PROMPT, PSNR_THRESHOLD, chunk_psnr
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Target:
 
 TARGETS = {
     "fp32": Target(1e-3, 0.9999),  # TensorRT may run fp32 matmuls and convolutions in TF32
-    "bf16": Target(BF16_REL_L2, 0.999),  # as the bf16 graphs against the reference on CPU (export/lowering.py)
+    "bf16": Target(BF16_REL_L2, 0.999),  # as the bf16 graphs against the reference on CPU (export/parity/bf16.py)
     "fp8": Target(FP8_REL_L2, FP8_COSINE),  # as the FP8 graphs on CPU (parity --precision fp8)
 }
 PSNR_TARGETS = {"fp32": 40.0, "bf16": PSNR_THRESHOLD, "fp8": PSNR_THRESHOLD}  # dB, peak 1.0, per 33-frame chunk
@@ -112,7 +112,7 @@ def verify_graph(arts: Artifacts, component: str, graph, candidate, reference, p
 def verify_pipeline(artifacts: Path, backend: str, device: str, precision: str, seed: int = 0,
                     frames: int = 66) -> dict:
     """The whole T2V video on the engines against the fp32 pipeline on ONNX Runtime (CPU), PSNR per chunk."""
-    from ..runtime import Pipeline
+    from ...runtime import Pipeline
 
     ours = Pipeline.from_artifacts(artifacts, backend=backend, device=device).generate(
         PROMPT, num_frames=frames, seed=seed, output="float")
@@ -127,7 +127,7 @@ def verify_pipeline(artifacts: Path, backend: str, device: str, precision: str, 
 def verify(artifacts, components: Iterable[str] | None = None, device: str = "cuda", pipeline: bool = True,
            seed: int = 0) -> dict:
     """Every engine in the manifest against ONNX Runtime fp32, then the pipeline on engines."""
-    from ..runtime.runners import make_runner
+    from ...runtime.runners import make_runner
 
     index = int(device.split(":")[1]) if ":" in device else 0
     require_gpu_tensorrt(index)

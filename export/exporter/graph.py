@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..errors import UserError
-from ..specs import GraphSpec, parse_dim, resolve_shape
+from ...checkpoint import Checkpoint
+from ...errors import UserError
+from ...specs import GraphSpec, parse_dim, resolve_shape
 from .modules import build_module, graph_module
 from .patches import export_patches
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from .patches import cholesky_float64
+from ...checkpoint import Checkpoint
+from ..exporter.patches import cholesky_float64
 
 PIXEL_THRESHOLD = 1e-3  # max abs error of the final float video, in [0, 1] pixel units
 PROMPT = "A cat and a dog baking a cake together in a kitchen."

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import AuditError
-from ..specs import ComponentSpec
-from .parity import OrtGraph, compare_component
+from ...errors import AuditError
+from ...specs import ComponentSpec
+from .compare import OrtGraph, compare_component
 
 
 def _check_io(session: OrtGraph) -> list[str]:

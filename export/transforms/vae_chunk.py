@@ -2,7 +2,7 @@
 
 The runtime decodes a chunk (9 latent frames -> 33 video frames) with a fresh causal cache every time.
 Run as first + 8 steps, every call hands 25 cache tensors back and forth through the host, which
-cost more host time per chunk than the whole sampler (see the runtime note in export/vae_steps.py).
+cost more host time per chunk than the whole sampler (see the runtime note in export/exporter/vae_steps.py).
 Here the calls are joined at the ONNX level instead of re-tracing the loop (which the exporter unrolls
 slowly): one copy of the ``first`` graph, then ``frames - 1`` copies of the ``step`` graph, each
 cache output wired to the next copy's cache input, the videos concatenated along time. Every copy reads
@@ -143,8 +143,8 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
     import shutil
     import time
 
-    from ..specs import vae_step_graphs
-    from .onnx_export import INLINE_BYTES, export_graph
+    from ...specs import vae_step_graphs
+    from ..exporter.graph import INLINE_BYTES, export_graph
 
     t0 = time.perf_counter()
     parts = out_dir / ".parts"

@@ -11,7 +11,7 @@ Recipe (NVIDIA Model Optimizer's ONNX quantizer, ``quantize_mode="fp8"``):
 - Layers kept in high precision by regex over module-qualified node names (``blocks.0.attn1.to_q/...``):
   see ``default_keep``.
 
-Calibration runs the real sampler loop over the exported fp32 graphs (export/calibration.py).
+Calibration runs the real sampler loop over the exported fp32 graphs (export/transforms/calibration.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..artifacts import Artifacts, write_manifest
-from ..errors import UserError
-from ..fsutil import sha256_file
-from . import fp8_graph
+from ...artifacts import Artifacts, write_manifest
+from ...errors import UserError
+from ...fsutil import sha256_file
+from . import prepare as fp8_graph
 from .lowering import write_lowered
 from .calibration import calibration_hash, feed_reader, read_prompts, record_feeds, shape_summary
 
@@ -163,7 +163,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
     components succeed."""
     import modelopt
 
-    from ..runtime import Pipeline
+    from ...runtime import Pipeline
 
     t0 = time.perf_counter()
     arts = Artifacts.open(artifacts)
@@ -198,7 +198,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
                               calibration={"sha256": calibration_hash(prompts, settings), "prompts": len(prompts),
                                            "calls": len(feeds[c]), "shapes": shape_summary(feeds[c]), **settings},
                               seconds={"calibration": round(t_cal, 2), "quantize": round(time.perf_counter() - t1, 2)})
-            # what TensorRT builds from: the same Q/DQ graph, bf16 outside its FP8 layers (export/lowering.py)
+            # what TensorRT builds from: the same Q/DQ graph, bf16 outside its FP8 layers (export/transforms/lowering.py)
             log(f"{c}: lowering {FP8_FILE} to bf16 outside the FP8 layers for TensorRT ...")
             entries[c]["bf16"] = write_lowered(work / "out" / FP8_FILE, work / "out", FP8_BF16_FILE)
         manifest = json.loads(json.dumps(arts.manifest))

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from ..errors import UserError
+from ...errors import UserError
 
 
 # Prints "HELIOS_PROBE {json}" after each step, so a crash part-way still tells what was found.

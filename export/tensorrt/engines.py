@@ -5,7 +5,7 @@ point, so each pyramid stage gets kernels tuned for its own shape); an engine ke
 depends on (graph, weights, profiles, settings, TensorRT, GPU) so a stale engine is refused with a
 message saying what changed. Networks are strongly typed (TensorRT 11 removed the FP16/BF16/FP8/INT8
 builder flags): precision comes from the graph's dtypes and Q/DQ nodes, so ``BuildSettings.precision``
-is only recorded. TensorRT and the GPU are probed in a child process (export/probe.py).
+is only recorded. TensorRT and the GPU are probed in a child process (export/tensorrt/probe.py).
 
 Manifest section written by ``helios-deploy build`` and read by the TensorRT runner:
     components.<component>.engines.<graph name> = {"file": "model.<key[:16]>.engine", "key": {fields},
@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import UserError
-from ..fsutil import sha256_file
-from ..specs import GraphSpec, resolve_shape
+from ...errors import UserError
+from ...fsutil import sha256_file
+from ...specs import GraphSpec, resolve_shape
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 REBUILD = "helios-deploy build ARTIFACTS --rebuild"

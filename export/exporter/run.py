@@ -1,5 +1,4 @@
-"""`export` and `parity` as library calls: checkpoint -> audited ONNX artifacts + manifest, and the
-parity report of existing artifacts against the checkpoint's reference modules."""
+"""`export` as a library call: checkpoint -> audited ONNX artifacts + manifest."""
 
 from __future__ import annotations
 
@@ -11,17 +10,16 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .. import __version__
-from ..artifacts import FORMAT, Artifacts, write_manifest
-from ..checkpoint import Checkpoint
-from ..errors import UserError
-from ..fsutil import sha256_file, staged_dir
-from ..specs import COMPONENTS, build_specs, spec_to_json
-from .audit import audit, format_table, open_sessions, parity_rows
+from ... import __version__
+from ...artifacts import FORMAT, Artifacts, write_manifest
+from ...checkpoint import Checkpoint
+from ...errors import UserError
+from ...fsutil import sha256_file, staged_dir
+from ...specs import COMPONENTS, build_specs, spec_to_json
+from ..parity.audit import audit
 from .modules import build_module
-from .onnx_export import export_graph
-from .parity import compare_component
-from .vae_chunk import export_chunk_decoder
+from .graph import export_graph
+from ..transforms.vae_chunk import export_chunk_decoder
 from .vae_steps import cache_layout
 
 DEFAULT_OPSET = 20
@@ -95,49 +93,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
             manifest["timings"]["audit_seconds"] = round(time.perf_counter() - t1, 2)
         write_manifest(tmp, manifest)
     return manifest
-
-
-def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
-                  seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
-    """Run every exported component against the reference; the report the `parity` command writes.
-    With precision fp8: the quantized graphs instead (export/fp8_parity.py); bf16: the lowered graphs in
-    ONNX's reference evaluator (export/lowering.py)."""
-    ckpt = Checkpoint(checkpoint)
-    arts = Artifacts.open(artifacts)
-    arts.check_checkpoint(ckpt.identity)
-    if precision == "fp8":
-        from .fp8_parity import fp8_parity_report
-
-        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline)
-    if precision == "bf16":
-        from .lowering import bf16_report
-
-        if pipeline:
-            raise UserError("--pipeline runs the runtime, which cannot run bf16 graphs on CPU",
-                            fix="check bf16 engines with `helios-deploy verify` on the GPU")
-        return bf16_report(ckpt.path, arts.root, components, seed=seed)
-    report: dict = {"passed": True, "components": {}, "problems": []}
-    rows: list[tuple] = []
-    for name in components or arts.components:
-        spec = arts.spec(name)
-        arts.verify_files(name)
-        local: list[tuple] = []
-        sessions = open_sessions(arts.root, spec, local)
-        if sessions is None:
-            report["components"][name] = {"precision": "fp32", "passed": False, "cases": []}
-        else:
-            report["components"][name] = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed)
-            local += parity_rows(name, report["components"][name])
-        rows += local
-    if pipeline:
-        from ..runtime import Pipeline
-        from .pipeline_parity import run_pipeline_parity
-
-        report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed)
-        rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3")
-                 for c in report["pipeline"]["cases"] if not c["passed"]]
-    report["passed"] = not rows and all(c["passed"] for c in report["components"].values())
-    report["problems"] = [list(r) for r in rows]
-    if rows:
-        report["table"] = format_table(rows)
-    return report

@@ -14,8 +14,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..specs import ComponentSpec, GraphSpec, resolve_shape
-from ..runtime.vae import run_chunk
+from ...specs import ComponentSpec, GraphSpec, resolve_shape
+from ...runtime.vae import run_chunk
 
 FP32_REL_L2 = 1e-4
 

@@ -24,13 +24,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-from ..fsutil import sha256_file
-from ..specs import GraphSpec
+from ...errors import UserError
+from ...fsutil import sha256_file
+from ...specs import GraphSpec
 
 SINUSOID_OPS = ("Sin", "Cos")
 SHAPE_OPS = ("Shape", "Size")  # read only their input's shape: the walk below stops there
-BF16_REL_L2 = 0.05  # parity of a bf16 graph against the fp32 reference (bf16 has an 8-bit mantissa)
 
 
 def sinusoid_feeders(model) -> list[str]:
@@ -87,7 +86,7 @@ def lower_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> dict:
 
 def lower_chunk(src: Path, dst: Path, graph: GraphSpec, keep_fp32: Sequence[str] = ()) -> dict:
     """The VAE decoder's chunk graph: its first and step graphs are taken back out of it, lowered one by
-    one and composed again (export/vae_chunk.py). The caches between the copies stay float32 (the parts'
+    one and composed again (export/transforms/vae_chunk.py). The caches between the copies stay float32 (the parts'
     inputs and outputs), and so does the uint8 conversion added by the composition (bf16 cannot tell
     254.6 from 255)."""
     from .vae_chunk import split_parts, write_chunk_decoder
@@ -160,7 +159,7 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
                     log=print) -> dict:
     """bf16 graphs for every graph of the components, recorded in the manifest under ``bf16`` (the FP8
     graph is lowered by ``quantize --precision fp8`` itself)."""
-    from ..artifacts import Artifacts, write_manifest
+    from ...artifacts import Artifacts, write_manifest
 
     arts = Artifacts.open(artifacts)
     comps = list(components or arts.components)
@@ -179,45 +178,3 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
         entry["bf16"] = lowered
         write_manifest(arts.root, arts.manifest)
     return arts.manifest
-
-
-class ReferenceGraph:
-    """A graph run by ONNX's reference evaluator (for dtypes ONNX Runtime's CPU provider lacks, bf16);
-    called like parity.OrtGraph: arrays in spec order in, arrays out."""
-
-    def __init__(self, path: Path, graph: GraphSpec):
-        from onnx.reference import ReferenceEvaluator
-
-        self.graph = graph
-        self.evaluator = ReferenceEvaluator(str(path))
-
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        feeds = {t.name: a for t, a in zip(self.graph.inputs, arrays)}
-        return [np.asarray(y, dtype=np.float32) for y in self.evaluator.run([t.name for t in self.graph.outputs], feeds)]
-
-
-def bf16_report(checkpoint, artifacts, components: Iterable[str] | None = None, seed: int = 0) -> dict:
-    """Every lowered graph (reference evaluator) against the fp32 reference modules at every parity
-    case; the same report shape as the fp32 parity."""
-    from ..artifacts import Artifacts
-    from ..checkpoint import Checkpoint
-    from .modules import build_module
-    from .parity import compare_component
-
-    ckpt = Checkpoint(checkpoint)
-    arts = Artifacts.open(artifacts)
-    arts.check_checkpoint(ckpt.identity)
-    report: dict = {"precision": "bf16", "components": {}}
-    for name in components or arts.components:
-        spec = arts.spec(name)
-        lowered = arts.manifest["components"][name].get("bf16")
-        if not lowered:
-            raise UserError(f"no bf16 graphs for {name}", fix="run `helios-deploy quantize ARTIFACTS --precision bf16`")
-        folder = arts.root / name
-        for record in lowered.values():
-            arts.verify_record(name, record)
-        sessions = {g.name: ReferenceGraph(folder / lowered[g.name]["file"], g) for g in spec.graphs}
-        result = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed, threshold=BF16_REL_L2)
-        report["components"][name] = {**result, "precision": "bf16"}
-    report["passed"] = all(c["passed"] for c in report["components"].values())
-    return report

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..artifacts import Artifacts, write_manifest
+from ...artifacts import Artifacts, write_manifest
 from .engines import (BuildSettings, build_engine, engine_filename, engine_record, key_digest, key_fields,
                       profiles, source_entry)
 from .probe import probe_tensorrt, require_gpu_tensorrt

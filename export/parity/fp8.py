@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..artifacts import Artifacts
-from ..checkpoint import Checkpoint
-from ..errors import UserError
+from ...artifacts import Artifacts
+from ...checkpoint import Checkpoint
+from ...errors import UserError
 from .audit import format_table
-from .modules import build_module
-from .parity import OrtGraph, compare_component
+from ..exporter.modules import build_module
+from .compare import OrtGraph, compare_component
 
 FP8_REL_L2 = 0.08
 FP8_COSINE = 0.99
@@ -50,8 +50,8 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         report["components"][name] = result
         rows += _rows(name, result)
     if pipeline:
-        from ..runtime import Pipeline
-        from .pipeline_parity import run_pipeline_psnr
+        from ...runtime import Pipeline
+        from .pipeline import run_pipeline_psnr
 
         report["pipeline"] = run_pipeline_psnr(ckpt.path, Pipeline.from_artifacts(arts.root, precision="fp8"), seed=seed)
         rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB < "

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..specs import GraphSpec
+from ...checkpoint import Checkpoint
+from ...specs import GraphSpec
 from .vae_steps import VaeChunkDecoder, VaeFirstStep, VaeStep, cache_layout
 
 

@@ -1,0 +1,60 @@
+"""`parity` as a library call: every exported graph (fp32, or the fp8 / bf16 graphs derived from it)
+against the checkpoint's reference modules, and optionally the whole runtime against the reference pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from ...artifacts import Artifacts
+from ...checkpoint import Checkpoint
+from ...errors import UserError
+from ..exporter.modules import build_module
+from .audit import format_table, open_sessions, parity_rows
+from .compare import compare_component
+
+
+def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
+                  seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
+    """Run every exported component against the reference; the report the `parity` command writes.
+    With precision fp8: the quantized graphs instead (export/fp8_parity.py); bf16: the lowered graphs in
+    ONNX's reference evaluator (export/parity/bf16.py)."""
+    ckpt = Checkpoint(checkpoint)
+    arts = Artifacts.open(artifacts)
+    arts.check_checkpoint(ckpt.identity)
+    if precision == "fp8":
+        from .fp8 import fp8_parity_report
+
+        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline)
+    if precision == "bf16":
+        from .bf16 import bf16_report
+
+        if pipeline:
+            raise UserError("--pipeline runs the runtime, which cannot run bf16 graphs on CPU",
+                            fix="check bf16 engines with `helios-deploy verify` on the GPU")
+        return bf16_report(ckpt.path, arts.root, components, seed=seed)
+    report: dict = {"passed": True, "components": {}, "problems": []}
+    rows: list[tuple] = []
+    for name in components or arts.components:
+        spec = arts.spec(name)
+        arts.verify_files(name)
+        local: list[tuple] = []
+        sessions = open_sessions(arts.root, spec, local)
+        if sessions is None:
+            report["components"][name] = {"precision": "fp32", "passed": False, "cases": []}
+        else:
+            report["components"][name] = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed)
+            local += parity_rows(name, report["components"][name])
+        rows += local
+    if pipeline:
+        from ...runtime import Pipeline
+        from .pipeline import run_pipeline_parity
+
+        report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed)
+        rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3")
+                 for c in report["pipeline"]["cases"] if not c["passed"]]
+    report["passed"] = not rows and all(c["passed"] for c in report["components"].values())
+    report["problems"] = [list(r) for r in rows]
+    if rows:
+        report["table"] = format_table(rows)
+    return report
