@@ -9,27 +9,35 @@ from .options import force_option
 @click.option("--amplify-history/--no-amplify-history", default=True, show_default=True,
               help="Turn on the transformer's is_amplify_history (history key scaling).")
 @click.option("--real-width-layers", type=int, default=None, metavar="N",
-              help="Instead: a synthetic checkpoint whose transformer has the real 14B width (dim 5120, "
-                   "ffn 13824, text_dim 4096) and N blocks (about 0.7 GB of bf16 weights per block), for "
-                   "measuring export memory. Only its transformer is meant to be exported.")
+              help="Instead: a synthetic checkpoint at the real 14B width: transformer dim 5120, ffn 13824, text_dim "
+                   "4096 with N blocks (about 0.7 GB of bf16 weights per block), a UMT5 encoder at UMT5-XXL width with "
+                   "the real 256384-token vocabulary (--text-encoder-layers layers), the tiny VAE and tokenizer. The "
+                   "whole pipeline runs on it: for trying the deploy chain at real size.")
+@click.option("--text-encoder-layers", type=int, default=1, show_default=True, metavar="K",
+              help="With --real-width-layers: UMT5 layers (the embedding table, 2.1 GB in bf16, comes on top).")
 @force_option
-def command(out_dir, seed, amplify_history, real_width_layers, force):
+def command(out_dir, seed, amplify_history, real_width_layers, text_encoder_layers, force):
     """Write a small random-weight Helios-Distilled checkpoint in diffusers layout.
 
     \b
     Examples:
       helios-deploy tiny-checkpoint engines/tiny --seed 0
-      helios-deploy tiny-checkpoint engines/wide --real-width-layers 6
+      helios-deploy tiny-checkpoint engines/wide2 --real-width-layers 2
     """
     if real_width_layers is not None:
         from ..errors import UserError
         from ..synthetic import write_wide_checkpoint
 
-        if real_width_layers < 1:
-            raise UserError("--real-width-layers must be at least 1", found=str(real_width_layers))
-        info = write_wide_checkpoint(out_dir, layers=real_width_layers, seed=seed, force=force)
-        click.echo(f"synthetic checkpoint written to {info['path']}: transformer {info['transformer_params'] / 1e9:.2f}B "
-                   f"parameters, {info['transformer_weights_bytes'] / 1e9:.2f} GB of weights")
+        if real_width_layers < 1 or text_encoder_layers < 1:
+            raise UserError("--real-width-layers and --text-encoder-layers must be at least 1",
+                            found=f"{real_width_layers} and {text_encoder_layers}")
+        info = write_wide_checkpoint(out_dir, layers=real_width_layers, text_encoder_layers=text_encoder_layers,
+                                     seed=seed, force=force)
+        for name in ("transformer", "text_encoder"):
+            c = info[name]
+            click.echo(f"{name}: {c['layers']} layers, {c['params'] / 1e9:.2f}B parameters, "
+                       f"{c['weights_bytes'] / 1e9:.2f} GB of bf16 weights")
+        click.echo(f"real-width checkpoint written to {info['path']}")
         return
     from ..tiny import write_tiny_checkpoint
 
