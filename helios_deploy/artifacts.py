@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import sha256_file
+from .fsutil import PARTIAL, clean_stale_partials, deferred_signals, sha256_file
 from .specs import ComponentSpec, spec_from_json
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: the VAE decoder is one chunk graph (was first + step)
+FORMAT = 3  # 3: every graph record has its files' sizes; 2: the VAE decoder is one chunk graph
+
+
+def file_record(folder: Path, file: str, data: str) -> dict:
+    """What the manifest records of a graph's two files: names, sizes (checked on every open, cheap at any
+    size) and sha256 (checked where a command reads the whole file anyway)."""
+    folder = Path(folder)
+    return {"file": file, "data": data,
+            "file_bytes": (folder / file).stat().st_size, "data_bytes": (folder / data).stat().st_size,
+            "file_sha256": sha256_file(folder / file), "data_sha256": sha256_file(folder / data)}
 
 
 @dataclass
@@ -41,7 +50,30 @@ class Artifacts:
         if manifest.get("format") != FORMAT:
             raise UserError(f"unsupported manifest format in {path}", found=str(manifest.get("format")),
                             expected=str(FORMAT), fix="re-export with this version of helios-deploy")
-        return cls(root, manifest)
+        arts = cls(root, manifest)
+        arts.check_sizes()
+        return arts
+
+    def records(self):
+        """(component, file record, the step that wrote it) for every graph the manifest lists."""
+        for c, entry in self.manifest["components"].items():
+            for g in entry["graphs"].values():
+                yield c, g, "export"
+            fp8 = entry.get("fp8")
+            if fp8:
+                yield c, fp8, "quantize"
+                if fp8.get("bf16"):
+                    yield c, fp8["bf16"], "quantize"
+            for r in (entry.get("bf16") or {}).values():
+                yield c, r, "quantize --precision bf16"
+
+    def check_sizes(self) -> None:
+        """Every file the manifest lists exists with the size recorded when it was written (a missing,
+        truncated or replaced file is refused before anything reads it)."""
+        problems = [p for c, r, by in self.records() for p in self._file_problems(c, r, by, hashes=False)]
+        if problems:
+            raise UserError(f"the artifacts in {self.root} do not match their manifest", found="; ".join(problems),
+                            fix="re-run the step that wrote them (export or quantize), or restore the files")
 
     @property
     def components(self) -> list[str]:
@@ -61,7 +93,8 @@ class Artifacts:
         return self.root / component / self.spec(component).graph(graph).file
 
     def verify_files(self, component: str) -> None:
-        """Every file of the component exists and has the sha256 recorded at export."""
+        """Every exported file of the component exists and has the size and sha256 recorded at export (for
+        commands that read the whole files anyway)."""
         problems = [p for g in self.manifest["components"][component]["graphs"].values()
                     for p in self._file_problems(component, g, "export")]
         if problems:
@@ -69,19 +102,24 @@ class Artifacts:
                             fix="re-run the export (or restore the files)")
 
     def verify_record(self, component: str, record: dict, written_by: str = "it was written") -> None:
-        """A derived graph (bf16, fp8) exists and has the sha256s recorded when it was written."""
+        """A derived graph (bf16, fp8) exists and has the size and sha256 recorded when it was written."""
         problems = self._file_problems(component, record, written_by)
         if problems:
             raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
                             fix="re-run `helios-deploy quantize` (or restore the files)")
 
-    def _file_problems(self, component: str, record: dict, written_by: str) -> list[str]:
+    def _file_problems(self, component: str, record: dict, written_by: str, hashes: bool = True) -> list[str]:
         problems = []
         for key in ("file", "data"):
             path = self.root / component / record[key]
+            size = record.get(f"{key}_bytes")
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif sha256_file(path) != record[f"{key}_sha256"]:
+            elif size is not None and path.stat().st_size != size:
+                actual = path.stat().st_size
+                problems.append(f"{path}: {actual} bytes, {written_by} wrote {size} "
+                                f"({'truncated' if actual < size else 'changed'} since)")
+            elif hashes and sha256_file(path) != record[f"{key}_sha256"]:
                 problems.append(f"{path}: modified after {written_by} (sha256 differs)")
         return problems
 
@@ -99,6 +137,16 @@ class Artifacts:
 
 def write_manifest(root: Path, manifest: dict) -> None:
     """Write manifest.json atomically (a temporary file beside it, then a rename)."""
-    tmp = root / f".{MANIFEST}.partial-{os.getpid()}"
+    clean_stale_partials(root, MANIFEST)
+    tmp = root / f".{MANIFEST}{PARTIAL}{os.getpid()}-w"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, root / MANIFEST)
+
+
+def install(root: Path, moves: list[tuple[Path, Path]], manifest: dict) -> None:
+    """Move a step's finished files into place (each (staged, destination); data files before the graphs
+    that name them) and write the manifest that records them, with SIGINT/SIGTERM held off until done."""
+    with deferred_signals():
+        for src, dst in moves:
+            os.replace(src, dst)
+        write_manifest(root, manifest)

@@ -60,9 +60,11 @@ def to_host(x: torch.Tensor) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, artifacts: Artifacts, backend: dict[str, str], device: str, precision: str = "fp32"):
+    def __init__(self, artifacts: Artifacts, backend: dict[str, str], device: str, precision: str = "fp32",
+                 low_memory: bool = False):
         self.artifacts, self.backend, self.device = artifacts, backend, torch.device(device)
         self.precision = precision  # fp8: the quantized graphs from `quantize` (ONNX Runtime backend)
+        self.low_memory = low_memory  # ONNX Runtime sessions hold one copy of the weights (no prepacking)
         m = artifacts.manifest
         self.height, self.width = m["video"]["height"], m["video"]["width"]
         self.text_length = m["text_length"]
@@ -77,14 +79,14 @@ class Pipeline:
 
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str | Mapping[str, str] = "onnxruntime",
-                       device: str = "cpu", precision: str = "fp32") -> "Pipeline":
+                       device: str = "cpu", precision: str = "fp32", low_memory: bool = False) -> "Pipeline":
         arts = Artifacts.open(path)
         for c in ("text_encoder", "transformer", "vae_decoder"):
             arts.require(c)
         if precision == "fp8" and not arts.manifest["components"]["transformer"].get("fp8"):
             raise UserError(f"{arts.root} has no FP8 transformer graph",
                             fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
-        return cls(arts, parse_backend(backend), device, precision)
+        return cls(arts, parse_backend(backend), device, precision, low_memory)
 
     # -- components ------------------------------------------------------------------------------
     def runner(self, component: str, graph: str = "model"):
@@ -93,8 +95,22 @@ class Pipeline:
             spec = self.artifacts.spec(component)
             backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
             self._runners[key] = make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
-                                             spec.graph(graph), str(self.device), self.precision).activate()
+                                             spec.graph(graph), str(self.device), self.precision,
+                                             self.low_memory).activate()
         return self._runners[key]
+
+    def set_runner(self, component: str, graph: str, runner) -> None:
+        """Use ``runner`` (active, same spec) for one graph instead of the one the backend would make: how
+        calibration runs its range-recording graphs inside the real sampler loop."""
+        if runner.graph != self.artifacts.spec(component).graph(graph):
+            raise ValueError(f"runner for {component}/{graph} has another graph spec")
+        self._runners[(component, graph)] = runner
+
+    def close(self) -> None:
+        """Release every runner (sessions, engines, device memory)."""
+        for runner in self._runners.values():
+            runner.deactivate()
+        self._runners.clear()
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """UMT5 embeddings [1, L, D], zero past the prompt's real length; cached per prompt."""

@@ -118,12 +118,13 @@ def test_manifest_records_recipe_and_calibration(quantized, fp8_graphs):
     cal = entry["calibration"]
     # 2 prompts x 2 chunks x 3 stages, one call each, at three different shapes
     assert cal["calls"] == 12 and len(cal["shapes"]) == 3 and set(cal["shapes"].values()) == {4}
-    settings = {k: cal[k] for k in ("chunks", "seed", "pyramid_steps", "method", "video", "text_length", "checkpoint")}
+    settings = {k: cal[k] for k in ("chunks", "seed", "pyramid_steps", "method", "video", "text_length", "checkpoint",
+                                    "device")}
     assert cal["sha256"] == calibration_hash(PROMPTS, settings)
     assert cal["sha256"] != calibration_hash(PROMPTS[:1], settings)
     for key in ("file", "data"):
         assert sha256_file(quantized / "transformer" / entry[key]) == entry[f"{key}_sha256"]
-    assert not list((quantized / "transformer").glob(".fp8-partial-*"))
+    assert not list((quantized / "transformer").glob(".fp8.partial-*"))
 
 
 def test_fp8_parity_against_diffusers(tiny_ckpt, quantized):
@@ -179,12 +180,20 @@ def test_bad_calibration_file(artifacts, tmp_path, capsys, content):
 
 def test_modified_onnx_is_refused_and_nothing_written(artifacts, tmp_path, capsys):
     root = _copy(artifacts, tmp_path / "arts")
-    with open(root / "transformer" / "model.onnx.data", "ab") as f:
-        f.write(b"\0")
+    data = root / "transformer" / "model.onnx.data"
+    with open(data, "r+b") as f:  # same size, other bytes: caught by the hash quantize checks
+        f.seek(100)
+        f.write(b"\x7f")
     before = _snapshot(root)
     code, _, err = run_cli(["quantize", root, "--keep-high-precision", "^proj_out/"], capsys)
     assert code == 1 and "modified after export" in err and "Traceback" not in err
     assert _snapshot(root) == before
+    with open(data, "ab") as f:  # another size: caught by the size check every command makes on open
+        f.write(b"\0")
+    before = _snapshot(root)
+    code, _, err = run_cli(["quantize", root, "--keep-high-precision", "^proj_out/"], capsys)
+    assert code == 1 and "do not match their manifest" in err and "model.onnx.data" in err and "changed" in err
+    assert "Traceback" not in err and _snapshot(root) == before
 
 
 def test_unmatched_regex_warns_and_default_recipe_on_two_blocks(artifacts, tmp_path, capsys):

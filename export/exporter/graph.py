@@ -3,7 +3,8 @@
 The reference module is built with its parameters on the meta device and exported with
 ``torch.onnx.export(dynamo=True)``; every initializer of the resulting graph is then bound to a lazy
 tensor that reads that one weight from its safetensors shard when the external-data file is written.
-Peak memory is the exporter's own plus the few tensors in flight, whatever the checkpoint's size.
+Each weight is converted (bf16 -> fp32) in slices of rows as it is written (export/graphio.py), so peak
+memory is the exporter's own plus one slice, whatever the checkpoint's or its largest tensor's size.
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ from ...errors import UserError
 from ...specs import GraphSpec, parse_dim, resolve_shape
 from .modules import build_module, graph_module
 from .patches import export_patches
+from ..graphio import IN_FLIGHT_BYTES, INLINE_BYTES, ArraySource, cast, safetensors_source
 
-IN_FLIGHT_BYTES = 256 << 20  # bytes of weights held at once while writing external data
-# tensors under this size (shape constants, tiny biases) stay inside model.onnx: ONNX Runtime must read
-# shape constants (e.g. Pad amounts) during shape inference; everything larger goes to external data
-INLINE_BYTES = 1024
 
 
 def export_dims(graph: GraphSpec) -> dict[str, int]:
@@ -84,34 +82,25 @@ def _weight_sources(ckpt: Checkpoint, component: str, module) -> tuple[dict, dic
 
 
 def _bind_weights(model, ckpt: Checkpoint, component: str, keys: dict, buffers: dict, prefix: str) -> list[str]:
-    """Replace each initializer's (meta) value with a lazy tensor from the checkpoint or the buffers.
-    Returns the names of initializers that could not be bound."""
-    import onnx_ir as ir
-
+    """Replace each initializer's (meta) value with a source that streams it from the checkpoint (or the
+    module's buffers) when the external data is written. Returns the names that could not be bound."""
     index = ckpt.index_for(component)
     missing = []
     for name, value in model.graph.initializers.items():
         local = name[len(prefix):] if name.startswith(prefix) else name
-        dtype, shape = value.const_value.dtype, value.const_value.shape
-        np_dtype = dtype.numpy()
+        dtype, shape = value.const_value.dtype, tuple(value.const_value.shape)
         if local in buffers:
-            arr = buffers[local].to(torch.float32 if np_dtype == np.float32 else buffers[local].dtype).numpy()
-            value.const_value = ir.Tensor(arr.astype(np_dtype), name=name)
-            continue
-        key = keys.get(local)
-        if key is None:
+            arr = buffers[local].to(torch.float32 if dtype.numpy() == np.float32 else buffers[local].dtype).numpy()
+            value.const_value = ArraySource(arr.astype(dtype.numpy()), name=name)
+        elif keys.get(local) is None:
             missing.append(local)
-            continue
-
-        def load(key=key, name=name, np_dtype=np_dtype, shape=tuple(shape)):
-            t = index.load(key)
-            arr = (t.float() if t.is_floating_point() else t).numpy().astype(np_dtype, copy=False)
-            if arr.shape != shape:
-                raise UserError(f"checkpoint weight {key} has shape {arr.shape}, the config implies {shape}",
+        else:
+            stored = safetensors_source(index.folder / index.weight_map[keys[local]], keys[local])
+            if stored.dims != shape:
+                raise UserError(f"checkpoint weight {keys[local]} has shape {stored.dims}, the config implies {shape}",
                                 fix="the config.json and the weights of this checkpoint do not belong together")
-            return ir.Tensor(arr, name=name)
-
-        value.const_value = ir.LazyTensor(load, dtype=dtype, shape=shape, name=name)
+            value.const_value = cast(stored, dtype)  # bf16 -> fp32 block by block as it is written
+            value.const_value.name = name
     return missing
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import shutil
 import time
 from pathlib import Path
 from typing import Iterable
 
 from ... import __version__
-from ...artifacts import FORMAT, Artifacts, write_manifest
+from ...artifacts import FORMAT, file_record, write_manifest
 from ...checkpoint import Checkpoint
 from ...errors import UserError
-from ...fsutil import sha256_file, staged_dir
+from ...fsutil import staged_dir
+from ...memory import measure_peak, process_peak_bytes
 from ...specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
 from .modules import build_module
@@ -23,10 +23,6 @@ from ..transforms.vae_chunk import export_chunk_decoder
 from .vae_steps import cache_layout
 
 DEFAULT_OPSET = 20
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def vae_layouts(ckpt: Checkpoint, components: Iterable[str]) -> dict:
@@ -39,6 +35,24 @@ def vae_layouts(ckpt: Checkpoint, components: Iterable[str]) -> dict:
 def _weights_bytes(ckpt: Checkpoint, components: Iterable[str]) -> int:
     """Bytes of checkpoint weights behind the exported components (the VAE's counted once)."""
     return sum(p.stat().st_size for p in {p for c in components for p in ckpt.index_for(c).files})
+
+
+def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: int, layouts: dict, height: int,
+                      width: int, log) -> dict:
+    """Export every graph of one component into ``folder``; returns its manifest entry, with the peak memory
+    of this component's export against the bytes of its checkpoint weights."""
+    graphs = {}
+    with measure_peak() as memory:
+        for g in spec.graphs:
+            log(f"exporting {name}/{g.file} ...")
+            if name == "vae_decoder":  # one chunk graph, composed from the first and step graphs
+                info = export_chunk_decoder(ckpt, g, folder, opset, layouts["decode"], height, width)
+            else:
+                info = export_graph(ckpt, name, g, folder, opset)
+            graphs[g.name] = {**info, **file_record(folder, info["file"], info["data"])}
+    weights = _weights_bytes(ckpt, [name])
+    memory.update(weights_bytes=weights, ratio=round(memory["peak_rss_bytes"] / weights, 3) if weights else None)
+    return {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs, "export_memory": memory}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 384, width: int = 640,
@@ -69,18 +83,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     }
     with staged_dir(Path(out), force=force) as tmp:
         for name, spec in specs.items():
-            graphs = {}
-            for g in spec.graphs:
-                log(f"exporting {name}/{g.file} ...")
-                if name == "vae_decoder":  # one chunk graph, composed from the first and step graphs
-                    info = export_chunk_decoder(ckpt, g, tmp / name, opset, layouts["decode"], height, width)
-                else:
-                    info = export_graph(ckpt, name, g, tmp / name, opset)
-                info["file_sha256"] = sha256_file(tmp / name / info["file"])
-                info["data_sha256"] = sha256_file(tmp / name / info["data"])
-                graphs[g.name] = info
-            manifest["components"][name] = {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs}
-        manifest["export_peak_rss_bytes"] = peak_rss_bytes()
+            manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, height,
+                                                             width, log)
+        manifest["export_peak_rss_bytes"] = process_peak_bytes()
         manifest["weights_bytes"] = _weights_bytes(ckpt, components)
         shutil.copytree(ckpt.path / "tokenizer", tmp / "tokenizer")
         (tmp / "scheduler_config.json").write_text(json.dumps(ckpt.configs["scheduler"], indent=2) + "\n")

@@ -1,20 +1,29 @@
-"""Calibration data for FP8: the inputs a component really sees in the distilled sampler loop.
+"""FP8 calibration: the ranges a component's linear layers really see in the sampler loop.
 
-The runtime Pipeline runs over the exported fp32 graphs (ONNX Runtime, CPU) on the calibration prompts,
-two chunks each (so the second chunk has real history), and every call of the recorded components is
-captured: for the transformer that is every step of all three pyramid stages, each at its own shape.
+The runtime Pipeline runs over the exported fp32 graphs on the calibration prompts, two chunks each (so the
+second chunk has real history), with each calibrated component's graph extended by ReduceMax(Abs(x)) and
+Size(x) outputs for every activation that feeds an FP8 layer: every call (every step of all three pyramid
+stages, each at its own shape) updates the running max of |x|, and nothing else is kept. The sessions read
+the exported weights where they are (one copy in memory, no prepacked duplicate) on ONNX Runtime's CPU or
+CUDA provider (``quantize --device``).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import torch
+from onnx import TensorProto, helper
 
 from ...errors import UserError
 from ...fsutil import sha256_bytes
+from ...runtime.runners.onnxruntime import OnnxRuntimeRunner
+from ..graphio import Graph, link_data
+from .prepare import name_nodes_by_module
 
 # Built-in calibration prompts: varied subjects, motion, lighting and camera work, like real requests.
 DEFAULT_PROMPTS = (
@@ -51,63 +60,69 @@ def calibration_hash(prompts: Sequence[str], settings: dict) -> str:
     return sha256_bytes(json.dumps({"prompts": list(prompts), "settings": settings}, sort_keys=True).encode())
 
 
-def record_feeds(pipe, components: Iterable[str], prompts: Sequence[str], chunks: int, seed: int,
-                 pyramid_steps=(1, 1, 1)) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Run the real sampler loop and return every input feed of ``components``, per component, in call
-    order. The runners' ``infer`` is wrapped for the duration of the run and restored afterwards."""
-    recorded: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
-    runners = [pipe.runner(c) for c in recorded]
-    originals = [r.infer for r in runners]
+def calibration_graph(src: Path, activations: Sequence[str], work: Path) -> tuple[Path, dict[str, str]]:
+    """``src`` plus two outputs per activation to calibrate: ReduceMax(Abs(x)) and Size(x) (scalars), written
+    weightless into ``work`` beside a link to ``src``'s external data, so the calibration session reads the
+    exported weights where they are (nothing is copied). Returns the graph and output name -> activation."""
+    graph = Graph.load(src)
+    name_nodes_by_module(graph.proto)
+    g = graph.proto.graph
+    outputs: dict[str, str] = {}
+    for i, x in enumerate(activations):
+        amax, size = f"calibration/amax_{i}", f"calibration/size_{i}"
+        g.node.extend([helper.make_node("Abs", [x], [f"calibration/abs_{i}"], name=f"calibration/abs_{i}"),
+                       helper.make_node("ReduceMax", [f"calibration/abs_{i}"], [amax], keepdims=0,
+                                        name=f"calibration/reduce_max_{i}"),
+                       helper.make_node("Size", [x], [size], name=f"calibration/size_{i}")])
+        g.output.extend([helper.make_tensor_value_info(amax, TensorProto.FLOAT, []),
+                         helper.make_tensor_value_info(size, TensorProto.INT64, [])])
+        outputs[amax] = outputs[size] = x
+    link_data(src, work)
+    path = work / src.name
+    graph.save_referencing(path)
+    return path, outputs
 
-    def recorder(component, infer):
-        def wrapped(feeds, *args, **kwargs):
-            recorded[component].append({k: v.detach().cpu().numpy().copy() for k, v in feeds.items()})
-            return infer(feeds, *args, **kwargs)
-        return wrapped
 
+class RangeRunner(OnnxRuntimeRunner):
+    """A calibration graph run as the runtime's runner for its component: the sampler loop calls it like
+    the exported graph, and it keeps, per activation, the running max |x| and the fewest rows seen."""
+
+    def __init__(self, path: Path, graph, component: str, device: str, outputs: Mapping[str, str],
+                 rows_of: Mapping[str, int]):
+        super().__init__(path, graph, component, device, prepack=False)
+        self.outputs, self.rows_of = dict(outputs), dict(rows_of)
+        self.amax = {x: 0.0 for x in self.outputs.values()}
+        self.min_rows = {x: None for x in self.outputs.values()}
+        self.shapes: Counter = Counter()
+
+    def _activate_impl(self) -> None:
+        super()._activate_impl()
+        self.output_names = [t.name for t in self.graph.outputs] + list(self.outputs)
+
+    def _infer_impl(self, feeds):
+        arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+        values = self.session.run(self.output_names, arrays)
+        n = len(self.graph.outputs)
+        for name, value in zip(self.output_names[n:], values[n:]):
+            x = self.outputs[name]
+            if name.startswith("calibration/amax_"):
+                self.amax[x] = float(np.fmax(self.amax[x], value))
+            else:
+                rows = int(value) // self.rows_of[x]
+                self.min_rows[x] = rows if self.min_rows[x] is None else min(self.min_rows[x], rows)
+        self.shapes["x".join(map(str, arrays[self.graph.inputs[0].name].shape))] += 1
+        return {t.name: torch.from_numpy(v).to(self.device) for t, v in zip(self.graph.outputs, values[:n])}
+
+
+def run_calibration(pipe, runners: Mapping[str, RangeRunner], prompts: Sequence[str], chunks: int, seed: int,
+                    pyramid_steps=(1, 1, 1)) -> None:
+    """The real sampler loop over every prompt, with ``runners`` (component -> RangeRunner) in place of the
+    pipeline's runners for those components."""
+    for component, runner in runners.items():
+        pipe.set_runner(component, "model", runner.activate())
     try:
-        for runner, component, infer in zip(runners, recorded, originals):
-            runner.infer = recorder(component, infer)
         for i, prompt in enumerate(prompts):
             for _ in pipe.stream(prompt, num_frames=33 * chunks, seed=seed + i, pyramid_steps=pyramid_steps):
                 pass
     finally:
-        for runner, infer in zip(runners, originals):
-            runner.infer = infer
-    return recorded
-
-
-def shape_summary(feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, int]:
-    """How many recorded calls per shape of the first input (the pyramid stages, for the transformer)."""
-    out: dict[str, int] = {}
-    for f in feeds:
-        key = "x".join(str(d) for d in next(iter(f.values())).shape)
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def feed_reader(feeds: Sequence[dict[str, np.ndarray]]):
-    """An ONNX Runtime CalibrationDataReader over recorded feeds of different shapes.
-
-    modelopt's ``calibration_data`` takes one array per input and splits it along the batch axis, so every
-    sample must have the same shape; the pyramid stages do not. ``calibration_data_reader`` takes any
-    reader, and its max calibrator reduces each run on its own, so mixed shapes work through it."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-        def get_first(self):
-            return feeds[0]
-
-        def rewind(self):
-            self._it = iter(feeds)
-
-        def __len__(self):
-            return len(feeds)
-
-    return _Reader()
+        pipe.close()

@@ -1,18 +1,19 @@
-"""Graph preparation before modelopt's quantizer, and reading back what it did.
+"""Graph preparation shared by the FP8 quantizer and the bf16 lowering, and reading back what they did.
 
-modelopt places the FP8 Q/DQ nodes; these functions only do what it cannot do on our exported graphs:
+Everything here works on weightless graphs (export/graphio.py): node names, folded transposes and split
+sequences change the graph, never load a weight (a folded transpose is a source that transposes its weight
+when it is written, one tensor at a time).
 - ``name_nodes_by_module``: torch's dynamo exporter names nodes ``node_MatMul_448``; the module path is
   only in the node's metadata (``pkg.torch.onnx.name_scopes``). Node names become
   ``blocks.0.attn1.to_q/node_MatMul_448`` so users' regexes (and modelopt's ``nodes_to_exclude``) can
   say which layers stay in high precision.
-- ``fold_weight_transposes``: the exporter feeds linear weights through ``Transpose(W)``; modelopt then
-  quantizes the Transpose output and its ``dq_only`` folding skips weights that are not initializers, so
-  the weights stayed fp32 (+Q/DQ) and the file did not shrink. Folding the transposes into initializers
-  (what ONNX Runtime does at session start anyway) lets modelopt store FP8 initializers.
-- ``split_sequences``: ``torch.split`` exports as SplitToSequence + SequenceAt; ONNX Runtime failed
-  inside modelopt's calibration session on it ("Shape mismatch attempting to re-use buffer" at
-  SequenceAt, onnxruntime 1.32, modelopt 0.47) although the same graph runs fine on its own. A Split
-  with the same split sizes is equivalent and calibrates.
+- ``fold_weight_transposes``: the exporter feeds linear weights through ``Transpose(W)``. FP8 weights must
+  be initializers feeding a DequantizeLinear straight into the MatMul (what TensorRT fuses into an FP8
+  GEMM), and AutoCast converts initializers to bf16 but casts computed tensors at run time; folding the
+  transposes into initializers (what ONNX Runtime does at session start anyway) gives both.
+- ``split_sequences``: ``torch.split`` exports as SplitToSequence + SequenceAt, which AutoCast cannot type
+  (ONNX Runtime then refuses the lowered graph: "expected seq(tensor(float))"). A Split with the same
+  split sizes is equivalent.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ..graphio import Graph, transposed
 
 LINEAR_OPS = ("MatMul", "Gemm")
 _SCOPES = "pkg.torch.onnx.name_scopes"
@@ -66,7 +69,7 @@ def block_count(names) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     out = {i.name: i for i in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -74,28 +77,33 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return out
 
 
-def fold_weight_transposes(model: onnx.ModelProto) -> int:
-    """Replace ``Transpose(initializer)`` by a transposed initializer; returns how many were folded."""
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
+def fold_weight_transposes(graph: Graph) -> int:
+    """Replace ``Transpose(initializer)`` by an initializer whose source is the transposed weight; returns
+    how many were folded."""
+    g = graph.proto.graph
+    inits = graph.initializers()
     uses = Counter(i for n in g.node for i in n.input)
     keep, folded = [], 0
     for node in g.node:
         if node.op_type == "Transpose" and node.input[0] in inits:
-            perm = [a.ints for a in node.attribute if a.name == "perm"]
-            arr = numpy_helper.to_array(inits[node.input[0]])
-            arr = np.ascontiguousarray(arr.transpose(list(perm[0]) if perm else None))
-            g.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+            perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+            graph.set_initializer(node.output[0], transposed(graph.source(node.input[0]), perm[0] if perm else None))
             uses[node.input[0]] -= 1
             folded += 1
         else:
             keep.append(node)
     del g.node[:]
     g.node.extend(keep)
-    unused = [i for i in g.initializer if i.name in inits and uses[i.name] <= 0]
-    for i in unused:
-        g.initializer.remove(i)
+    graph.prune_initializers()
     return folded
+
+
+def prepare(graph: Graph) -> Graph:
+    """Module-qualified node names, folded weight transposes, Split for SplitToSequence (in place)."""
+    name_nodes_by_module(graph.proto)
+    fold_weight_transposes(graph)
+    split_sequences(graph.proto)
+    return graph
 
 
 def split_sequences(model: onnx.ModelProto) -> int:

@@ -1,39 +1,48 @@
-"""`quantize` as a library call: exported fp32 graphs -> FP8 E4M3 Q/DQ graphs with FP8 weights.
+"""`quantize --precision fp8` as a library call: exported fp32 graphs -> FP8 E4M3 Q/DQ graphs with FP8 weights,
+at any model size.
 
-Recipe (NVIDIA Model Optimizer's ONNX quantizer, ``quantize_mode="fp8"``):
-- Q/DQ on the linear layers only (MatMul/Gemm from ``nn.Linear``: attention projections, FFN,
-  cross-attention); attention's own matmuls (``disable_mha_qdq``), convolutions and everything else stay
-  in high precision. Weights are stored as FP8 initializers + DequantizeLinear (``dq_only``), per output
-  channel; activations per tensor, calibrated with max calibration (amax over every recorded call).
-- ``high_precision_dtype="fp32"``: modelopt's default (fp16) would convert the rest of the graph, which
-  ONNX Runtime on CPU runs poorly or not at all; fp32 keeps the graph checkable here. TensorRT's strongly
-  typed build decides the precision of the non-FP8 layers from this graph.
+Recipe (NVIDIA Model Optimizer's ONNX FP8 recipe, reproduced on streamed graphs: export/transforms/qdq.py):
+- Q/DQ on the linear layers only (MatMul from ``nn.Linear``: attention projections, FFN, cross-attention);
+  attention's own matmuls, convolutions and everything else stay in high precision (fp32 in this graph; the
+  TensorRT build takes bf16 from ``model.fp8.bf16.onnx``). Weights are FP8 initializers + DequantizeLinear,
+  per output channel; activations per tensor, max calibration (amax over every call of the calibration run).
+  A layer whose activation has a single row in some call (a GEMV, which FP8 cannot speed up) stays in high
+  precision, as Model Optimizer decides.
 - Layers kept in high precision by regex over module-qualified node names (``blocks.0.attn1.to_q/...``):
   see ``default_keep``.
 
-Calibration runs the real sampler loop over the exported fp32 graphs (export/transforms/calibration.py).
+The steps, each holding at most one copy of the weights: calibration runs the real sampler loop over the
+exported fp32 graphs with range-recording outputs (export/transforms/calibration.py; ONNX Runtime on
+``--device cpu`` or ``cuda``); the Q/DQ rewrite is a weightless graph whose FP8 weights are quantized one
+tensor at a time as they are written (export/graphio.py); the bf16 lowering of the result for TensorRT is
+the same (export/transforms/lowering.py). Outputs are written in a work folder inside each component's folder
+and moved into place, with the manifest, only when every component is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ...artifacts import Artifacts, write_manifest
+from ...artifacts import Artifacts, file_record, install
 from ...errors import UserError
-from ...fsutil import sha256_file
-from . import prepare as fp8_graph
+from ...fsutil import staging
+from ...memory import measure_peak
+from ..graphio import Graph
+from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
 from .lowering import write_lowered
-from .calibration import calibration_hash, feed_reader, read_prompts, record_feeds, shape_summary
+from .prepare import LINEAR_OPS, block_count, linear_nodes, precision_map, prepare, weight_bytes
+from .qdq import insert_qdq
 
 FP8_FILE = "model.fp8.onnx"
+FP8_BF16_FILE = "model.fp8.bf16.onnx"
 QUANTIZABLE = ("transformer", "text_encoder")
+DEVICES = ("cpu", "cuda")
 KEEP_EDGE_BLOCKS = 3
 CALIBRATION_METHOD = "max"
 
@@ -71,41 +80,30 @@ def resolve_keep(patterns: Sequence[str], names: Sequence[str]) -> tuple[list[st
     return matched, warnings
 
 
-def prepare_graph(src: Path, dst: Path) -> "fp8_graph.onnx.ModelProto":
-    """Load the fp32 graph, name/fold/split it for modelopt (see fp8_graph) and save it to ``dst``."""
-    import onnx
+@dataclass
+class Plan:
+    """One component's prepared fp32 graph and which of its linear layers become FP8."""
 
-    model = onnx.load(str(src))
-    fp8_graph.name_nodes_by_module(model)
-    fp8_graph.fold_weight_transposes(model)
-    fp8_graph.split_sequences(model)
-    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    return model
+    component: str
+    graph: Graph
+    linear: list[str]
+    layers: list[str]  # linear + conv nodes: what the manifest's layer_precision lists
+    targets: list[str]
+    excluded: list[str]
+    patterns: list[str]
+    warnings: list[str] = field(default_factory=list)
 
-
-def run_modelopt(src: Path, out: Path, feeds, quantize_nodes: list[str], exclude: list[str]) -> None:
-    from modelopt.onnx.quantization import quantize
-
-    quantize(str(src), quantize_mode="fp8", calibration_data_reader=feed_reader(feeds),
-             calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
-             op_types_to_quantize=list(fp8_graph.LINEAR_OPS), nodes_to_quantize=[re.escape(n) + "$" for n in quantize_nodes],
-             nodes_to_exclude=[re.escape(n) + "$" for n in exclude], disable_mha_qdq=True, dq_only=True,
-             use_external_data_format=True, output_path=str(out), log_level="WARNING")
+    def activation(self, node_name: str) -> str:
+        return next(n.input[0] for n in self.graph.proto.graph.node if n.name == node_name)
 
 
-def quantize_component(arts: Artifacts, component: str, feeds, keep: Sequence[str] | None, work: Path,
-                       log: Callable[[str], None]) -> dict:
-    """Quantize one component into ``work``; returns its manifest entry (files not yet in place)."""
-    import onnx
-
-    src = work / "fp32" / "model.onnx"
-    src.parent.mkdir()
-    model = prepare_graph(arts.graph_path(component, "model"), src)
-    linear = fp8_graph.linear_nodes(model)
-    layers = linear + [n.name for n in model.graph.node if n.op_type == "Conv"]
-    blocks = fp8_graph.block_count(linear)
+def plan_component(arts: Artifacts, component: str, keep: Sequence[str] | None, log: Callable[[str], None]) -> Plan:
+    graph = prepare(Graph.load(arts.graph_path(component, "model")))
+    linear = linear_nodes(graph.proto)
+    layers = linear + [n.name for n in graph.proto.graph.node if n.op_type == "Conv"]
+    blocks = block_count(linear)
     patterns = list(keep) if keep is not None else default_keep(component, blocks)
-    matched, warnings = resolve_keep(patterns, [n.name for n in model.graph.node])
+    matched, warnings = resolve_keep(patterns, [n.name for n in graph.proto.graph.node])
     excluded = [n for n in linear if n in set(matched)]
     if keep is None and component == "transformer" and blocks <= 2 * KEEP_EDGE_BLOCKS:
         warnings.append(f"the default recipe keeps the first and last {KEEP_EDGE_BLOCKS} blocks; this model has "
@@ -118,95 +116,118 @@ def quantize_component(arts: Artifacts, component: str, feeds, keep: Sequence[st
                         found=f"{len(linear)} linear layers, all matched by {patterns}",
                         fix=r"choose the layers with --keep-high-precision, e.g. --keep-high-precision '^patch_' "
                             r"--keep-high-precision '^condition_embedder\.' --keep-high-precision '^proj_out/'")
-    log(f"{component}: quantizing {len(targets)} of {len(linear)} linear layers, calibrating on {len(feeds)} calls "
-        f"({shape_summary(feeds)}) ...")
-    raw = work / "modelopt" / FP8_FILE
-    raw.parent.mkdir()
-    run_modelopt(src, raw, feeds, targets, excluded)
-    final = onnx.load(str(raw))
-    out = work / "out" / FP8_FILE
-    out.parent.mkdir()
-    onnx.save_model(final, str(out), save_as_external_data=True, location=FP8_FILE + ".data")
-    precision = fp8_graph.precision_map(final, layers)
-    if not any(v == "fp8" for v in precision.values()):
-        raise RuntimeError(f"modelopt quantized none of the {len(targets)} selected layers of {component}")
-    return {"file": FP8_FILE, "data": FP8_FILE + ".data", "keep_high_precision": patterns,
-            "excluded_nodes": sorted(excluded), "layer_precision": precision, "warnings": warnings,
-            "weight_bytes": {"fp32_graph": fp8_graph.weight_bytes(model, linear),
-                             "fp8_graph": fp8_graph.weight_bytes(final, linear)}}
+    return Plan(component, graph, linear, layers, targets, excluded, patterns, warnings)
 
 
-FP8_BF16_FILE = "model.fp8.bf16.onnx"
-
-
-def _install(work_out: Path, dest: Path, entry: dict) -> None:
-    """Hash the finished files and move them into place (data first: the graph names it)."""
-    entry["file_sha256"] = sha256_file(work_out / entry["file"])
-    entry["data_sha256"] = sha256_file(work_out / entry["data"])
-    entry["file_bytes"] = (work_out / entry["file"]).stat().st_size
-    entry["data_bytes"] = (work_out / entry["data"]).stat().st_size
-    lowered = entry.get("bf16")
-    if lowered:  # its hashes were taken when it was written
-        os.replace(work_out / lowered["data"], dest / lowered["data"])
-        os.replace(work_out / lowered["file"], dest / lowered["file"])
-    os.replace(work_out / entry["data"], dest / entry["data"])
-    os.replace(work_out / entry["file"], dest / entry["file"])
-
-
-def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),
-                       prompts_file: str | Path | None = None, keep: Sequence[str] | None = None,
-                       chunks: int = 2, seed: int = 0, prompts: Sequence[str] | None = None,
-                       log: Callable[[str], None] = print) -> dict:
-    """Calibrate on the real sampler loop, quantize each component and record it in the manifest.
-
-    Every output is produced in a temporary folder first; nothing in ARTIFACTS changes unless all
-    components succeed."""
-    import modelopt
-
+def calibrate(arts: Artifacts, plans: Sequence[Plan], prompts: Sequence[str], chunks: int, seed: int,
+              device: str, work: dict[str, Path]) -> dict[str, RangeRunner]:
+    """Run the sampler loop once with every planned component's range-recording graph in place."""
     from ...runtime import Pipeline
 
-    t0 = time.perf_counter()
-    arts = Artifacts.open(artifacts)
-    components = list(components)
+    pipe = Pipeline.from_artifacts(arts.root, device=device, low_memory=True)
+    runners = {}
+    for plan in plans:
+        inits = plan.graph.initializers()
+        rows_of = {}
+        for t in plan.targets:
+            node = next(n for n in plan.graph.proto.graph.node if n.name == t)
+            rows_of[node.input[0]] = int(inits[node.input[1]].dims[0])  # K of the weight [K, N]
+        folder = work[plan.component] / "calibration"
+        folder.mkdir()
+        path, outputs = calibration_graph(arts.graph_path(plan.component, "model"), sorted(rows_of), folder)
+        runners[plan.component] = RangeRunner(path, arts.spec(plan.component).graph("model"), plan.component,
+                                              device, outputs, rows_of)
+    run_calibration(pipe, runners, prompts, chunks, seed)
+    return runners
+
+
+def quantize_component(plan: Plan, runner: RangeRunner, out: Path, log: Callable[[str], None]) -> dict:
+    """Q/DQ on the planned layers with the calibrated ranges, written to ``out`` (FP8 graph and its bf16
+    lowering); returns the component's manifest entry."""
+    gemv = [t for t in plan.targets if runner.min_rows[plan.activation(t)] == 1]
+    targets = [t for t in plan.targets if t not in gemv]
+    if gemv:
+        plan.warnings.append(f"{len(gemv)} layers read a single row in some call (GEMV) and stay in high precision")
+        log(f"warning: {plan.warnings[-1]}")
+    log(f"{plan.component}: {len(targets)} of {len(plan.linear)} linear layers to FP8 ...")
+    fp32_bytes = weight_bytes(plan.graph.proto, plan.linear)
+    with measure_peak() as memory:
+        insert_qdq(plan.graph, targets, runner.amax)
+        plan.graph.save(out / FP8_FILE)
+    precision = precision_map(plan.graph.proto, plan.layers)
+    if sum(v == "fp8" for v in precision.values()) != len(targets):
+        raise RuntimeError(f"{plan.component}: {len(targets)} layers planned for FP8, the graph has "
+                           f"{sum(v == 'fp8' for v in precision.values())}")
+    log(f"{plan.component}: lowering {FP8_FILE} to bf16 outside the FP8 layers for TensorRT ...")
+    with measure_peak() as lowering_memory:
+        lowered = write_lowered(out / FP8_FILE, out, FP8_BF16_FILE)
+    return {**file_record(out, FP8_FILE, FP8_FILE + ".data"), "keep_high_precision": plan.patterns,
+            "excluded_nodes": sorted(plan.excluded + gemv), "layer_precision": precision, "warnings": plan.warnings,
+            "weight_bytes": {"fp32_graph": fp32_bytes, "fp8_graph": weight_bytes(plan.graph.proto, plan.linear)},
+            "bf16": {**lowered, "memory": lowering_memory}, "memory": {"qdq": memory}}
+
+
+def _recipe() -> dict:
+    import modelopt
+
+    return {"tool": "helios-deploy streamed Q/DQ (Model Optimizer's FP8 recipe)",
+            "modelopt_version": modelopt.__version__, "quantize_mode": "fp8", "format": "float8e4m3fn",
+            "calibration_method": CALIBRATION_METHOD, "high_precision_dtype": "fp32",
+            "quantized_ops": list(LINEAR_OPS), "attention_matmuls": "high precision"}
+
+
+def _check_request(arts: Artifacts, components: list[str], chunks: int, device: str) -> None:
     for c in components:
         if c not in QUANTIZABLE:
             raise UserError(f"cannot quantize {c}", expected=f"one of {', '.join(QUANTIZABLE)}",
                             fix="pass --components transformer or transformer,text_encoder")
-        arts.require(c)
     for c in ("text_encoder", "transformer", "vae_decoder"):
         arts.require(c)
         arts.verify_files(c)
     if chunks < 1:
         raise UserError(f"--calibration-chunks must be at least 1, got {chunks}")
+    if device not in DEVICES:
+        raise UserError(f"unknown calibration device {device!r}", expected=" or ".join(DEVICES))
+
+
+def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),
+                       prompts_file: str | Path | None = None, keep: Sequence[str] | None = None,
+                       chunks: int = 2, seed: int = 0, prompts: Sequence[str] | None = None, device: str = "cpu",
+                       log: Callable[[str], None] = print) -> dict:
+    """Calibrate on the real sampler loop, quantize each component and record it in the manifest. Nothing in
+    ARTIFACTS changes unless every component succeeds."""
+    t0 = time.perf_counter()
+    arts = Artifacts.open(artifacts)
+    components = list(components)
+    _check_request(arts, components, chunks, device)
     prompts = list(prompts) if prompts is not None else read_prompts(prompts_file)
     settings = {"chunks": chunks, "seed": seed, "pyramid_steps": [1, 1, 1], "method": CALIBRATION_METHOD,
                 "video": arts.manifest["video"], "text_length": arts.manifest["text_length"],
                 "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
-    log(f"calibrating: {len(prompts)} prompts x {chunks} chunks through the fp32 pipeline ...")
-    feeds = record_feeds(Pipeline.from_artifacts(arts.root), components, prompts, chunks, seed)
-    t_cal = time.perf_counter() - t0
-    entries = {}
-    staging = [Path(tempfile.mkdtemp(prefix=".fp8-partial-", dir=arts.root / c)) for c in components]
-    try:
-        for c, work in zip(components, staging):
+    manifest = json.loads(json.dumps(arts.manifest))
+    with contextlib.ExitStack() as stack:
+        work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components}
+        plans = [plan_component(arts, c, keep if c == "transformer" else None, log) for c in components]
+        log(f"calibrating: {len(prompts)} prompts x {chunks} chunks through the fp32 pipeline on {device} ...")
+        with measure_peak() as calibration_memory:
+            runners = calibrate(arts, plans, prompts, chunks, seed, device, work)
+        t_cal = time.perf_counter() - t0
+        moves = []
+        for plan in plans:
             t1 = time.perf_counter()
-            entries[c] = quantize_component(arts, c, feeds[c], keep if c == "transformer" else None, work, log)
-            entries[c].update(recipe={"tool": "nvidia-modelopt", "modelopt_version": modelopt.__version__,
-                                      "quantize_mode": "fp8", "format": "float8e4m3fn", "calibration_method": CALIBRATION_METHOD,
-                                      "high_precision_dtype": "fp32", "quantized_ops": list(fp8_graph.LINEAR_OPS),
-                                      "attention_matmuls": "high precision"},
-                              calibration={"sha256": calibration_hash(prompts, settings), "prompts": len(prompts),
-                                           "calls": len(feeds[c]), "shapes": shape_summary(feeds[c]), **settings},
-                              seconds={"calibration": round(t_cal, 2), "quantize": round(time.perf_counter() - t1, 2)})
-            # what TensorRT builds from: the same Q/DQ graph, bf16 outside its FP8 layers (export/transforms/lowering.py)
-            log(f"{c}: lowering {FP8_FILE} to bf16 outside the FP8 layers for TensorRT ...")
-            entries[c]["bf16"] = write_lowered(work / "out" / FP8_FILE, work / "out", FP8_BF16_FILE)
-        manifest = json.loads(json.dumps(arts.manifest))
-        for c, work in zip(components, staging):
-            _install(work / "out", arts.root / c, entries[c])
-            manifest["components"][c]["fp8"] = entries[c]
-        write_manifest(arts.root, manifest)
-    finally:
-        for work in staging:
-            shutil.rmtree(work, ignore_errors=True)
-    return {"components": entries, "seconds": round(time.perf_counter() - t0, 2)}
+            out = work[plan.component] / "out"
+            out.mkdir()
+            entry = quantize_component(plan, runners[plan.component], out, log)
+            runner = runners[plan.component]
+            entry.update(recipe=_recipe(), calibration={
+                "sha256": calibration_hash(prompts, {**settings, "device": device}), "prompts": len(prompts),
+                "calls": sum(runner.shapes.values()), "shapes": dict(runner.shapes), "device": device, **settings})
+            entry["memory"]["calibration"] = calibration_memory
+            entry["seconds"] = {"calibration": round(t_cal, 2), "quantize": round(time.perf_counter() - t1, 2)}
+            manifest["components"][plan.component]["fp8"] = entry
+            folder = arts.root / plan.component
+            moves += [(out / f, folder / f) for f in (entry["bf16"]["data"], entry["bf16"]["file"],
+                                                      entry["data"], entry["file"])]
+        install(arts.root, moves, manifest)
+    return {"components": {c: manifest["components"][c]["fp8"] for c in components},
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -19,6 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+
+from ..graphio import Graph, digest
 
 
 def _renamed(node, rename, prefix: str):
@@ -57,41 +60,48 @@ def _value_info(tensor):
     return helper.make_tensor_value_info(tensor.name, dtypes[tensor.dtype], list(tensor.dims))
 
 
-def compose_decoder(first, step, graph):
-    """onnx.ModelProto of the chunk decoder from the ``first`` and ``step`` models (weights loaded), with
-    the inputs and outputs of ``graph`` (the vae_decoder spec's chunk graph): latents [B, z, frames, h, w]
-    -> video [B, 3, T, 8h, 8w] float32 in [-1, 1] and frames uint8 [B, T, 8h, 8w, 3]."""
-    import onnx
+def _merged_names(first: Graph, step: Graph, out: Graph) -> tuple[list, dict]:
+    """The composed graph's initializers and, per part, initializer name -> name in the composed graph:
+    step's as they are (every step copy shares them), first's merged into step's where their bytes are
+    equal (compared block by block, never a whole model in memory), else under their own prefix."""
+    initializers = [out.adopt(t, step) for t in step.proto.graph.initializer]
+    names = {"step": {t.name: t.name for t in step.proto.graph.initializer}, "first": {}}
+    step_inits = step.initializers()
+    for t in first.proto.graph.initializer:
+        twin = step_inits.get(t.name)
+        if twin is not None and _same(first.source(t.name), step.source(t.name)):
+            names["first"][t.name] = t.name
+            continue
+        names["first"][t.name] = "first/" + t.name
+        initializers.append(out.adopt(t, first, "first/" + t.name))
+    return initializers, names
+
+
+def _same(a, b) -> bool:
+    return a.dtype == b.dtype and a.dims == b.dims and digest(a) == digest(b)
+
+
+def compose_decoder(first: Graph, step: Graph, graph) -> Graph:
+    """The chunk decoder composed from the ``first`` and ``step`` graphs (weights stay in their sources),
+    with the inputs and outputs of ``graph`` (the vae_decoder spec's chunk graph): latents
+    [B, z, frames, h, w] -> video [B, 3, T, 8h, 8w] float32 in [-1, 1] and frames uint8 [B, T, 8h, 8w, 3]."""
     from onnx import TensorProto, helper
 
     latents = graph.inputs[0].name
     video, pixels = (t.name for t in graph.outputs)
     frames = int(graph.inputs[0].dims[2])
-
-    caches_in = [i.name for i in step.graph.input][1:]
-    caches_out = {"first": [o.name for o in first.graph.output][1:], "step": [o.name for o in step.graph.output][1:]}
+    fp, sp = first.proto.graph, step.proto.graph
+    caches_in = [i.name for i in sp.input][1:]
+    caches_out = {"first": [o.name for o in fp.output][1:], "step": [o.name for o in sp.output][1:]}
     if not len(caches_in) == len(caches_out["first"]) == len(caches_out["step"]):
         raise ValueError(f"first has {len(caches_out['first'])} cache outputs, step {len(caches_in)} cache inputs "
                          f"and {len(caches_out['step'])} cache outputs")
-    # initializer names as each copy sees them: step's as they are (every step copy shares them), first's
-    # merged into step's when equal, else under their own prefix
-    shared = {t.name: t for t in step.graph.initializer}
-    initializers = list(step.graph.initializer)
-    names = {"step": {n: n for n in shared}, "first": {}}
-    for t in first.graph.initializer:
-        twin = shared.get(t.name)
-        if twin is not None and onnx.numpy_helper.to_array(twin).tobytes() == onnx.numpy_helper.to_array(t).tobytes():
-            names["first"][t.name] = t.name
-            continue
-        own = onnx.TensorProto()
-        own.CopyFrom(t)
-        own.name = names["first"][t.name] = "first/" + t.name
-        initializers.append(own)
-
+    out = Graph(onnx.ModelProto())
+    initializers, names = _merged_names(first, step, out)
     nodes, videos = [], []
     for k in range(frames):
-        model, kind, prefix = (first, "first", "first/") if k == 0 else (step, "step", f"step{k}/")
-        wiring = {model.graph.input[0].name: prefix + latents, **names[kind]}
+        part, kind, prefix = (fp, "first", "first/") if k == 0 else (sp, "step", f"step{k}/")
+        wiring = {part.input[0].name: prefix + latents, **names[kind]}
         if k > 0:  # cache_in_i <- the previous copy's cache_out_i
             previous, source = ("first/", "first") if k == 1 else (f"step{k - 1}/", "step")
             wiring.update({c_in: previous + c_out for c_in, c_out in zip(caches_in, caches_out[source])})
@@ -100,41 +110,46 @@ def compose_decoder(first, step, graph):
         initializers += [_const(starts, [k]), _const(ends, [k + 1])]
         nodes.append(helper.make_node("Slice", [latents, starts, ends, "chunk/axis_time"], [prefix + latents],
                                       name=f"{prefix}slice_latents"))
-        nodes += [_renamed(n, rename, prefix) for n in model.graph.node]
-        videos.append(prefix + model.graph.output[0].name)
+        nodes += [_renamed(n, rename, prefix) for n in part.node]
+        videos.append(prefix + part.output[0].name)
     initializers += [_const("chunk/axis_time", [2]), _const("chunk/half", 0.5, np.float32),
                      _const("chunk/zero", 0.0, np.float32), _const("chunk/one", 1.0, np.float32),
                      _const("chunk/scale", 255.0, np.float32)]
-    nodes += [
+    nodes += _postprocess(videos, video, pixels, TensorProto.UINT8)
+    nodes = _prune(nodes, {video, pixels})
+    graph_proto = helper.make_graph(
+        nodes, "vae_decoder_chunk", [_value_info(t) for t in graph.inputs], [_value_info(t) for t in graph.outputs],
+        initializer=initializers)
+    out.proto = helper.make_model(graph_proto, opset_imports=list(step.proto.opset_import),
+                                  ir_version=step.proto.ir_version, producer_name="helios-deploy",
+                                  doc_string=__doc__.split("\n\n")[0])
+    out.prune_initializers()
+    return out
+
+
+def _postprocess(videos: list[str], video: str, pixels: str, uint8: int) -> list:
+    """Concatenate the copies' videos; the reference's postprocess: x / 2 + 0.5 (equal bit for bit to
+    x * 0.5 + 0.5), clamp, * 255, round half to even, uint8, channels last."""
+    from onnx import helper
+
+    return [
         helper.make_node("Concat", videos, [video], axis=2, name="chunk/concat_video"),
-        # the reference's postprocess: x / 2 + 0.5 (equal bit for bit to x * 0.5 + 0.5), clamp, * 255, round
         helper.make_node("Mul", [video, "chunk/half"], ["chunk/scaled"], name="chunk/scale_half"),
         helper.make_node("Add", ["chunk/scaled", "chunk/half"], ["chunk/unit"], name="chunk/shift_half"),
         helper.make_node("Clip", ["chunk/unit", "chunk/zero", "chunk/one"], ["chunk/clipped"], name="chunk/clip"),
         helper.make_node("Mul", ["chunk/clipped", "chunk/scale"], ["chunk/pixels"], name="chunk/scale_255"),
         helper.make_node("Round", ["chunk/pixels"], ["chunk/rounded"], name="chunk/round"),
-        helper.make_node("Cast", ["chunk/rounded"], ["chunk/uint8"], to=TensorProto.UINT8, name="chunk/to_uint8"),
+        helper.make_node("Cast", ["chunk/rounded"], ["chunk/uint8"], to=uint8, name="chunk/to_uint8"),
         helper.make_node("Transpose", ["chunk/uint8"], [pixels], perm=[0, 2, 3, 4, 1], name="chunk/channels_last"),
     ]
-    nodes = _prune(nodes, {video, pixels})
-    used = {v for n in nodes for v in n.input}
-    initializers = [t for t in initializers if t.name in used]
-
-    graph_proto = helper.make_graph(
-        nodes, "vae_decoder_chunk", [_value_info(t) for t in graph.inputs], [_value_info(t) for t in graph.outputs],
-        initializer=initializers)
-    return helper.make_model(graph_proto, opset_imports=list(step.opset_import), ir_version=step.ir_version,
-                             producer_name="helios-deploy", doc_string=__doc__.split("\n\n")[0])
 
 
-def write_chunk_decoder(first_path: Path, step_path: Path, out_path: Path, graph, inline_bytes: int) -> int:
-    """Compose ``graph`` and save it with the weights in ``out_path.name + ".data"``; returns the node count."""
-    import onnx
-
-    model = compose_decoder(onnx.load(str(first_path)), onnx.load(str(step_path)), graph)
-    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out_path.name + ".data", size_threshold=inline_bytes)
-    return len(model.graph.node)
+def write_chunk_decoder(first: Graph, step: Graph, out_path: Path, graph) -> int:
+    """Compose ``graph`` and save it with its weights streamed into ``out_path.name + ".data"``; returns the
+    node count."""
+    composed = compose_decoder(first, step, graph)
+    composed.save(out_path)
+    return len(composed.proto.graph.node)
 
 
 def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height: int, width: int) -> dict:
@@ -144,7 +159,7 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
     import time
 
     from ...specs import vae_step_graphs
-    from ..exporter.graph import INLINE_BYTES, export_graph
+    from ..exporter.graph import export_graph
 
     t0 = time.perf_counter()
     parts = out_dir / ".parts"
@@ -152,7 +167,8 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
     try:
         infos = [export_graph(ckpt, "vae_decoder", g, parts, opset) for g in (first, step)]
         traced = time.perf_counter()
-        nodes = write_chunk_decoder(parts / first.file, parts / step.file, out_dir / graph.file, graph, INLINE_BYTES)
+        nodes = write_chunk_decoder(Graph.load(parts / first.file), Graph.load(parts / step.file),
+                                    out_dir / graph.file, graph)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return {"file": graph.file, "data": graph.file + ".data", "nodes": nodes,
@@ -161,24 +177,22 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
             "export_seconds": round(traced - t0, 3), "write_seconds": round(time.perf_counter() - traced, 3)}
 
 
-def split_parts(chunk_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    """The ``first`` graph and one ``step`` graph taken back out of a chunk graph (onnx.utils.extract_model),
-    for work that is per part: AutoCast's time grows much faster than the graph (bf16 lowering of the tiny
-    chunk graph took minutes, its two parts seconds)."""
+def split_parts(chunk: Graph) -> tuple[Graph, Graph]:
+    """The ``first`` graph and one ``step`` graph taken back out of a chunk graph (weights stay in their
+    sources), for work that is per part: AutoCast's time grows much faster than the graph (bf16 lowering of
+    the tiny chunk graph took minutes, its two parts seconds)."""
     import re
 
-    import onnx
-    import onnx.utils
+    from onnx.utils import Extractor
 
-    model = onnx.load(str(chunk_path), load_external_data=False)
-    latents = model.graph.input[0].name
-    produced = {o for n in model.graph.node for o in n.output}
+    g = chunk.proto.graph
+    latents = g.input[0].name
+    produced = {o for n in g.node for o in n.output}
     caches = sorted((v for v in produced if re.fullmatch(r"first/cache_out_\d+", v)),
                     key=lambda v: int(v.rsplit("_", 1)[1]))
-    first_video = next(n.input[0] for n in model.graph.node if n.name == "chunk/concat_video")
-    step_video = next(n.input[1] for n in model.graph.node if n.name == "chunk/concat_video")
-    first, step = out_dir / "first.onnx", out_dir / "step.onnx"
-    onnx.utils.extract_model(str(chunk_path), str(first), ["first/" + latents], [first_video, *caches])
-    onnx.utils.extract_model(str(chunk_path), str(step), ["step1/" + latents, *caches],
-                             [step_video, *(c.replace("first/", "step1/", 1) for c in caches)])
-    return first, step
+    concat = next(n for n in g.node if n.name == "chunk/concat_video")
+    extractor = Extractor(chunk.proto)
+    first = extractor.extract_model(["first/" + latents], [concat.input[0], *caches])
+    step = extractor.extract_model(["step1/" + latents, *caches],
+                                   [concat.input[1], *(c.replace("first/", "step1/", 1) for c in caches)])
+    return Graph(first, chunk.sources), Graph(step, chunk.sources)

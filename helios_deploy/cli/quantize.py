@@ -17,8 +17,12 @@ import click
                    "of the exported graphs to keep in fp32 (added to Sin/Cos and their arguments).")
 @click.option("--calibration-chunks", type=int, default=2, show_default=True,
               help="Chunks generated per prompt (the second and later chunks have real history).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="fp8: where calibration runs the fp32 sampler loop (ONNX Runtime's CPU provider, or CUDA on a GPU "
+                   "host with onnxruntime-gpu). It holds one copy of the fp32 weights of the text encoder, transformer "
+                   "and VAE decoder graphs (the README's 'Deploy on an H100' gives the memory per model size).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, seed):
+def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed):
     """Quantize exported graphs to FP8 (E4M3 Q/DQ on the linear layers, FP8 weights), calibrated on the real
     sampler loop (all three pyramid stages, chunks with history). Writes ARTIFACTS/<component>/model.fp8.onnx
     (+ .data) and records the recipe, calibration hash and per-layer precision in the manifest.
@@ -26,6 +30,7 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
     \b
     Examples:
       helios-deploy quantize engines/helios --precision fp8
+      helios-deploy quantize engines/helios --precision fp8 --device cuda   # calibrate on the GPU
       helios-deploy quantize ARTIFACTS --calibration-prompts prompts.txt --components transformer,text_encoder
       helios-deploy quantize ARTIFACTS --keep-high-precision '^patch_' --keep-high-precision '^proj_out/'
       helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
@@ -47,7 +52,8 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
         return
     names = [c.strip() for c in (components or "transformer").split(",") if c.strip()]
     result = quantize_artifacts(artifacts, names, prompts_file=calibration_prompts, keep=patterns,
-                                chunks=calibration_chunks, seed=seed, log=lambda m: click.echo(m, err=True))
+                                chunks=calibration_chunks, seed=seed, device=device,
+                                log=lambda m: click.echo(m, err=True))
     for name, e in result["components"].items():
         counts = {p: sum(1 for v in e["layer_precision"].values() if v == p) for p in ("fp8", "fp32")}
         w = e["weight_bytes"]

@@ -104,13 +104,13 @@ def onnx_file(manifest: dict, component: str, graph: GraphSpec, precision: str =
 
 
 def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str,
-                precision: str = "fp32") -> Runner:
+                precision: str = "fp32", low_memory: bool = False) -> Runner:
     """The runner for one graph of one component, imported only when its backend is used."""
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(root / component / onnx_file(manifest, component, graph, precision), graph,
-                                 component, device)
+                                 component, device, prepack=not low_memory)
     if backend == "torch":
         from .torch_ref import TorchRunner
 
