@@ -125,6 +125,21 @@ class FileSource(Source):
                     raise EOFError(f"{self.path} ends inside tensor {self.name!r} (truncated external data)")
                 yield buf.view(np_dtype).reshape((rows, *dims[1:]))
 
+    def rows(self, indices) -> np.ndarray:
+        """Rows ``indices`` (of axis 0) only, one read each: an embedding lookup without the table."""
+        dims, np_dtype = self.dims, self.dtype.numpy()
+        row = int(np.prod(dims[1:], dtype=np.int64))
+        out = np.empty((len(indices), *dims[1:]), dtype=np_dtype)
+        with open(self.path, "rb") as f:
+            for i, r in enumerate(indices):
+                if not 0 <= r < dims[0]:
+                    raise IndexError(f"row {r} of {self.name!r}, which has {dims[0]}")
+                f.seek(self.offset + int(r) * row * np_dtype.itemsize)
+                view = out[i].reshape(-1).view(np.uint8)
+                if f.readinto(memoryview(view)) != view.size:
+                    raise EOFError(f"{self.path} ends inside tensor {self.name!r} (truncated)")
+        return out
+
     def _read(self, start: int, count: int) -> np.ndarray:
         np_dtype = self.dtype.numpy()
         with open(self.path, "rb") as f:

@@ -105,10 +105,17 @@ def test_bf16_build_without_lowering_says_what_to_run(artifacts, capsys):
 def test_modified_lowered_graph_is_refused(lowered, tmp_path, capsys):
     arts = tmp_path / "arts"
     shutil.copytree(lowered, arts)
-    with open(arts / "text_encoder" / "model.bf16.onnx.data", "ab") as f:
-        f.write(b"\0")
-    code, _, err = run_cli(["build", arts, "--dry-run", "--precision", "bf16", "--components", "text_encoder"], capsys)
+    data = arts / "text_encoder" / "model.bf16.onnx.data"
+    with open(data, "r+b") as f:  # same size, other bytes: the hash build checks
+        f.seek(64)
+        f.write(b"\x7f")
+    args = ["build", arts, "--dry-run", "--precision", "bf16", "--components", "text_encoder"]
+    code, _, err = run_cli(args, capsys)
     assert code == 1 and "modified after it was written" in err
+    with open(data, "ab") as f:  # another size: the check every command makes when it opens artifacts
+        f.write(b"\0")
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "do not match their manifest" in err and "model.bf16.onnx.data" in err
 
 
 def test_parity_cli_reports_bf16(tiny_ckpt, lowered, capsys):

@@ -59,7 +59,7 @@ def _example(graph: GraphSpec, device: str) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _weight_sources(ckpt: Checkpoint, component: str, module) -> tuple[dict, dict]:
+def weight_sources(ckpt: Checkpoint, component: str, module) -> tuple[dict, dict]:
     """(parameter name -> checkpoint key, buffer name -> tensor) for the module being exported,
     resolving tied parameters (e.g. UMT5's shared embedding) to whichever alias the checkpoint has."""
     index = ckpt.index_for(component)
@@ -133,7 +133,7 @@ def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Pa
 
     t0 = time.perf_counter()
     module = build_module(ckpt, component, load_weights=False)
-    keys, buffers = _weight_sources(ckpt, component, module)
+    keys, buffers = weight_sources(ckpt, component, module)
     module.to("meta")
     wrapper = graph_module(module, component, graph).eval()
     # parameters keep their module path under the wrapper's attribute (model. or vae.)

@@ -17,6 +17,7 @@ from ...fsutil import staged_dir
 from ...memory import measure_peak, process_peak_bytes
 from ...specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
+from ..parity.reference import reference_module
 from .modules import build_module
 from .graph import export_graph
 from ..transforms.vae_chunk import export_chunk_decoder
@@ -93,8 +94,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         if run_audit:
             log("auditing (onnx.checker, ONNX Runtime session, parity against the reference) ...")
             t1 = time.perf_counter()
-            results = audit(tmp, specs, lambda c: build_module(ckpt, c))
-            manifest["audit"] = {c: {"passed": r["passed"], "cases": r["cases"]} for c, r in results.items()}
+            results = audit(tmp, specs, lambda c: reference_module(ckpt, c))
+            manifest["audit"] = {c: {"passed": r["passed"], "cases": r["cases"], "memory": r["memory"]}
+                                 for c, r in results.items()}
             manifest["timings"]["audit_seconds"] = round(time.perf_counter() - t1, 2)
         write_manifest(tmp, manifest)
     return manifest

@@ -9,6 +9,7 @@ from typing import Iterable
 
 from ...errors import AuditError
 from ...specs import ComponentSpec
+from ...memory import measure_peak
 from .compare import OrtGraph, compare_component
 
 
@@ -70,10 +71,11 @@ def audit(root: Path, specs: dict[str, ComponentSpec], reference_loader, seed: i
     results = {}
     for name, spec in specs.items():
         local: list[tuple] = []
-        sessions = open_sessions(root, spec, local)
-        if sessions is not None:
-            results[name] = compare_component(name, spec, sessions, reference_loader(name), seed=seed)
-            local += parity_rows(name, results[name])
+        with measure_peak() as memory:
+            results[name] = compare_component(name, spec, lambda: open_sessions(root, spec, local),
+                                              lambda: reference_loader(name), seed=seed)
+        results[name]["memory"] = memory
+        local += parity_rows(name, results[name])
         rows += local
     if rows:
         raise AuditError(f"{len(rows)} audit check(s) failed", format_table(rows),

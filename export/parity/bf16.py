@@ -35,7 +35,7 @@ def bf16_report(checkpoint, artifacts, components: Iterable[str] | None = None, 
     case; the same report shape as the fp32 parity."""
     from ...artifacts import Artifacts
     from ...checkpoint import Checkpoint
-    from ..exporter.modules import build_module
+    from .reference import reference_module
     from .compare import compare_component
 
     ckpt = Checkpoint(checkpoint)
@@ -50,8 +50,9 @@ def bf16_report(checkpoint, artifacts, components: Iterable[str] | None = None, 
         folder = arts.root / name
         for record in lowered.values():
             arts.verify_record(name, record)
-        sessions = {g.name: ReferenceGraph(folder / lowered[g.name]["file"], g) for g in spec.graphs}
-        result = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed, threshold=BF16_REL_L2)
+        result = compare_component(name, spec, lambda: {g.name: ReferenceGraph(folder / lowered[g.name]["file"], g)
+                                                        for g in spec.graphs},
+                                   lambda: reference_module(ckpt, name), seed=seed, threshold=BF16_REL_L2)
         report["components"][name] = {**result, "precision": "bf16"}
     report["passed"] = all(c["passed"] for c in report["components"].values())
     return report

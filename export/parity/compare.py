@@ -7,6 +7,7 @@ arrays, and the two are compared with max_abs_err, rel_l2 and cosine.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -110,6 +111,10 @@ class OrtGraph:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # one copy of the weights in the session (no prepacked duplicate): parity holds this session and the
+        # streamed reference (export/parity/reference.py) at once
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False  # activations freed after each run, not kept for the largest shape
         self.graph = graph
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -126,24 +131,34 @@ def our_output(component: str, spec: ComponentSpec, sessions: Mapping[str, OrtGr
     return sessions[graph.name](*[inputs[t.name] for t in graph.inputs])[0]
 
 
-def compare_component(component: str, spec: ComponentSpec, sessions: Mapping[str, OrtGraph], module,
-                      seed: int = 0, threshold: float = FP32_REL_L2, precision: str = "fp32",
-                      min_cosine: float | None = None) -> dict:
+def _case_inputs(component: str, spec: ComponentSpec, case: Case, seed: int):
+    if component == "vae_encoder":
+        return chunk_input(spec, case.dims, seed)
+    return example_inputs(spec, spec.graphs[0], case.dims, seed)
+
+
+def compare_component(component: str, spec: ComponentSpec, sessions, module, seed: int = 0,
+                      threshold: float = FP32_REL_L2, precision: str = "fp32", min_cosine: float | None = None) -> dict:
     """All parity cases of one component: {"precision", "passed", "cases": [...]}. A case passes with
-    rel_l2 <= threshold (and cosine >= min_cosine when given: the FP8 targets)."""
-    results = []
+    rel_l2 <= threshold (and cosine >= min_cosine when given: the FP8 targets).
+
+    ``module`` and ``sessions`` may be loaders (called without arguments): the reference then runs first, over
+    every case, and is released before the sessions are made, so one copy of the model's weights is in memory
+    at a time. ``sessions`` returning None (a graph failed its checks) gives a failed result without cases."""
+    reference = module if isinstance(module, torch.nn.Module) else module()
+    runs = []
     for i, case in enumerate(cases(spec)):
-        if component == "vae_encoder":
-            inputs = chunk_input(spec, case.dims, seed + i)
-        else:
-            inputs = example_inputs(spec, spec.graphs[0], case.dims, seed + i)
-        ref = reference_output(component, module, inputs)
-        ours = our_output(component, spec, sessions, inputs)
-        m = metrics(ours, ref)
+        inputs = _case_inputs(component, spec, case, seed + i)
+        runs.append((case, inputs, reference_output(component, reference, inputs)))
+    del reference, module
+    gc.collect()
+    opened = sessions if isinstance(sessions, Mapping) else sessions()
+    out = {"precision": precision, "threshold_rel_l2": threshold, "passed": opened is not None, "cases": []}
+    for case, inputs, ref in runs if opened is not None else ():
+        m = metrics(our_output(component, spec, opened, inputs), ref)
         ok = m["rel_l2"] <= threshold and (min_cosine is None or m["cosine"] >= min_cosine)
-        results.append({"name": case.name, "dims": dict(case.dims), **m, "passed": ok})
-    out = {"precision": precision, "threshold_rel_l2": threshold,
-           "passed": all(r["passed"] for r in results), "cases": results}
+        out["cases"].append({"name": case.name, "dims": dict(case.dims), **m, "passed": ok})
+    out["passed"] = out["passed"] and all(r["passed"] for r in out["cases"])
     if min_cosine is not None:
         out["threshold_cosine"] = min_cosine
     return out

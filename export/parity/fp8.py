@@ -11,7 +11,7 @@ from ...artifacts import Artifacts
 from ...checkpoint import Checkpoint
 from ...errors import UserError
 from .audit import format_table
-from ..exporter.modules import build_module
+from .reference import reference_module
 from .compare import OrtGraph, compare_component
 
 FP8_REL_L2 = 0.08
@@ -44,8 +44,9 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         spec = arts.spec(name)
         arts.verify_files(name)
         entry = verify_fp8_files(arts, name)
-        sessions = {"model": OrtGraph(arts.root / name / entry["file"], spec.graph("model"))}
-        result = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
+        path = arts.root / name / entry["file"]
+        result = compare_component(name, spec, lambda: {"model": OrtGraph(path, spec.graph("model"))},
+                                   lambda: reference_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
                                    precision="fp8", min_cosine=FP8_COSINE)
         report["components"][name] = result
         rows += _rows(name, result)

@@ -9,9 +9,15 @@ from typing import Iterable
 from ...artifacts import Artifacts
 from ...checkpoint import Checkpoint
 from ...errors import UserError
-from ..exporter.modules import build_module
+from .reference import reference_module
 from .audit import format_table, open_sessions, parity_rows
 from .compare import compare_component
+from ...memory import measure_peak
+
+
+def graph_bytes(arts: Artifacts, component: str) -> int:
+    """Bytes of the component's exported graphs (the fp32 weights a comparison runs)."""
+    return sum(g.get("data_bytes", 0) + g.get("file_bytes", 0) for g in arts.manifest["components"][component]["graphs"].values())
 
 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
@@ -39,12 +45,12 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
         spec = arts.spec(name)
         arts.verify_files(name)
         local: list[tuple] = []
-        sessions = open_sessions(arts.root, spec, local)
-        if sessions is None:
-            report["components"][name] = {"precision": "fp32", "passed": False, "cases": []}
-        else:
-            report["components"][name] = compare_component(name, spec, sessions, build_module(ckpt, name), seed=seed)
-            local += parity_rows(name, report["components"][name])
+        with measure_peak() as memory:
+            report["components"][name] = compare_component(
+                name, spec, lambda: open_sessions(arts.root, spec, local), lambda: reference_module(ckpt, name),
+                seed=seed)
+        local += parity_rows(name, report["components"][name])
+        report["components"][name]["memory"] = {**memory, "graph_bytes": graph_bytes(arts, name)}
         rows += local
     if pipeline:
         from ...runtime import Pipeline

@@ -130,8 +130,8 @@ def verify(artifacts, components: Iterable[str] | None = None, device: str = "cu
     from ...runtime.runners import make_runner
 
     index = int(device.split(":")[1]) if ":" in device else 0
+    arts = Artifacts.open(artifacts)  # damaged artifacts are refused before anything else
     require_gpu_tensorrt(index)
-    arts = Artifacts.open(artifacts)
     comps = list(components or [c for c in arts.components if arts.manifest["components"][c].get("engines")])
     if not comps:
         raise UserError(f"no TensorRT engines in {arts.root}", fix="run `helios-deploy build ARTIFACTS` first")

@@ -51,8 +51,10 @@ def fp8_weight(src: Source, scale: np.ndarray) -> Source:
     scale = scale.reshape(1, -1)
 
     def quantize(block: np.ndarray) -> np.ndarray:
-        scaled = block.astype(np.float32, copy=False) / scale + np.float32(0.0)  # -0.0 -> +0.0, as modelopt
-        return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        scaled = block.astype(np.float32, copy=False) / scale  # one float32 temporary, then in place
+        scaled += np.float32(0.0)  # -0.0 -> +0.0, as modelopt's ``W / scale + zero_point``
+        np.clip(scaled, -FP8_MAX, FP8_MAX, out=scaled)
+        return scaled.astype(ml_dtypes.float8_e4m3fn)
 
     return Mapped(src, FP8, quantize)
 

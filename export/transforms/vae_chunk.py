@@ -191,7 +191,7 @@ def split_parts(chunk: Graph) -> tuple[Graph, Graph]:
     caches = sorted((v for v in produced if re.fullmatch(r"first/cache_out_\d+", v)),
                     key=lambda v: int(v.rsplit("_", 1)[1]))
     concat = next(n for n in g.node if n.name == "chunk/concat_video")
-    extractor = Extractor(chunk.proto)
+    extractor = Extractor(onnx.shape_inference.infer_shapes(chunk.proto))  # weightless: no weights read
     first = extractor.extract_model(["first/" + latents], [concat.input[0], *caches])
     step = extractor.extract_model(["step1/" + latents, *caches],
                                    [concat.input[1], *(c.replace("first/", "step1/", 1) for c in caches)])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -26,6 +30,7 @@ COMMANDS = {
     "verify": "verify",
     "triton": "triton",
     "client": "client",
+    "scale-report": "scale_report",
 }
 
 
@@ -51,16 +56,50 @@ def cli():
     """
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """SIGTERM (what systemd, Docker and Kubernetes send) unwinds like Ctrl-C, so every step's work folder
+    is removed on the way out; SIGXFSZ (a file-size limit) becomes an EFBIG write error with a message
+    instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGXFSZ, previous[1])
+
+
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, prog_name="helios-deploy", standalone_mode=False)
+        with _signals_as_interrupts():
+            cli.main(args=argv, prog_name="helios-deploy", standalone_mode=False)
     except UserError as e:
         if os.environ.get("HELIOS_DEPLOY_DEBUG"):
             raise
         click.echo(f"error: {e.render()}", err=True)
         return 1
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted: nothing was changed (the step's work folder was removed)", err=True)
+        return 1
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS or os.environ.get("HELIOS_DEPLOY_DEBUG"):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        click.echo(f"error: out of disk space{where}: {os.strerror(e.errno)}\n"
+                   "  found: the disk (or the file-size limit) filled up before the step finished; nothing was "
+                   "changed (its work folder was removed)\n"
+                   "  fix: free space where the output goes (the README's 'Deploy on an H100' lists what each step "
+                   "writes) and run the step again", err=True)
         return 1
     except click.ClickException as e:
         e.show()

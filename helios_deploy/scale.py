@@ -1,0 +1,193 @@
+"""`scale-report`: the deploy chain on real-width checkpoints of a few sizes, each step in its own process,
+with peak memory, wall time and disk written per step, fitted per transformer block and per text-encoder
+layer and extrapolated to Helios-14B (40 blocks, UMT5-XXL's 24 layers).
+
+Each step runs as ``python -m helios_deploy.scale STEP.json -- <helios-deploy arguments>``: the child runs
+the CLI and records its own peak resident memory (the whole process, resets of the per-phase high-water
+mark included: helios_deploy/memory.py), the bytes it wrote to storage (/proc/self/io) and its exit code.
+The artifacts folder's growth is measured from outside (what stays on disk after the step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import UserError
+
+HELIOS_14B = {"blocks": 40, "text_encoder_layers": 24}
+KEEP_ALL_BLOCKS = (r"^patch_", r"^condition_embedder\.", r"^proj_out/")  # FP8 on every block (few-block models)
+PROMPT = "A red sports car driving along a coastal road at sunset."
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    args: tuple[str, ...]  # helios-deploy arguments; {ckpt}, {arts}, {out} are filled in
+
+
+def chain(height: int, width: int, keep: Sequence[str] = KEEP_ALL_BLOCKS, prompts: str | None = None) -> list[Step]:
+    """The chain of the issue, in order: export, parity, quantize fp8, parity fp8, quantize bf16, build --dry-run,
+    generate fp8."""
+    keep_args = tuple(a for k in keep for a in ("--keep-high-precision", k))
+    prompt_args = ("--calibration-prompts", prompts) if prompts else ()
+    return [
+        Step("export", ("export", "{ckpt}", "-o", "{arts}", "--height", str(height), "--width", str(width),
+                        "--no-audit", "--force")),
+        Step("parity", ("parity", "{ckpt}", "{arts}", "--json", "{out}/parity.json")),
+        Step("quantize_fp8", ("quantize", "{arts}", "--precision", "fp8", *keep_args, *prompt_args)),
+        Step("parity_fp8", ("parity", "{ckpt}", "{arts}", "--precision", "fp8", "--json", "{out}/parity_fp8.json")),
+        Step("quantize_bf16", ("quantize", "{arts}", "--precision", "bf16")),
+        Step("build_dry_run", ("build", "{arts}", "--precision", "fp8", "--dry-run")),
+        Step("generate_fp8", ("generate", "{arts}", "--precision", "fp8", "--prompt", PROMPT, "--frames", "33",
+                              "-o", "{out}/video.mp4")),
+    ]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+def run_step(step: Step, ckpt: Path, arts: Path, out: Path, log) -> dict:
+    """One step in a child process; returns its measurements."""
+    fill = {"ckpt": str(ckpt), "arts": str(arts), "out": str(out)}
+    args = [a.format(**fill) for a in step.args]
+    record = out / f"{step.name}.step.json"
+    before = folder_bytes(arts)
+    t0 = time.perf_counter()
+    with open(out / f"{step.name}.log", "w") as logfile:
+        code = subprocess.call([sys.executable, "-m", "helios_deploy.scale", str(record), "--", *args],
+                               stdout=logfile, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    child = json.loads(record.read_text()) if record.is_file() else {}
+    result = {"step": step.name, "command": "helios-deploy " + " ".join(args), "exit_code": code,
+              "passed": code == 0 and child.get("exit_code") == 0, "seconds": round(seconds, 1),
+              "peak_rss_bytes": child.get("peak_rss_bytes"), "written_bytes": child.get("write_bytes"),
+              "artifacts_growth_bytes": folder_bytes(arts) - before}
+    log(f"  {step.name:14s} {'ok' if result['passed'] else 'FAILED':6s} {seconds:7.1f} s  "
+        f"peak {(result['peak_rss_bytes'] or 0) / 1e9:6.2f} GB  wrote {(result['written_bytes'] or 0) / 1e9:6.2f} GB")
+    return result
+
+
+def sizes(ckpt: Checkpoint) -> dict:
+    """What the fit is over: transformer blocks, text-encoder layers, and the checkpoint's bf16 weight bytes."""
+    return {"blocks": int(ckpt.configs["transformer"]["num_layers"]),
+            "text_encoder_layers": int(ckpt.configs["text_encoder"]["num_layers"]),
+            "weights_bytes": {c: sum(p.stat().st_size for p in ckpt.index_for(c).files)
+                              for c in ("transformer", "text_encoder", "vae_decoder")}}
+
+
+def fit(rows: list[dict], key: str) -> dict | None:
+    """Least-squares ``value = fixed + per_block * blocks (+ per_te_layer * text encoder layers)`` over the
+    checkpoints where the step passed, and its value at Helios-14B. The text-encoder term is fitted only
+    when the checkpoints vary in text-encoder layers."""
+    pts = [(r["blocks"], r["text_encoder_layers"], r[key]) for r in rows if r.get(key) is not None and r["passed"]]
+    if len({(b, t) for b, t, _ in pts}) < 2:
+        return None
+    with_te = len({t for _, t, _ in pts}) > 1 and len({(b, t) for b, t, _ in pts}) >= 3
+    design = np.array([[1.0, b, t] if with_te else [1.0, b] for b, t, _ in pts])
+    coef, *_ = np.linalg.lstsq(design, np.array([v for *_, v in pts], dtype=float), rcond=None)
+    out = {"fixed": float(coef[0]), "per_block": float(coef[1]),
+           "per_text_encoder_layer": float(coef[2]) if with_te else None}
+    te_layers = HELIOS_14B["text_encoder_layers"] if with_te else None
+    out["helios_14b"] = out["fixed"] + out["per_block"] * HELIOS_14B["blocks"] + \
+        ((out["per_text_encoder_layer"] or 0.0) * te_layers if with_te else 0.0)
+    out["helios_14b_note"] = ("40 blocks, 24 text-encoder layers" if with_te else
+                              "40 blocks, text encoder as measured (its layers did not vary)")
+    return out
+
+
+def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128, width: int = 128,
+           keep: Sequence[str] = KEEP_ALL_BLOCKS, prompts: str | None = None, keep_artifacts: bool = False,
+           log=print) -> dict:
+    """Run the chain on every checkpoint and fit the growth; writes ``out/scale_report.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = [Checkpoint(c) for c in checkpoints]
+    rows, runs = [], []
+    for ckpt in ckpts:
+        info = sizes(ckpt)
+        name = f"{ckpt.path.name}"
+        work, arts = out / name, out / name / "artifacts"
+        work.mkdir(exist_ok=True)
+        log(f"{ckpt.path}: {info['blocks']} blocks, {info['text_encoder_layers']} text-encoder layers")
+        results = []
+        for step in chain(height, width, keep, prompts):
+            results.append(run_step(step, ckpt.path, arts, work, log))
+            if not results[-1]["passed"]:
+                break
+        runs.append({"checkpoint": str(ckpt.path), **info, "steps": results,
+                     "artifacts_bytes": folder_bytes(arts)})
+        rows += [{"blocks": info["blocks"], "text_encoder_layers": info["text_encoder_layers"], **r} for r in results]
+        if not keep_artifacts:
+            import shutil
+
+            shutil.rmtree(arts, ignore_errors=True)
+    fits = {s.name: {k: fit([r for r in rows if r["step"] == s.name], k)
+                     for k in ("peak_rss_bytes", "seconds", "written_bytes", "artifacts_growth_bytes")}
+            for s in chain(height, width, keep, prompts)}
+    result = {"video": {"height": height, "width": width}, "helios_14b": HELIOS_14B, "runs": runs, "fits": fits,
+              "host": {"cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
+    (out / "scale_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def table(result: dict) -> str:
+    """The report as a plain-text table: per step, peak RSS per checkpoint, growth per block, 14B estimate."""
+    runs = result["runs"]
+    head = ["step"] + [f"{r['blocks']}b/{r['text_encoder_layers']}te" for r in runs] + \
+        ["per block", "per TE layer", "14B peak", "14B time", "14B written"]
+    lines = [head]
+    for step, fits in result["fits"].items():
+        cells = [step]
+        for r in runs:
+            s = next((x for x in r["steps"] if x["step"] == step), None)
+            cells.append("-" if s is None else (f"{s['peak_rss_bytes'] / 1e9:.2f} GB" if s["passed"] else "FAILED"))
+        peak, secs, wrote = fits["peak_rss_bytes"], fits["seconds"], fits["written_bytes"]
+        cells += [f"{peak['per_block'] / 1e9:+.3f} GB" if peak else "-",
+                  f"{peak['per_text_encoder_layer'] / 1e9:+.3f} GB" if peak and peak["per_text_encoder_layer"] is not None else "-",
+                  f"{peak['helios_14b'] / 1e9:.1f} GB" if peak else "-",
+                  f"{secs['helios_14b'] / 60:.0f} min" if secs else "-",
+                  f"{wrote['helios_14b'] / 1e9:.0f} GB" if wrote else "-"]
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def _io_write_bytes() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _step_main(argv: list[str]) -> int:
+    """Child side of ``run_step``: run the CLI, then record peak memory, bytes written and the exit code."""
+    from .cli import main
+    from .memory import process_peak_bytes
+
+    record, args = Path(argv[0]), argv[argv.index("--") + 1:]
+    code = main(args)
+    record.write_text(json.dumps({"exit_code": code, "peak_rss_bytes": process_peak_bytes(),
+                                  "write_bytes": _io_write_bytes()}) + "\n")
+    return code
+
+
+def check_checkpoints(checkpoints: Sequence[str | Path]) -> None:
+    if not checkpoints:
+        raise UserError("scale-report needs at least one checkpoint",
+                        fix="make some: helios-deploy tiny-checkpoint engines/w1 --real-width-layers 1")
+
+
+if __name__ == "__main__":
+    sys.exit(_step_main(sys.argv[1:]))
