@@ -106,7 +106,9 @@ class FakeTensorRT(types.ModuleType):
 
 
 class FakeHostMemory(bytearray):
-    """IHostMemory: exposes the buffer protocol."""
+    """IHostMemory: exposes the buffer protocol (tracked by identity)."""
+
+    __hash__, __eq__ = object.__hash__, object.__eq__
 
     def __init__(self, trt, data: bytes):
         super().__init__(data)
