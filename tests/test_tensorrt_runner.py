@@ -20,7 +20,8 @@ from helios_deploy.runtime.runners import tensorrt as R
 from helios_deploy.specs import resolve_shape, spec_to_json
 
 from .conftest import HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH
-from .fake_tensorrt import DataType, ExecutionContextAllocationStrategy, FakeCuda, FakeTensorRT
+from .fake_cuda import FakeCuda
+from .fake_tensorrt import DataType, ExecutionContextAllocationStrategy, FakeTensorRT
 
 PLATFORM = {"tensorrt": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "error": None}
 MUTATING = {"set_optimization_profile_async", "set_input_shape", "set_tensor_address", "set_device_memory"}
