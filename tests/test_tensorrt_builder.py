@@ -134,3 +134,16 @@ def test_weight_streaming_flag_follows_the_budget(fake, onnx_path, graph, tmp_pa
     (_, _, flags, profiles), = trt.named("build_serialized_network")
     assert (BuilderFlag.WEIGHT_STREAMING in flags) == streaming and report["weight_streaming"] == streaming
     assert profiles == len(graph.operating_points)
+
+
+def test_engine_and_cache_writes_leave_no_partial_files_and_clean_stale_ones(fake, onnx_path, graph, tmp_path):
+    import subprocess
+
+    fake()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that is gone: its partial is stale
+    stale = tmp_path / f".model.engine.partial-{dead.pid}-abc"
+    stale.write_bytes(b"half an engine")
+    _build(onnx_path, graph, tmp_path, _cache_settings(tmp_path, None), inspect=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (tmp_path / "model.engine").is_file() and (tmp_path / "timing.cache").is_file()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ...errors import UserError
+from ...fsutil import PARTIAL, clean_stale_partials, deferred_signals
 from ...specs import GraphSpec
 from .engines import BuildSettings, profiles, weight_sizes
 
@@ -90,13 +91,16 @@ def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batc
 
 
 def write_atomic(path: Path, data) -> None:
-    """Write to a temporary file beside ``path`` and move it into place."""
+    """Write to a hidden ``.NAME.partial-PID-*`` file beside ``path`` (those left by a killed build are removed
+    first) and move it into place, with SIGINT/SIGTERM held off during the move."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    clean_stale_partials(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data))
-        os.replace(tmp, path)
+        with deferred_signals():
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
