@@ -4,6 +4,8 @@ modified graphs, and one clear error where TensorRT or the GPU is missing."""
 import json
 import shutil
 
+import pytest
+
 from helios_deploy.artifacts import Artifacts
 
 from .conftest import run_cli
@@ -49,21 +51,28 @@ def test_fp8_build_needs_quantize(artifacts, capsys):
     assert code == 1 and "quantize" in err
 
 
-def test_modified_graph_is_refused(artifacts, tmp_path, capsys):
+@pytest.mark.parametrize("change, needle", [
+    ("append", "changed since"),  # another size: refused when the artifacts are opened
+    ("flip", "modified after export"),  # same size, other bytes: refused by sha256 before the build reads it
+])
+def test_modified_graph_is_refused(artifacts, tmp_path, capsys, change, needle):
     arts = tmp_path / "arts"
     shutil.copytree(artifacts, arts)
-    with open(arts / "text_encoder" / "model.onnx", "ab") as f:
-        f.write(b"\0")
+    path = arts / "text_encoder" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    if change == "append":
+        data += b"\0"
+    else:
+        data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
     code, _, err = run_cli(["build", arts, "--dry-run", "--precision", "fp32"], capsys)
-    assert code == 1 and "modified after export" in err
+    assert code == 1 and needle in err and "text_encoder" in err and "Traceback" not in err
 
 
 def test_build_without_gpu_names_what_is_missing(artifacts, tmp_path, capsys):
     from helios_deploy.export.tensorrt.probe import current_platform
 
     if current_platform()["gpu"] and current_platform()["tensorrt"]:
-        import pytest
-
         pytest.skip("TensorRT and a GPU are present")
     arts = tmp_path / "arts"
     shutil.copytree(artifacts, arts)
