@@ -255,12 +255,83 @@ def test_runtime_key_takes_platform_and_manifest_hashes(graph):
     assert E.key_changes(recorded, now) == [f"weights: {'b' * 12} -> {'e' * 12}"]
 
 
-@pytest.mark.parametrize("budget, streamable, expected", [
-    (None, 10 << 30, None),  # no budget: every weight stays on the device
-    (8 << 30, 4 << 30, None),  # the weights fit the budget
-    (8 << 30, 10 << 30, 8 << 30),  # they do not: stream what is above it
-    (8 << 30, None, None),  # an engine without weight streaming (older TensorRT)
+# -- the weight-streaming budget: --memory-budget is for all weights, weight_streaming_budget_v2 for the
+#    streamable ones
+
+
+@pytest.mark.parametrize("budget, total, streamable, expected", [
+    (None, 10 << 30, 8 << 30, None),  # no budget: every weight stays on the device
+    (12 << 30, 10 << 30, 8 << 30, None),  # every weight fits
+    (10 << 30, 10 << 30, 8 << 30, None),  # exactly
+    (6 << 30, 10 << 30, 8 << 30, 4 << 30),  # 2 GiB cannot be streamed: 4 of the 8 streamable stay
+    (2 << 30, 10 << 30, 8 << 30, 0),  # only the non-streamable ones stay: stream every streamable weight
+    (6 << 30, 6 << 30, 0, None),  # nothing streamable, all fits
 ])
-def test_weight_streaming_budget_applies_only_when_weights_exceed_it(budget, streamable, expected):
-    settings = E.BuildSettings(precision="fp8", memory_budget=budget).key()
-    assert E.weight_streaming_budget(settings, streamable) == expected
+def test_weight_streaming_budget_subtracts_the_weights_that_cannot_stream(budget, total, streamable, expected):
+    assert E.weight_streaming_budget(budget, total, streamable) == (expected, None)
+
+
+def test_a_budget_below_the_weights_that_cannot_stream_is_a_user_error():
+    with pytest.raises(UserError, match="below the engine's weights TensorRT cannot stream") as e:
+        E.weight_streaming_budget(1 << 30, 10 << 30, 8 << 30)
+    assert f"at least {2 << 30} bytes" in str(e.value)
+    with pytest.raises(UserError):
+        E.weight_streaming_budget(5 << 30, 6 << 30, 0)  # nothing streamable and too little room
+
+
+@pytest.mark.parametrize("budget, streamable, expected", [(6 << 30, 8 << 30, 6 << 30), (9 << 30, 8 << 30, None)])
+def test_without_a_total_weights_size_the_budget_is_a_streamable_budget_and_says_so(budget, streamable, expected):
+    value, warning = E.weight_streaming_budget(budget, None, streamable)
+    assert value == expected and "streamable weights only" in warning
+
+
+def test_without_streamable_weights_size_nothing_is_applied_and_it_says_so():
+    value, warning = E.weight_streaming_budget(6 << 30, 10 << 30, None)
+    assert value is None and "not applied" in warning
+
+
+def test_only_weight_streaming_on_off_is_part_of_the_key():
+    a, b = E.BuildSettings(memory_budget=8 << 30).key(), E.BuildSettings(memory_budget=16 << 30).key()
+    assert a == b and a["weight_streaming"] is True and "memory_budget" not in a
+    assert E.BuildSettings().key()["weight_streaming"] is False
+    assert E.BuildSettings(memory_budget=1).key() != E.BuildSettings().key()
+
+
+# -- dtypes and the engine file ----------------------------------------------------------------------------
+
+
+def test_trt_dtype_reads_the_member_name():
+    import enum
+
+    DataType = enum.IntEnum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8 BF16 INT64", start=0)
+    assert str(DataType.BF16) == "7"  # a native IntEnum binding: str() is no name at all
+    assert [E.trt_dtype(d) for d in (DataType.FLOAT, DataType.BF16, DataType.INT64, DataType.UINT8, DataType.FP8)] == \
+        ["float32", "bfloat16", "int64", "uint8", "float8_e4m3fn"]
+
+
+def _engine_entry(data: bytes) -> dict:
+    import hashlib
+
+    return {"report": {"engine_bytes": len(data), "engine_sha256": hashlib.sha256(data).hexdigest()}}
+
+
+def test_engine_file_problem_checks_size_then_sha256(tmp_path):
+    path = tmp_path / "model.engine"
+    entry = _engine_entry(b"engine v1")
+    assert E.engine_file_problem(entry, path) == "missing"
+    path.write_bytes(b"engine v1")
+    assert E.engine_file_problem(entry, path) is None
+    path.write_bytes(b"engine v22")
+    assert "10 bytes, the build wrote 9" in E.engine_file_problem(entry, path)
+    path.write_bytes(b"engine v2")
+    assert "sha256" in E.engine_file_problem(entry, path)
+    assert "older helios-deploy" in E.engine_file_problem({"report": {}}, path)
+
+
+def test_check_engine_bytes_refuses_other_bytes(tmp_path):
+    entry = _engine_entry(b"engine v1")
+    E.check_engine_bytes(entry, b"engine v1", tmp_path / "model.engine")
+    E.check_engine_bytes(entry, bytearray(b"engine v1"), tmp_path / "model.engine")  # any buffer
+    with pytest.raises(UserError, match="not the one `build` recorded") as e:
+        E.check_engine_bytes(entry, b"engine v2", tmp_path / "model.engine")
+    assert "--rebuild" in str(e.value)

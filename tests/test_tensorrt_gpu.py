@@ -1,9 +1,12 @@
 """TensorRT engines built from the tiny artifacts and run on the GPU, against ONNX Runtime on the same
-inputs. Skipped (with the probe's reason) where TensorRT or an NVIDIA GPU is missing."""
+inputs. Skipped (with the probe's reason) where TensorRT or an NVIDIA GPU is missing: none of these has run
+yet (no machine of this project has a GPU); the same bookkeeping runs on CPU through a fake of the tensorrt
+module in tests/test_tensorrt_runner.py and tests/test_tensorrt_builder.py."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 from helios_deploy.errors import UserError
 from helios_deploy.export.tensorrt import engines as E
 from helios_deploy.export.tensorrt import probe
+from helios_deploy.export.tensorrt.builder import build_engine
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +53,7 @@ def built(artifacts, tmp_path_factory, tensorrt_platform):
             fields = E.key_fields(sha256_file(onnx), sha256_file(data), E.profiles(graph), settings,
                                   info["tensorrt"], info["gpu"], info["compute_capability"])
             file = E.engine_filename(graph.file, E.key_digest(fields))
-            report = E.build_engine(onnx, graph, root / component / file, settings)
+            report = build_engine(onnx, graph, root / component / file, settings)
             entry["engines"][graph.name] = E.engine_record(file, fields, report)
     write_manifest(root, arts.manifest)
     return Artifacts.open(root)
@@ -86,7 +90,8 @@ def test_every_engine_was_built_with_one_profile_per_operating_point(built):
     for component, graph_name in GRAPHS:
         record = built.manifest["components"][component]["engines"][graph_name]
         graph = built.spec(component).graph(graph_name)
-        assert record["report"]["engine_bytes"] > 0
+        assert record["report"]["engine_bytes"] == (built.root / component / record["file"]).stat().st_size
+        assert len(record["report"]["engine_sha256"]) == 64
         assert record["report"]["profiles"] == len(graph.operating_points) == len(record["key"]["profiles"])
 
 
@@ -115,22 +120,68 @@ def test_profile_switching_across_the_pyramid_stages(built):
         assert _rel_l2(out, first[name]) <= SAME_REL_L2, name
 
 
+def _every_order(n: int) -> list[int]:
+    return [i for perm in itertools.permutations(range(n)) for i in perm]  # 0,1,2,0,2,1,1,0,2,...
+
+
 @pytest.mark.parametrize("component, graph_name", [("transformer", "model"), ("vae_decoder", "model")])
-def test_cuda_graph_replays_equal_plain_runs(built, component, graph_name):
+def test_cuda_graph_replays_equal_plain_runs_with_points_interleaved_in_every_order(built, component, graph_name):
+    """One context per operating point: capturing one point's graph and running the others never changes what
+    another point's graph replays."""
     plain = _runner(built, component, graph_name)
     graphed = _runner(built, component, graph_name, cuda_graph=True)
     points = list(built.spec(component).graph(graph_name).operating_points)
     kept = []
-    for round_ in range(3):  # capture, then replay with new inputs, interleaving operating points
-        for i, point in enumerate(points):
-            feeds = _on_gpu(_feeds(built, component, graph_name, point, 100 * round_ + i))
-            ours, ref = graphed.infer(feeds), plain.infer(feeds)
-            for name in ref:
-                assert _rel_l2(ours[name], ref[name]) <= SAME_REL_L2, (round_, point.name, name)
-            kept.append((ours, {k: v.clone() for k, v in ref.items()}))
+    for step, i in enumerate(_every_order(len(points)) * 2):
+        feeds = _on_gpu(_feeds(built, component, graph_name, points[i], 100 + step))
+        ours, ref = graphed.infer(feeds), plain.infer(feeds)
+        for name in ref:
+            assert _rel_l2(ours[name], ref[name]) <= SAME_REL_L2, (step, points[i].name, name)
+        kept.append((ours, {k: v.clone() for k, v in ref.items()}))
+    assert graphed.captures == len(points)
     for ours, ref in kept:  # outputs returned earlier were not overwritten by later replays
         for name in ref:
             assert _rel_l2(ours[name], ref[name]) <= SAME_REL_L2
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_outputs_are_ready_on_the_callers_side_stream(built, cuda_graph):
+    """The runner's own stream waits for the caller's and the caller's waits for it: work the caller queues
+    on its stream right after infer (no synchronisation) sees the outputs."""
+    trt = _runner(built, "transformer", "model", cuda_graph=cuda_graph, sync=False)
+    ort = _runner(built, "transformer", "model", "onnxruntime")
+    points = built.spec("transformer").graph("model").operating_points
+    side = torch.cuda.Stream()
+    for step, i in enumerate(_every_order(len(points))):
+        feeds = _feeds(built, "transformer", "model", points[i], step)
+        with torch.cuda.stream(side):
+            on_gpu = _on_gpu(feeds)  # written on the caller's stream
+            doubled = trt.infer(on_gpu)["noise_pred"] * 2
+            del on_gpu  # freed while the runner may still read it
+        side.synchronize()
+        assert _rel_l2(doubled / 2, ort.infer(feeds)["noise_pred"]) <= FP32_REL_L2, (step, points[i].name)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_runner_on_cuda1_while_cuda0_is_current(built, cuda_graph):
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    second = probe.current_platform(1)
+    if (second["gpu"], second["compute_capability"]) != (probe.current_platform()["gpu"],
+                                                         probe.current_platform()["compute_capability"]):
+        pytest.skip(f"GPU 1 ({second['gpu']}) is not the model the engines were built on")
+    torch.cuda.set_device(0)
+    graph = built.spec("transformer").graph("model")
+    runner = TensorRTRunner(built.root, built.manifest, "transformer", graph, "cuda:1", cuda_graph=cuda_graph)
+    runner.activate()
+    ort = _runner(built, "transformer", "model", "onnxruntime")
+    for step, i in enumerate(_every_order(len(graph.operating_points))):
+        feeds = _feeds(built, "transformer", "model", graph.operating_points[i], step)
+        out = runner.infer({k: v.to("cuda:1") for k, v in feeds.items()})["noise_pred"]
+        assert out.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+        assert _rel_l2(out, ort.infer(feeds)["noise_pred"]) <= FP32_REL_L2, step
 
 
 def test_vae_chunk_decodes_like_onnxruntime(built):
@@ -165,6 +216,67 @@ def test_a_stale_engine_is_refused(built):
         TensorRTRunner(built.root, manifest, "transformer", graph, "cuda").activate()
     recorded = built.manifest["components"]["transformer"]["engines"]["model"]["key"]["tensorrt"]
     assert recorded == probe.current_platform()["tensorrt"]  # the deep copy was changed, not the manifest
+
+
+def test_a_swapped_engine_is_refused(built, tmp_path):
+    """Another engine under the transformer engine's name: refused before TensorRT loads it."""
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(built.root, root)
+    engines = {c: built.manifest["components"][c]["engines"]["model"]["file"] for c in ("transformer", "text_encoder")}
+    shutil.copyfile(root / "text_encoder" / engines["text_encoder"], root / "transformer" / engines["transformer"])
+    graph = built.spec("transformer").graph("model")
+    with pytest.raises(UserError, match="is not the one `build` recorded"):
+        TensorRTRunner(root, built.manifest, "transformer", graph, "cuda").activate()
+
+
+def test_a_truncated_timing_cache_falls_back_and_is_rewritten(built, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes((built.root / "timing.cache").read_bytes()[:100])
+    graph = built.spec("text_encoder").graph("model")
+    logged = []
+    report = build_engine(built.root / "text_encoder" / graph.file, graph, tmp_path / "model.engine",
+                          E.BuildSettings(precision="fp32", timing_cache=str(cache)), log=logged.append)
+    assert report["engine_bytes"] > 0  # TensorRT may refuse the truncated bytes or read what it can: either way,
+    assert all(str(cache) in m for m in logged), logged  # a warning names the file, and the build goes on
+    assert cache.stat().st_size > 100  # rewritten whole after the build
+
+
+@pytest.fixture(scope="module")
+def built_streaming(artifacts, tmp_path_factory, tensorrt_platform):
+    """The transformer built with weight streaming, through `build` (the budget's value is applied at load)."""
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.export.tensorrt.build import build
+
+    root = tmp_path_factory.mktemp("trt-ws") / "artifacts"
+    shutil.copytree(artifacts, root)
+    build(root, ["transformer"], E.BuildSettings(precision="fp32", memory_budget=1 << 40), log=lambda m: None)
+    return Artifacts.open(root)
+
+
+def test_weight_streaming_keeps_the_budget_on_the_device(built_streaming):
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    record = built_streaming.manifest["components"]["transformer"]["engines"]["model"]
+    total, streamable = record["report"]["weights_bytes"], record["report"]["streamable_weights_bytes"]
+    if not streamable:
+        pytest.skip(f"TensorRT streams none of this engine's weights (total {total}, streamable {streamable})")
+    manifest = copy.deepcopy(built_streaming.manifest)
+    fixed = total - streamable
+    manifest["components"]["transformer"]["engines"]["model"]["memory_budget"] = fixed + streamable // 2
+    graph = built_streaming.spec("transformer").graph("model")
+    runner = TensorRTRunner(built_streaming.root, manifest, "transformer", graph, "cuda").activate()
+    assert runner.weight_streaming_budget == streamable // 2
+    assert runner._engine.weight_streaming_budget_v2 == streamable // 2
+    ort = _runner(built_streaming, "transformer", "model", "onnxruntime")
+    for seed, point in enumerate(graph.operating_points):
+        feeds = _feeds(built_streaming, "transformer", "model", point, seed)
+        out = runner.infer(_on_gpu(feeds))["noise_pred"]
+        assert _rel_l2(out, ort.infer(feeds)["noise_pred"]) <= FP32_REL_L2, point.name
+    manifest["components"]["transformer"]["engines"]["model"]["memory_budget"] = fixed - 1
+    with pytest.raises(UserError, match="cannot stream"):
+        TensorRTRunner(built_streaming.root, manifest, "transformer", graph, "cuda").activate()
 
 
 def test_verify_passes_the_fp32_engines(built):

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ...artifacts import Artifacts, write_manifest
-from .engines import (BuildSettings, build_engine, engine_filename, engine_record, key_digest, key_fields,
+from .builder import build_engine
+from .engines import (BuildSettings, engine_file_problem, engine_filename, engine_record, key_digest, key_fields,
                       profiles, source_entry)
 from .probe import probe_tensorrt, require_gpu_tensorrt
+
 
 def _graph_file(arts: Artifacts, component: str, graph, precision: str) -> tuple[Path, Path, dict]:
     """The ONNX file this precision builds from, its external data, and the manifest's hashes for them."""
@@ -28,7 +30,7 @@ def plan(artifacts, components: Iterable[str] | None = None, settings: BuildSett
     platform = platform if platform is not None else probe_tensorrt()
     out = {"artifacts": str(arts.root), "tensorrt": platform.get("tensorrt"), "gpu": platform.get("gpu"),
            "compute_capability": platform.get("compute_capability"), "settings": settings.key(),
-           "timing_cache": settings.timing_cache, "components": {}}
+           "memory_budget": settings.memory_budget, "timing_cache": settings.timing_cache, "components": {}}
     for component in components or arts.components:
         arts.require(component)
         arts.verify_files(component)
@@ -53,8 +55,10 @@ def plan(artifacts, components: Iterable[str] | None = None, settings: BuildSett
 
 def build(artifacts, components: Iterable[str] | None = None, settings: BuildSettings = BuildSettings(),
           max_batch: int | None = None, rebuild: bool = False, log=print) -> dict:
-    """Build every engine of the plan that is missing or stale (all with ``rebuild``); record them in
-    the manifest. Needs TensorRT and an NVIDIA GPU: without them, one clear error."""
+    """Build every engine of the plan that is missing, stale or not the file the manifest recorded (all with
+    ``rebuild``); record them in the manifest. An up-to-date engine only gets the new --memory-budget recorded
+    (the budget is applied at load; only weight streaming on/off changes the engine). Needs TensorRT and an
+    NVIDIA GPU: without them, one clear error."""
     platform = require_gpu_tensorrt()
     the_plan = plan(artifacts, components, settings, max_batch, platform)
     arts = Artifacts.open(artifacts)
@@ -64,11 +68,25 @@ def build(artifacts, components: Iterable[str] | None = None, settings: BuildSet
         for graph in spec.graphs:
             p = graphs[graph.name]
             path = arts.root / component / p["engine"]
-            if not rebuild and path.is_file() and entries.get(graph.name, {}).get("digest") == p["key"]:
-                log(f"{component}/{graph.name}: up to date ({p['engine']})")
-                continue
+            entry = entries.get(graph.name, {})
+            if not rebuild and entry.get("digest") == p["key"]:
+                problem = engine_file_problem(entry, path)
+                if problem is None:
+                    _keep(arts, entry, settings.memory_budget, f"{component}/{graph.name}", p["engine"], log)
+                    continue
+                log(f"{component}/{graph.name}: {p['engine']} is not the file the build recorded ({problem})")
             log(f"{component}/{graph.name}: building {p['engine']} ({len(p['profiles'])} profiles) ...")
-            report = build_engine(arts.root / p["onnx"], graph, path, settings, max_batch)
-            entries[graph.name] = engine_record(p["engine"], p["key_fields"], report)
+            report = build_engine(arts.root / p["onnx"], graph, path, settings, max_batch, log=log)
+            entries[graph.name] = engine_record(p["engine"], p["key_fields"], report, settings.memory_budget)
             write_manifest(arts.root, arts.manifest)  # after each engine, so a later failure keeps the rest
     return the_plan
+
+
+def _keep(arts: Artifacts, entry: dict, memory_budget: int | None, name: str, file: str, log) -> None:
+    """An up-to-date engine: record the budget it is now to run with, if that changed."""
+    if entry.get("memory_budget") == memory_budget:
+        log(f"{name}: up to date ({file})")
+        return
+    log(f"{name}: up to date ({file}); memory budget {entry.get('memory_budget')} -> {memory_budget}")
+    entry["memory_budget"] = memory_budget
+    write_manifest(arts.root, arts.manifest)

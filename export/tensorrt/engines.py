@@ -1,24 +1,26 @@
-"""TensorRT engines from the exported ONNX graphs: profiles, engine keys, the platform probe, the build.
+"""TensorRT engines from the exported ONNX graphs: profiles, engine keys, the manifest's engine records.
 
-All but ``build_engine`` is pure and runs on CPU. Profiles come from the graph's spec (one per operating
-point, so each pyramid stage gets kernels tuned for its own shape); an engine key records all an engine
-depends on (graph, weights, profiles, settings, TensorRT, GPU) so a stale engine is refused with a
-message saying what changed. Networks are strongly typed (TensorRT 11 removed the FP16/BF16/FP8/INT8
-builder flags): precision comes from the graph's dtypes and Q/DQ nodes, so ``BuildSettings.precision``
-is only recorded. TensorRT and the GPU are probed in a child process (export/tensorrt/probe.py).
+Everything here is pure and runs on CPU (the TensorRT builder calls are in builder.py, the runner in
+runtime/runners/tensorrt.py). Profiles come from the graph's spec (one per operating point, so each
+pyramid stage gets kernels tuned for its own shape); an engine key records all an engine depends on
+(graph, weights, profiles, settings, TensorRT, GPU) so a stale engine is refused with a message saying
+what changed. Networks are strongly typed (TensorRT 11 removed the FP16/BF16/FP8/INT8 builder flags):
+precision comes from the graph's dtypes and Q/DQ nodes, so ``BuildSettings.precision`` is only recorded.
+TensorRT and the GPU are probed in a child process (export/tensorrt/probe.py).
 
 Manifest section written by ``helios-deploy build`` and read by the TensorRT runner:
-    components.<component>.engines.<graph name> = {"file": "model.<key[:16]>.engine", "key": {fields},
-                                                   "digest": sha256 of the fields, "report": {...}}
+    components.<component>.engines.<graph name> = {
+        "file": "model.<key[:16]>.engine",
+        "key": {fields}, "digest": sha256 of the fields,
+        "memory_budget": bytes all weights may take on the device, or null (not part of the key: only
+                         weight streaming on/off changes the engine, the budget is applied at load),
+        "report": {"engine_bytes", "engine_sha256" (the engine file itself, checked once per load), ...}}
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -102,9 +104,10 @@ class BuildSettings:
     precision: str = "fp32"  # recorded only: the strongly typed network takes its types from the graph
     opt_level: int = 4  # IBuilderConfig.builder_optimization_level, 0..5
     workspace: int | None = None  # bytes, MemoryPoolType.WORKSPACE (scratch per layer at run time)
-    # bytes of device memory an engine's weights may take: set, the engine is built with weight streaming
-    # (BuilderFlag.WEIGHT_STREAMING, strongly typed networks only) and the runner streams the weights above
-    # the budget from host memory (ICudaEngine.weight_streaming_budget_v2)
+    # bytes of device memory all of an engine's weights may take: set, the engine is built with weight
+    # streaming (BuilderFlag.WEIGHT_STREAMING) and the runner keeps the weights TensorRT cannot stream plus
+    # as many streamable ones as fit on the device, streaming the rest from host memory
+    # (weight_streaming_budget below). Only on/off is part of the key.
     memory_budget: int | None = None
     timing_cache: str | None = None  # file loaded before and saved after the build (not part of the key)
 
@@ -119,8 +122,11 @@ class BuildSettings:
                 raise UserError(f"{name} must be a positive number of bytes", found=str(value))
 
     def key(self) -> dict:
-        """The settings that change the engine (the timing cache only changes how long a build takes)."""
-        return {k: v for k, v in asdict(self).items() if k != "timing_cache"}
+        """The settings that change the engine: the timing cache only changes how long a build takes, and the
+        budget's value only what the runner keeps on the device (weight streaming on/off changes the engine)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("timing_cache", "memory_budget")}
+        out["weight_streaming"] = self.memory_budget is not None
+        return out
 
 
 KEY_LABELS = {
@@ -235,119 +241,98 @@ def source_entry(manifest: Mapping, component: str, graph_name: str, precision: 
     return dict(lowered)
 
 
-def engine_record(file: str, fields: Mapping, report: Mapping | None = None) -> dict:
-    """The manifest entry for one engine (what engine_entry reads back)."""
-    return {"file": file, "digest": key_digest(fields), "key": dict(fields), "report": dict(report or {})}
+def engine_record(file: str, fields: Mapping, report: Mapping | None = None, memory_budget: int | None = None) -> dict:
+    """The manifest entry for one engine (what engine_entry reads back); ``report`` is build_engine's, with the
+    engine file's size and sha256 (a record without them is refused at load: check_engine_bytes)."""
+    return {"file": file, "digest": key_digest(fields), "key": dict(fields), "memory_budget": memory_budget,
+            "report": dict(report or {})}
+
+
+def _engine_file_problem(entry: Mapping, size: int, digest) -> str | None:
+    report = entry.get("report") or {}
+    if "engine_sha256" not in report or "engine_bytes" not in report:
+        return "the manifest records no size and sha256 for it (built by an older helios-deploy)"
+    if size != report["engine_bytes"]:
+        return f"{size} bytes, the build wrote {report['engine_bytes']}"
+    found = digest()
+    if found != report["engine_sha256"]:
+        return f"sha256 {found[:12]}, the build wrote {report['engine_sha256'][:12]} (same size)"
+    return None
+
+
+def engine_file_problem(entry: Mapping, path: Path) -> str | None:
+    """Why the engine file at ``path`` is not the one the build recorded, or None (size first, then sha256)."""
+    if not path.is_file():
+        return "missing"
+    return _engine_file_problem(entry, path.stat().st_size, lambda: sha256_file(path))
+
+
+def check_engine_bytes(entry: Mapping, data, path: Path) -> None:
+    """Refuse engine bytes (as read for deserialisation, so what is checked is what is loaded) that are not
+    the file the build wrote: a swapped or modified ``.engine`` with the right name."""
+    problem = _engine_file_problem(entry, memoryview(data).nbytes, lambda: hashlib.sha256(data).hexdigest())
+    if problem:
+        raise UserError(f"the TensorRT engine {path} is not the one `build` recorded in the manifest",
+                        found=problem, expected="the engine file as the build wrote it",
+                        fix=f"rebuild it: {REBUILD}")
 
 
 # ---------------------------------------------------------------------------------------------------
-# The build (GPU only; thin calls into the TensorRT API)
+# What the runner reads from an engine
 
 
-def _network_flags(trt) -> int:
-    """Strongly typed: a flag on TensorRT 10, always on (flag deprecated, ignored) from TensorRT 11."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is None or int(trt.__version__.split(".")[0]) >= 11:
-        return 0
-    return 1 << int(flag)
+# TensorRT DataType member names (``.name``; str() of the enum differs between binding versions) -> numpy names
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+              "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8_e4m3fn", "INT4": "int4",
+              "FP4": "float4_e2m1fn"}
 
 
-def _parse(trt, builder, logger, onnx_path: Path, graph: GraphSpec):
-    network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weights beside it are found
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise UserError(f"TensorRT could not parse {onnx_path}", found="; ".join(errors[:5]) or "no parser errors",
-                        fix="check the graph with `polygraphy inspect model`, or re-export")
-    names = sorted(network.get_input(i).name for i in range(network.num_inputs))
-    if names != sorted(t.name for t in graph.inputs):
-        raise UserError(f"{onnx_path} has other inputs than the {graph.name} spec", found=", ".join(names),
-                        expected=", ".join(t.name for t in graph.inputs), fix="re-export the artifacts")
-    return network, parser
+def trt_dtype(dtype) -> str:
+    """The numpy name of a ``tensorrt.DataType`` member, from its ``.name``."""
+    name = dtype.name
+    return TRT_DTYPES.get(name, name.lower())
 
 
-def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batch: int | None):
-    config = builder.create_builder_config()
-    config.builder_optimization_level = settings.opt_level
-    if settings.workspace:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace)
-    if settings.memory_budget:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    for prof in profiles(graph, max_batch):
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in prof.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    if settings.timing_cache:
-        path = Path(settings.timing_cache)
-        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-        if not config.set_timing_cache(cache, False):  # from another TensorRT / GPU: start afresh
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-    return config
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write to a temporary file beside ``path`` and move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _inspect(trt, logger, plan, n_profiles: int) -> dict:
-    """Device memory and weight sizes, where this TensorRT version exposes them."""
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    if engine is None:
-        return {}
-    by_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None) or \
-        getattr(engine, "get_device_memory_size_for_profile", None)
+def weight_sizes(trt, engine) -> tuple[int | None, int | None]:
+    """(all weights, streamable weights) of a deserialised engine, in bytes; None where this TensorRT does not
+    report it (EngineStat.TOTAL_WEIGHTS_SIZE and streamable_weights_size are not in every 10.x)."""
     stat = getattr(trt, "EngineStat", None)
-    return {
-        "device_memory_bytes": getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", None)),
-        "device_memory_bytes_by_profile": [by_profile(i) for i in range(n_profiles)] if by_profile else None,
-        "weights_bytes": engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE)
-        if stat is not None and hasattr(engine, "get_engine_stat") else None,
-        "streamable_weights_bytes": getattr(engine, "streamable_weights_size", None),
-    }
+    total = int(engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE)) \
+        if stat is not None and hasattr(engine, "get_engine_stat") else None
+    streamable = getattr(engine, "streamable_weights_size", None)
+    return total, None if streamable is None else int(streamable)
 
 
-def build_engine(onnx_path: str | Path, graph: GraphSpec, out_path: str | Path, settings: BuildSettings,
-                 max_batch: int | None = None, inspect: bool = True) -> dict:
-    """Build ``graph`` into a strongly typed engine with one profile per operating point; returns a report."""
-    import tensorrt as trt
+def weight_streaming_budget(memory_budget: int | None, total_bytes: int | None,
+                            streamable_bytes: int | None) -> tuple[int | None, str | None]:
+    """(value for ``ICudaEngine.weight_streaming_budget_v2`` or None to leave every weight on the device,
+    a warning or None).
 
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path, graph)
-    config = _configure(trt, builder, graph, settings, max_batch)
-    t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise UserError(f"TensorRT could not build an engine from {onnx_path}", found="see the TensorRT log above",
-                        fix="raise --workspace, or lower --opt-level")
-    seconds = time.perf_counter() - t0
-    if settings.timing_cache:
-        write_atomic(Path(settings.timing_cache), config.get_timing_cache().serialize())
-    write_atomic(out_path, plan)
-    report = {"engine": out_path.name, "engine_bytes": out_path.stat().st_size, "build_seconds": round(seconds, 2),
-              "profiles": len(graph.operating_points), "tensorrt": trt.__version__}
-    if inspect:
-        report.update(_inspect(trt, logger, plan, len(graph.operating_points)))
-    if settings.memory_budget:
-        report["weight_streaming_budget_bytes"] = settings.memory_budget
-    return report
+    ``memory_budget`` (``build --memory-budget``) is what all the engine's weights may take on the device;
+    weight_streaming_budget_v2 limits only the streamable ones, so the weights TensorRT cannot stream
+    (TOTAL_WEIGHTS_SIZE - streamable_weights_size) come off it first. A budget below them cannot be met: one
+    UserError. A TensorRT that does not report its total weights gets the budget as a streamable-weights
+    budget, with a warning saying so."""
+    if memory_budget is None:
+        return None, None
+    if streamable_bytes is None:
+        return None, ("this TensorRT reports no streamable weights (ICudaEngine.streamable_weights_size): "
+                      f"--memory-budget {memory_budget} is not applied and every weight stays on the device")
+    if total_bytes is None:
+        budget = min(int(memory_budget), streamable_bytes)
+        return (None if budget >= streamable_bytes else budget), (
+            "this TensorRT does not report the engine's total weights size (EngineStat.TOTAL_WEIGHTS_SIZE): "
+            f"--memory-budget {memory_budget} is applied to the streamable weights only; the weights TensorRT "
+            "cannot stream come on top of it")
+    fixed = total_bytes - streamable_bytes
+    if memory_budget < fixed:
+        raise UserError(f"--memory-budget {memory_budget} is below the engine's weights TensorRT cannot stream",
+                        found=f"{fixed} bytes of non-streamable weights ({total_bytes} in all, {streamable_bytes} "
+                              "streamable)",
+                        expected=f"a budget of at least {fixed} bytes (every byte above it keeps streamable weights "
+                                 "on the device)",
+                        fix=f"rebuild with a larger --memory-budget, or without it: {REBUILD}")
+    budget = int(memory_budget) - fixed
+    return (None if budget >= streamable_bytes else budget), None
 
 
-def weight_streaming_budget(settings: Mapping, streamable_bytes: int | None) -> int | None:
-    """The budget to set on an engine built with weight streaming: the build's --memory-budget when the
-    streamable weights exceed it, else None (keep all weights on the device)."""
-    budget = settings.get("memory_budget")
-    if not budget or streamable_bytes is None or streamable_bytes <= budget:
-        return None
-    return int(budget)

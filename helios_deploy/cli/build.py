@@ -14,8 +14,11 @@ from .options import components_option, parse_components
 @click.option("--opt-level", type=int, default=4, show_default=True, help="Builder optimization level 0-5.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Persistent timing cache file.")
 @click.option("--workspace", type=int, default=None, help="Workspace limit in bytes.")
-@click.option("--memory-budget", type=int, default=None, help="Device memory the engines' weights may use, in bytes: builds with weight "
-              "streaming, and the runner streams the weights above the budget from host memory.")
+@click.option("--memory-budget", type=int, default=None,
+              help="Device memory all of an engine's weights may take, in bytes: builds with weight streaming; at load "
+                   "the runner keeps the weights TensorRT cannot stream plus as many streamable ones as fit the rest "
+                   "of the budget on the GPU and streams the others from host memory. Only streaming on/off is part "
+                   "of the engine key: a new value on built engines is recorded without a rebuild.")
 @click.option("--max-batch", type=int, default=None, help="Largest batch the profiles accept (default: 1).")
 @click.option("--dry-run", is_flag=True, help="Print, as JSON, everything the build would do; needs no GPU.")
 @click.option("--rebuild", is_flag=True, help="Rebuild engines even when their key matches.")

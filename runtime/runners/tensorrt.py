@@ -1,10 +1,28 @@
-"""TensorRT runner: one engine per graph, one optimization profile per operating point, torch CUDA
-tensors bound by address and run on torch's current stream.
+"""TensorRT runner: one engine per graph, one execution context per operating point (optimization profile),
+torch CUDA tensors bound by address, run on the runner's own CUDA stream.
 
-The engine comes from the manifest's ``engines`` section (written by ``helios-deploy build``); on
-activation the platform is probed in a child process, the engine key is checked against the current
-TensorRT / GPU, and the engine's tensors and profiles are audited against the spec. tensorrt is
-imported only inside ``_activate_impl``, so this module imports anywhere.
+Activation, with the runner's device current: the platform is probed in a child process, the engine key is
+checked against this TensorRT / GPU, the engine file's size and sha256 against the build's record (on the bytes
+that are then deserialised), the engine's tensors, dtypes and profiles against the spec; the weight-streaming
+budget is set before any context exists (contexts size their memory by it), and one activation buffer, as large
+as the largest profile needs, is allocated for all contexts (USER_MANAGED: every run is on the runner's stream,
+so no two contexts ever use it at once).
+
+Each operating point gets its own context on first use: its profile selected and its input shapes set once,
+the output shapes TensorRT computes checked against the spec's, the shared activation memory attached. With
+``cuda_graph`` the point's context also gets fixed buffers, one warm-up run and a captured CUDA graph, and is
+never touched again (a graph replays the context state and addresses it captured). Shapes that change within
+one profile (a profile widened with ``build --max-batch``) are set on that profile's context again, which
+drops its graph (captured again on the next call).
+
+Streams: ``infer`` makes the runner's stream wait for the caller's current stream (the feeds the caller wrote),
+enqueues there (never on the legacy default stream, where execute_async_v3 costs extra synchronisations),
+then makes the caller's stream wait for the runner's and ``record_stream``s the outputs on the caller's stream
+(the caching allocator must not hand their memory out again while the caller's work may still read them).
+``infer`` and activation run with the runner's device current (a runner on cuda:1 while cuda:0 is current).
+
+tensorrt is imported only inside ``_activate_impl``, so this module imports anywhere. All torch.cuda calls go
+through ``TorchCuda`` (the CPU tests swap in a recording fake).
 
 Options:
     cuda_graph     capture one CUDA graph per operating point (after one warm-up run) and replay it;
@@ -18,34 +36,67 @@ Options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from ...errors import UserError
-from ...export.tensorrt.engines import (REBUILD, audit_engine, check_engine_key, describe_points, engine_entry, source_entry,
-                               select_profile, weight_streaming_budget)
+from ...export.tensorrt.engines import (REBUILD, audit_engine, check_engine_bytes, check_engine_key, describe_points,
+                                        engine_entry, select_profile, source_entry, trt_dtype, weight_sizes,
+                                        weight_streaming_budget)
 from ...export.tensorrt.probe import require_gpu_tensorrt
 from ...specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
 
 _TORCH = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
-_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-               "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8_e4m3fn"}
+
+
+class TorchCuda:
+    """Every torch.cuda call the runner makes."""
+
+    available = staticmethod(torch.cuda.is_available)
+    current_device = staticmethod(torch.cuda.current_device)
+    device = staticmethod(torch.cuda.device)  # context manager: the current device inside
+    current_stream = staticmethod(torch.cuda.current_stream)
+    new_stream = staticmethod(torch.cuda.Stream)
+    use_stream = staticmethod(torch.cuda.stream)  # context manager: the current stream inside
+    new_graph = staticmethod(torch.cuda.CUDAGraph)
+
+    @staticmethod
+    def empty(shape, dtype, device) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def on(x: torch.Tensor, device) -> bool:
+        return x.device == device
+
+    @staticmethod
+    def to(x: torch.Tensor, device) -> torch.Tensor:
+        return x.to(device)
+
+    @staticmethod
+    def record_stream(x: torch.Tensor, stream) -> None:
+        x.record_stream(stream)
+
+    @staticmethod
+    def capture(graph, stream):
+        return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
 
 
 @dataclass
 class _Point:
-    """One concrete set of input shapes: its profile, output shapes and (lazily) static buffers."""
+    """One optimization profile's own execution context, the input shapes set on it and its buffers."""
 
     profile: int
-    shapes: dict[str, tuple[int, ...]]  # inputs
-    out_shapes: dict[str, tuple[int, ...]]
-    inputs: dict[str, torch.Tensor] | None = None  # static, cuda_graph only
-    outputs: dict[str, torch.Tensor] | None = None  # static, cuda_graph or reuse_outputs
-    graph: object = field(default=None, repr=False)  # torch.cuda.CUDAGraph
+    context: object  # tensorrt.IExecutionContext
+    key: tuple | None = None  # the input shapes set on the context
+    out_shapes: dict | None = None
+    inputs: dict | None = None  # static, cuda_graph only
+    outputs: dict | None = None  # static, cuda_graph or reuse_outputs
+    graph: object = None  # torch.cuda.CUDAGraph, captured from this context only
 
 
 def runtime_key(recorded: Mapping, platform: Mapping, graph_entry: Mapping) -> dict:
@@ -62,6 +113,7 @@ def runtime_key(recorded: Mapping, platform: Mapping, graph_entry: Mapping) -> d
 
 class TensorRTRunner(Runner):
     backend = "tensorrt"
+    cuda = TorchCuda()
 
     def __init__(self, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str, *,
                  cuda_graph: bool = False, reuse_outputs: bool = False, sync: bool = True):
@@ -78,49 +130,50 @@ class TensorRTRunner(Runner):
             raise UserError(f"the TensorRT engine {self.path} is missing", fix=f"rebuild it: {REBUILD}")
         self.names = [t.name for t in graph.inputs]
         self.dtypes = {t.name: _TORCH[t.dtype] for t in graph.tensors}
+        self.captures = 0  # CUDA graphs captured (one per operating point unless shapes change in a profile)
 
     # -- activation ---------------------------------------------------------------------------------
 
     def _activate_impl(self) -> None:
-        platform = require_gpu_tensorrt(self.device.index or 0)
         name = f"{self.component}/{self.graph.name}"
-        check_engine_key(self.entry["key"], runtime_key(self.entry["key"], platform, self.graph_entry), name)
-        if not torch.cuda.is_available():
+        platform = require_gpu_tensorrt(self.device.index or 0)
+        if not self.cuda.available():
             raise UserError("the tensorrt backend needs a CUDA build of PyTorch",
                             found=f"torch {torch.__version__} without CUDA", fix="install torch built for CUDA")
+        if self.device.index is None:
+            self.device = torch.device("cuda", self.cuda.current_device())
+            if self.device.index:
+                platform = require_gpu_tensorrt(self.device.index)
+        check_engine_key(self.entry["key"], runtime_key(self.entry["key"], platform, self.graph_entry), name)
+        data = self.path.read_bytes()
+        check_engine_bytes(self.entry, data, self.path)
         import tensorrt as trt
 
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
-            engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        with self.cuda.device(self.device):
+            self._stream = self.cuda.new_stream(self.device)
+            engine = self._runtime.deserialize_cuda_engine(data)
+            del data  # the engine's host copy of its bytes: up to the model's size
             if engine is None:
                 raise UserError(f"TensorRT could not load {self.path}", found="see the TensorRT log above",
                                 fix=f"rebuild it on this machine: {REBUILD}")
-            self._audit(trt, engine)
-            budget = weight_streaming_budget(self.entry["key"].get("settings", {}),
-                                             getattr(engine, "streamable_weights_size", None))
-            if budget is not None:  # before the context: it sizes its memory by the budget
-                engine.weight_streaming_budget_v2 = budget
-            context = engine.create_execution_context()
-        if context is None:
-            raise UserError(f"could not create a TensorRT execution context for {name}",
-                            found="see the TensorRT log above (out of GPU memory?)")
-        self._engine, self._context = engine, context
-        self._points: dict[tuple, _Point] = {}
-        self._active_profile: int | None = None
-        self._active_key: tuple | None = None
+            self._audit(engine)
+            self._apply_budget(engine)
+            with self.cuda.use_stream(self._stream):  # freed on the runner's stream, after its last run
+                self._activations = self.cuda.empty((_activation_bytes(engine),), torch.uint8, self.device)
+        self._engine = engine
+        self._points: dict[int, _Point] = {}
+        self._profile_of: dict[tuple, int] = {}
 
-    def _audit(self, trt, engine) -> None:
+    def _audit(self, engine) -> None:
         """Check the engine's tensors, dtypes and profiles against the spec; keep the profile shapes."""
         io = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-            dtype = str(engine.get_tensor_dtype(name)).rsplit(".", 1)[-1]
-            io[name] = (mode, _TRT_DTYPES.get(dtype, dtype.lower()))
+            mode = "input" if engine.get_tensor_mode(name) == self._trt.TensorIOMode.INPUT else "output"
+            io[name] = (mode, trt_dtype(engine.get_tensor_dtype(name)))
         inputs = [n for n in self.names if io.get(n, ("",))[0] == "input"]
         self.profile_shapes = [
             {n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, i)) for n in inputs}
@@ -132,9 +185,25 @@ class TensorRTRunner(Runner):
                             f"{self.component}/{self.graph.name} spec",
                             found="\n    " + "\n    ".join(problems), fix=f"rebuild it: {REBUILD}")
 
+    def _apply_budget(self, engine) -> None:
+        """The build's --memory-budget as weight_streaming_budget_v2, before any execution context exists."""
+        total, streamable = weight_sizes(self._trt, engine)
+        budget, warning = weight_streaming_budget(self.entry.get("memory_budget"), total, streamable)
+        if warning:
+            warnings.warn(f"{self.component}/{self.graph.name}: {warning}", stacklevel=2)
+        if budget is not None:
+            engine.weight_streaming_budget_v2 = budget
+            if engine.weight_streaming_budget_v2 != budget:
+                raise RuntimeError(f"TensorRT refused the weight streaming budget {budget} for {self.path}")
+        self.weight_streaming_budget = budget
+
     def _deactivate_impl(self) -> None:
-        self._points.clear()  # CUDA graphs and static buffers first, then the context, then the engine
-        del self._context
+        with self.cuda.device(self.device):
+            self._stream.synchronize()  # nothing of the runner's is in flight when its memory goes
+        for point in self._points.values():  # CUDA graphs and buffers first, then the contexts
+            point.graph = point.inputs = point.outputs = None
+        self._points.clear()
+        self._activations = None  # after every context that used it
         del self._engine
         del self._runtime
 
@@ -142,55 +211,88 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = tuple(tuple(feeds[n].shape) for n in self.names)
-        point = self._points.get(key) or self._new_point(key)
-        feeds = {n: self._on_device(feeds[n]) for n in self.names}
-        stream = torch.cuda.current_stream(self.device)
-        self._select(point, key, stream.cuda_stream)
-        if self.cuda_graph:
-            outs = self._graph_run(point, feeds, stream)
-        else:
-            outs = self._outputs(point, feeds)
-            self._bind({**feeds, **outs})
-            self._execute(stream.cuda_stream)
-        if self.sync:
-            stream.synchronize()
+        with self.cuda.device(self.device):
+            caller, ours = self.cuda.current_stream(self.device), self._stream
+            ours.wait_stream(caller)  # the feeds the caller wrote are ready
+            with self.cuda.use_stream(ours):
+                point = self._point(key, ours)
+                inputs = {n: self._on_device(feeds[n], ours) for n in self.names}
+                outs = self._graph_run(point, inputs, ours) if self.cuda_graph else self._run(point, inputs, ours)
+            caller.wait_stream(ours)  # the caller's later work sees the outputs
+            for y in outs.values():
+                self.cuda.record_stream(y, caller)
+            if self.sync:
+                ours.synchronize()
         return outs
 
-    def _new_point(self, key: tuple) -> _Point:
+    def _point(self, key: tuple, stream) -> _Point:
+        index = self._profile_of.get(key)
+        if index is None:
+            index = self._profile_of[key] = self._find_profile(key)
+        point = self._points.get(index) or self._new_point(index, stream)
+        if point.key != key:
+            self._set_shapes(point, key)
+        return point
+
+    def _find_profile(self, key: tuple) -> int:
         shapes = dict(zip(self.names, key))
-        dims = bind_symbols(self.graph, shapes)
         index = select_profile(self.profile_shapes, shapes)
         if index is None:
+            dims = bind_symbols(self.graph, shapes)
             raise UserError(f"the TensorRT engine for {self.component}/{self.graph.name} has no profile "
                             "for these shapes",
                             found=", ".join(f"{k}={v}" for k, v in dims.items()),
                             expected=f"one of the operating points it was built for: {describe_points(self.graph)}",
                             fix="run at a built operating point; another batch needs a build with a larger max "
                                 "batch, another video size a re-export and a build")
-        point = _Point(index, shapes, shapes_at(self.graph, dims, "outputs"))
-        self._points[key] = point
+        return index
+
+    def _new_point(self, index: int, stream) -> _Point:
+        """The profile's own context, its activation memory supplied by the runner (shared by all contexts)."""
+        strategy = self._trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        context = self._engine.create_execution_context(strategy)
+        if context is None:
+            raise UserError(f"could not create a TensorRT execution context for {self.component}/{self.graph.name}",
+                            found="see the TensorRT log above (out of GPU memory?)")
+        if not context.set_optimization_profile_async(index, stream.cuda_stream):
+            raise RuntimeError(f"TensorRT refused optimization profile {index} for {self.path}")
+        point = self._points[index] = _Point(index, context)
         return point
 
-    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.device:
-            x = x.to(self.device)
+    def _set_shapes(self, point: _Point, key: tuple) -> None:
+        """Input shapes on the point's context, the output shapes TensorRT then computes checked against the
+        buffers the spec sizes, the activation memory attached. A graph captured before is dropped."""
+        shapes = dict(zip(self.names, key))
+        context = point.context
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused shape {shape} for {name} in profile {point.profile}")
+        out_shapes = shapes_at(self.graph, bind_symbols(self.graph, shapes), "outputs")
+        wrong = [f"{n}: engine {list(got)}, spec {list(s)}" for n, s in out_shapes.items()
+                 if (got := tuple(int(d) for d in context.get_tensor_shape(n))) != s]
+        if wrong:
+            at = ", ".join(f"{n}={list(s)}" for n, s in shapes.items())
+            raise UserError(f"the TensorRT engine {self.path} computes other output shapes than the "
+                            f"{self.component}/{self.graph.name} spec at {at}", found="; ".join(wrong),
+                            fix=f"rebuild it: {REBUILD}")
+        size = self._activations.numel()
+        need = context.update_device_memory_size_for_shapes()
+        if need > size:
+            raise RuntimeError(f"TensorRT needs {need} bytes of activation memory for profile {point.profile} of "
+                               f"{self.path}, more than the {size} the engine reported for its largest profile")
+        context.set_device_memory(self._activations.data_ptr(), size)  # TensorRT 10.1+
+        point.key, point.out_shapes = key, out_shapes
+        point.inputs = point.outputs = point.graph = None
+
+    def _on_device(self, x: torch.Tensor, stream) -> torch.Tensor:
+        if self.cuda.on(x, self.device):
+            self.cuda.record_stream(x, stream)  # the caller may free it while the runner's stream reads it
+        else:
+            x = self.cuda.to(x, self.device)  # on the runner's stream
         return x if x.is_contiguous() else x.contiguous()
 
-    def _select(self, point: _Point, key: tuple, stream: int) -> None:
-        """Switch profile and input shapes when the operating point changes (host-side state)."""
-        if key == self._active_key:
-            return
-        if point.profile != self._active_profile:
-            if not self._context.set_optimization_profile_async(point.profile, stream):
-                raise RuntimeError(f"TensorRT refused optimization profile {point.profile} for {self.path}")
-            self._active_profile = point.profile
-        for name, shape in point.shapes.items():
-            if not self._context.set_input_shape(name, shape):
-                raise RuntimeError(f"TensorRT refused shape {shape} for {name} in profile {point.profile}")
-        self._active_key = key
-
     def _alloc(self, point: _Point) -> dict[str, torch.Tensor]:
-        return {n: torch.empty(s, dtype=self.dtypes[n], device=self.device) for n, s in point.out_shapes.items()}
+        return {n: self.cuda.empty(s, self.dtypes[n], self.device) for n, s in point.out_shapes.items()}
 
     def _outputs(self, point: _Point, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fresh outputs (from torch's caching allocator), or the point's own buffers with reuse_outputs
@@ -203,30 +305,40 @@ class TensorRTRunner(Runner):
                 return point.outputs
         return self._alloc(point)
 
-    def _bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def _run(self, point: _Point, inputs: Mapping[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
+        outs = self._outputs(point, inputs)
+        self._bind(point.context, {**inputs, **outs})
+        self._execute(point.context, stream.cuda_stream)
+        return outs
+
+    def _bind(self, context, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, x in tensors.items():
-            if not self._context.set_tensor_address(name, x.data_ptr()):
+            if not context.set_tensor_address(name, x.data_ptr()):
                 raise RuntimeError(f"TensorRT refused the address of {name} for {self.path}")
 
-    def _execute(self, stream: int) -> None:
-        if not self._context.execute_async_v3(stream):
+    def _execute(self, context, stream: int) -> None:
+        if not context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT execution failed for {self.component}/{self.graph.name} "
                                "(see the TensorRT log above)")
 
     # -- CUDA graphs --------------------------------------------------------------------------------
 
-    def _graph_run(self, point: _Point, feeds: Mapping[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
-        """Copy the feeds into the point's static inputs and replay its graph; the first call at a point
-        runs once eagerly (which also flushes TensorRT's deferred shape work) and then captures."""
+    def _graph_run(self, point: _Point, inputs: Mapping[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
+        """Copy the feeds into the point's static inputs and replay its graph. The first call at a point binds
+        the static buffers once, runs once eagerly (which also flushes TensorRT's deferred shape work) and
+        captures; nothing touches that context afterwards."""
         if point.graph is None:
-            point.inputs = {n: torch.empty_like(x) for n, x in feeds.items()}
+            point.inputs = {n: self.cuda.empty(x.shape, x.dtype, self.device) for n, x in inputs.items()}
             point.outputs = self._alloc(point)
-            self._copy_in(point, feeds)
-            self._bind({**point.inputs, **point.outputs})
-            self._execute(stream.cuda_stream)
-            point.graph = self._capture()
+            self._copy_in(point, inputs)
+            self._bind(point.context, {**point.inputs, **point.outputs})
+            self._execute(point.context, stream.cuda_stream)
+            point.graph = self.cuda.new_graph()
+            with self.cuda.capture(point.graph, stream):
+                self._execute(point.context, stream.cuda_stream)
+            self.captures += 1
         else:
-            self._copy_in(point, feeds)
+            self._copy_in(point, inputs)
             point.graph.replay()
         outs = point.outputs
         return dict(outs) if self.reuse_outputs else {n: y.clone() for n, y in outs.items()}
@@ -236,9 +348,11 @@ class TensorRTRunner(Runner):
         for name, buf in point.inputs.items():
             buf.copy_(feeds[name], non_blocking=True)
 
-    def _capture(self):
-        graph = torch.cuda.CUDAGraph()
-        # torch captures on its own side stream (made current inside the block); TensorRT must enqueue there
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._execute(torch.cuda.current_stream(self.device).cuda_stream)
-        return graph
+
+def _activation_bytes(engine) -> int:
+    """The activation memory the largest profile needs (after the weight-streaming budget is set: it depends
+    on it), from the TensorRT 10.1+ per-profile query where there is one."""
+    by_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if by_profile is not None:
+        return max(int(by_profile(i)) for i in range(engine.num_optimization_profiles))
+    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)

@@ -1,0 +1,170 @@
+"""The TensorRT builder calls (GPU only; thin calls into the TensorRT 10.x / 11.x Python API).
+
+ONNX -> strongly typed network -> serialized engine, one optimization profile per operating point, a
+persistent timing cache. The plan is written to disk with its size and sha256 (the runner checks both once per
+load), and everything the build held (builder, network, the parser that owns the ONNX weights, config, plan) is
+released before the engine is deserialised again for its memory report: for the 14B transformer each of those
+is the size of the model in host memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ...errors import UserError
+from ...fsutil import PARTIAL, clean_stale_partials, deferred_signals
+from ...specs import GraphSpec
+from .engines import BuildSettings, profiles, weight_sizes
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _network_flags(trt) -> int:
+    """Strongly typed: a flag on TensorRT 10, always on (flag deprecated, ignored) from TensorRT 11."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None or int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(flag)
+
+
+def _parse(trt, builder, logger, onnx_path: Path, graph: GraphSpec):
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weights beside it are found
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise UserError(f"TensorRT could not parse {onnx_path}", found="; ".join(errors[:5]) or "no parser errors",
+                        fix="check the graph with `polygraphy inspect model`, or re-export")
+    names = sorted(network.get_input(i).name for i in range(network.num_inputs))
+    if names != sorted(t.name for t in graph.inputs):
+        raise UserError(f"{onnx_path} has other inputs than the {graph.name} spec", found=", ".join(names),
+                        expected=", ".join(t.name for t in graph.inputs), fix="re-export the artifacts")
+    return network, parser
+
+
+def _timing_cache(config, path: Path, log):
+    """The timing cache from ``path`` attached to ``config``; an empty one, with a warning, when the file is
+    unreadable (truncated: ``create_timing_cache`` may return None) or from another TensorRT / GPU
+    (``set_timing_cache`` returns False). The cache must outlive the build: it is kept by the config."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = None
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception as e:  # noqa: BLE001 - some bindings raise on a corrupt cache instead of returning None
+            log(f"warning: TensorRT could not read the timing cache {path} ({type(e).__name__}: {e})")
+        if cache is None:
+            log(f"warning: the timing cache {path} is unreadable (truncated or corrupt): starting from an empty "
+                "cache; it is rewritten after this build")
+    if cache is not None and config.set_timing_cache(cache, False):
+        return cache
+    if cache is not None:
+        log(f"warning: the timing cache {path} is from another TensorRT version or GPU: starting from an empty "
+            "cache; it is rewritten after this build")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise RuntimeError("TensorRT could not create an empty timing cache")
+    return cache
+
+
+def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batch: int | None, log):
+    config = builder.create_builder_config()
+    config.builder_optimization_level = settings.opt_level
+    if settings.workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace)
+    if settings.memory_budget is not None:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    for prof in profiles(graph, max_batch):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    if settings.timing_cache:
+        _timing_cache(config, Path(settings.timing_cache), log)
+    return config
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write to a hidden ``.NAME.partial-PID-*`` file beside ``path`` (those left by a killed build are removed
+    first) and move it into place, with SIGINT/SIGTERM held off during the move."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        with deferred_signals():
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _build_plan(trt, logger, onnx_path: Path, graph: GraphSpec, settings: BuildSettings, max_batch: int | None,
+                log):
+    """The serialized engine. The builder, network, parser (it owns the ONNX weights) and config live in this
+    frame only: they are released when it returns, before anything else is loaded."""
+    builder = trt.Builder(logger)
+    network, parser = _parse(trt, builder, logger, onnx_path, graph)
+    config = _configure(trt, builder, graph, settings, max_batch, log)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"TensorRT could not build an engine from {onnx_path}", found="see the TensorRT log above",
+                        fix="raise --workspace, or lower --opt-level")
+    if settings.timing_cache:
+        write_atomic(Path(settings.timing_cache), config.get_timing_cache().serialize())
+    del network, parser  # the network first: the parser owns the weights it points at
+    return plan
+
+
+def _write_plan(path: Path, plan) -> dict:
+    """Write the serialized engine atomically; its size and sha256 as the manifest records them."""
+    digest, size = hashlib.sha256(plan).hexdigest(), memoryview(plan).nbytes
+    write_atomic(path, plan)
+    return {"engine_bytes": size, "engine_sha256": digest}
+
+
+def _inspect(trt, logger, path: Path, n_profiles: int) -> dict:
+    """Device memory and weight sizes, where this TensorRT version exposes them (the engine read back from
+    disk; the host copy of its bytes is dropped as soon as it is deserialised)."""
+    runtime = trt.Runtime(logger)
+    data = path.read_bytes()
+    engine = runtime.deserialize_cuda_engine(data)
+    del data
+    if engine is None:
+        return {}
+    by_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None) or \
+        getattr(engine, "get_device_memory_size_for_profile", None)
+    total, streamable = weight_sizes(trt, engine)
+    return {
+        "device_memory_bytes": getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", None)),
+        "device_memory_bytes_by_profile": [by_profile(i) for i in range(n_profiles)] if by_profile else None,
+        "weights_bytes": total,
+        "streamable_weights_bytes": streamable,
+    }
+
+
+def build_engine(onnx_path: str | Path, graph: GraphSpec, out_path: str | Path, settings: BuildSettings,
+                 max_batch: int | None = None, inspect: bool = True, log=_stderr) -> dict:
+    """Build ``graph`` into a strongly typed engine with one profile per operating point; returns a report
+    with the engine file's size and sha256 (engine_bytes, engine_sha256) and, with ``inspect``, its memory."""
+    import tensorrt as trt
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    t0 = time.perf_counter()
+    plan = _build_plan(trt, logger, onnx_path, graph, settings, max_batch, log)
+    seconds = time.perf_counter() - t0
+    report = {"engine": out_path.name, **_write_plan(out_path, plan), "build_seconds": round(seconds, 2),
+              "profiles": len(graph.operating_points), "tensorrt": trt.__version__,
+              "weight_streaming": settings.memory_budget is not None}
+    del plan  # the only reference left: the engine is on disk now
+    if inspect:
+        report.update(_inspect(trt, logger, out_path, len(graph.operating_points)))
+    return report
