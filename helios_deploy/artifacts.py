@@ -68,9 +68,18 @@ class Artifacts:
                 yield c, r, "quantize --precision bf16"
 
     def check_sizes(self) -> None:
-        """Every file the manifest lists exists with the size recorded when it was written (a missing,
-        truncated or replaced file is refused before anything reads it)."""
-        problems = [p for c, r, by in self.records() for p in self._file_problems(c, r, by, hashes=False)]
+        """Every file the manifest lists that is present has the size recorded when it was written: a truncated
+        or replaced file is refused before anything reads it. A missing one is refused where it is used
+        (``require_present``): a deployment may delete graphs it no longer needs (README, Deploy on an H100)."""
+        problems = [p for c, r, by in self.records() for p in self._file_problems(c, r, by, hashes=False,
+                                                                                  missing_ok=True)]
+        self._refuse(problems)
+
+    def require_present(self, component: str, record: dict, written_by: str = "export") -> None:
+        """The graph's two files exist with their recorded sizes (for a command about to load them)."""
+        self._refuse(self._file_problems(component, record, written_by, hashes=False))
+
+    def _refuse(self, problems: list[str]) -> None:
         if problems:
             raise UserError(f"the artifacts in {self.root} do not match their manifest", found="; ".join(problems),
                             fix="re-run the step that wrote them (export or quantize), or restore the files")
@@ -108,13 +117,15 @@ class Artifacts:
             raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
                             fix="re-run `helios-deploy quantize` (or restore the files)")
 
-    def _file_problems(self, component: str, record: dict, written_by: str, hashes: bool = True) -> list[str]:
+    def _file_problems(self, component: str, record: dict, written_by: str, hashes: bool = True,
+                       missing_ok: bool = False) -> list[str]:
         problems = []
         for key in ("file", "data"):
             path = self.root / component / record[key]
             size = record.get(f"{key}_bytes")
             if not path.is_file():
-                problems.append(f"{path}: missing")
+                if not missing_ok:
+                    problems.append(f"{path}: missing")
             elif size is not None and path.stat().st_size != size:
                 actual = path.stat().st_size
                 problems.append(f"{path}: {actual} bytes, {written_by} wrote {size} "

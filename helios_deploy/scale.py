@@ -78,6 +78,29 @@ def run_step(step: Step, ckpt: Path, arts: Path, out: Path, log) -> dict:
     return result
 
 
+def phases(step: str, arts: Path, out: Path) -> dict[str, int]:
+    """Peak memory of the phases inside a step, as the step recorded them (manifest, parity report)."""
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    comps = read(arts / "manifest.json").get("components", {})
+    found: dict[str, int | None] = {}
+    if step == "export":
+        found = {f"export {c}": e.get("export_memory", {}).get("peak_rss_bytes") for c, e in comps.items()}
+    elif step in ("parity", "parity_fp8"):
+        report = read(out / f"{step}.json").get("components", {})
+        found = {f"{step} {c}": e.get("memory", {}).get("peak_rss_bytes") for c, e in report.items()}
+    elif step == "quantize_fp8":
+        for c, e in comps.items():
+            fp8 = e.get("fp8") or {}
+            for phase, record in {**fp8.get("memory", {}), "lowering": fp8.get("bf16", {}).get("memory", {})}.items():
+                found[f"quantize_fp8 {c} {phase}"] = record.get("peak_rss_bytes")
+    elif step == "quantize_bf16":
+        found = {f"quantize_bf16 {c}/{g}": r.get("memory", {}).get("peak_rss_bytes")
+                 for c, e in comps.items() for g, r in (e.get("bf16") or {}).items()}
+    return {k: int(v) for k, v in found.items() if v is not None}
+
+
 def sizes(ckpt: Checkpoint) -> dict:
     """What the fit is over: transformer blocks, text-encoder layers, and the checkpoint's bf16 weight bytes."""
     return {"blocks": int(ckpt.configs["transformer"]["num_layers"]),
@@ -123,6 +146,7 @@ def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128
         results = []
         for step in chain(height, width, keep, prompts):
             results.append(run_step(step, ckpt.path, arts, work, log))
+            results[-1]["phases"] = phases(step.name, arts, work)
             if not results[-1]["passed"]:
                 break
         runs.append({"checkpoint": str(ckpt.path), **info, "steps": results,
@@ -135,7 +159,10 @@ def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128
     fits = {s.name: {k: fit([r for r in rows if r["step"] == s.name], k)
                      for k in ("peak_rss_bytes", "seconds", "written_bytes", "artifacts_growth_bytes")}
             for s in chain(height, width, keep, prompts)}
+    names = sorted({p for r in rows for p in r.get("phases", {})})
+    phase_fits = {p: fit([{**r, "value": r["phases"].get(p)} for r in rows if "phases" in r], "value") for p in names}
     result = {"video": {"height": height, "width": width}, "helios_14b": HELIOS_14B, "runs": runs, "fits": fits,
+              "phase_fits": phase_fits,
               "host": {"cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
     (out / "scale_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -158,6 +185,15 @@ def table(result: dict) -> str:
                   f"{peak['helios_14b'] / 1e9:.1f} GB" if peak else "-",
                   f"{secs['helios_14b'] / 60:.0f} min" if secs else "-",
                   f"{wrote['helios_14b'] / 1e9:.0f} GB" if wrote else "-"]
+        lines.append(cells)
+    for phase, peak in result.get("phase_fits", {}).items():
+        cells = [f"  {phase}"]
+        for r in runs:
+            value = next((x["phases"].get(phase) for x in r["steps"] if phase in x.get("phases", {})), None)
+            cells.append("-" if value is None else f"{value / 1e9:.2f} GB")
+        cells += [f"{peak['per_block'] / 1e9:+.3f} GB" if peak else "-",
+                  f"{peak['per_text_encoder_layer'] / 1e9:+.3f} GB" if peak and peak["per_text_encoder_layer"] is not None
+                  else "-", f"{peak['helios_14b'] / 1e9:.1f} GB" if peak else "-", "", ""]
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)

@@ -15,7 +15,7 @@ from ..artifacts import Artifacts
 from ..errors import UserError
 from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
 from .runners import make_runner
-from .runners.base import BACKENDS
+from .runners.base import BACKENDS, graph_record
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
 from .scheduler import DMDScheduler
 from .text import PromptTokenizer
@@ -94,6 +94,9 @@ class Pipeline:
         if key not in self._runners:
             spec = self.artifacts.spec(component)
             backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
+            if backend == "onnxruntime":  # the graph it loads is there, with its recorded sizes
+                self.artifacts.require_present(component, *graph_record(self.artifacts.manifest, component, graph,
+                                                                         self.precision))
             self._runners[key] = make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
                                              spec.graph(graph), str(self.device), self.precision,
                                              self.low_memory).activate()

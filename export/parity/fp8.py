@@ -11,6 +11,7 @@ from ...artifacts import Artifacts
 from ...checkpoint import Checkpoint
 from ...errors import UserError
 from .audit import format_table
+from ...memory import measure_peak
 from .reference import reference_module
 from .compare import OrtGraph, compare_component
 
@@ -45,9 +46,11 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         arts.verify_files(name)
         entry = verify_fp8_files(arts, name)
         path = arts.root / name / entry["file"]
-        result = compare_component(name, spec, lambda: {"model": OrtGraph(path, spec.graph("model"))},
-                                   lambda: reference_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
-                                   precision="fp8", min_cosine=FP8_COSINE)
+        with measure_peak() as memory:
+            result = compare_component(name, spec, lambda: {"model": OrtGraph(path, spec.graph("model"))},
+                                       lambda: reference_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
+                                       precision="fp8", min_cosine=FP8_COSINE)
+        result["memory"] = memory
         report["components"][name] = result
         rows += _rows(name, result)
     if pipeline:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import Artifacts
+from ..runtime.runners.base import graph_record
 from ..errors import UserError
 from ..export.tensorrt.engines import profiles
 from ..fsutil import staged_dir
@@ -77,10 +78,14 @@ def check_options(arts: Artifacts, opts: RepoOptions) -> None:
                         fix="export with --components text_encoder,transformer,vae_decoder,vae_encoder")
     if opts.backend == "tensorrt":
         _check_engines(arts, opts.precision)
-    elif opts.precision == "fp8" and not arts.manifest["components"]["transformer"].get("fp8"):
+        return
+    if opts.precision == "fp8" and not arts.manifest["components"]["transformer"].get("fp8"):
         raise UserError(f"--precision fp8 needs the FP8 transformer graph, which {arts.root} does not have",
                         found="no fp8 entry for the transformer in the manifest",
                         fix=f"run `helios-deploy quantize {arts.root} --precision fp8` first")
+    for c in arts.components:  # the graphs the served runtime loads are there, with their recorded sizes
+        for g in arts.spec(c).graphs:
+            arts.require_present(c, *graph_record(arts.manifest, c, g.name, opts.precision))
 
 
 def _check_engines(arts: Artifacts, precision: str) -> None:

@@ -88,19 +88,25 @@ class Runner:
         pass
 
 
-def onnx_file(manifest: dict, component: str, graph: GraphSpec, precision: str = "fp32") -> str:
-    """The ONNX file of ``graph``: with precision fp8, the quantized graph when the component has one (the
-    transformer must; components without one run fp32)."""
-    if precision == "fp8" and graph.name == "model":
-        entry = manifest["components"][component].get("fp8")
-        if entry:
-            return entry["file"]
+def graph_record(manifest: dict, component: str, graph: str, precision: str = "fp32") -> tuple[dict, str]:
+    """The manifest record of the ONNX graph the onnxruntime backend loads, and the step that wrote it: with
+    precision fp8, the quantized graph when the component has one (the transformer must; components without
+    one run fp32)."""
+    entry = manifest["components"][component]
+    if precision not in ("fp32", "fp8"):
+        raise UserError(f"unknown precision {precision!r}", expected="fp32 or fp8")
+    if precision == "fp8" and graph == "model":
+        if entry.get("fp8"):
+            return entry["fp8"], "quantize"
         if component == "transformer":
             raise UserError("these artifacts have no FP8 transformer graph",
                             fix="run `helios-deploy quantize ARTIFACTS --precision fp8` first")
-    elif precision not in ("fp32", "fp8"):
-        raise UserError(f"unknown precision {precision!r}", expected="fp32 or fp8")
-    return graph.file
+    return entry["graphs"][graph], "export"
+
+
+def onnx_file(manifest: dict, component: str, graph: GraphSpec, precision: str = "fp32") -> str:
+    """The ONNX file of ``graph`` at ``precision`` (see graph_record)."""
+    return graph_record(manifest, component, graph.name, precision)[0]["file"]
 
 
 def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str,
