@@ -107,14 +107,16 @@ class Artifacts:
         problems = [p for g in self.manifest["components"][component]["graphs"].values()
                     for p in self._file_problems(component, g, "export")]
         if problems:
-            raise UserError(f"{component} artifacts do not match the manifest", found="; ".join(problems),
+            raise UserError(f"the artifacts in {self.root} do not match their manifest ({component})",
+                            found="; ".join(problems),
                             fix="re-run the export (or restore the files)")
 
     def verify_record(self, component: str, record: dict, written_by: str = "it was written") -> None:
         """A derived graph (bf16, fp8) exists and has the size and sha256 recorded when it was written."""
         problems = self._file_problems(component, record, written_by)
         if problems:
-            raise UserError(f"{component} graphs do not match the manifest", found="; ".join(problems),
+            raise UserError(f"the artifacts in {self.root} do not match their manifest ({component})",
+                            found="; ".join(problems),
                             fix="re-run `helios-deploy quantize` (or restore the files)")
 
     def _file_problems(self, component: str, record: dict, written_by: str, hashes: bool = True,

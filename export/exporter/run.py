@@ -14,7 +14,7 @@ from ...artifacts import FORMAT, file_record, write_manifest
 from ...checkpoint import Checkpoint
 from ...errors import UserError
 from ...fsutil import staged_dir
-from ...memory import measure_peak, process_peak_bytes
+from ...memory import measure_peak, process_peak_bytes, release_memory
 from ...specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
 from ..parity.reference import reference_module
@@ -43,6 +43,7 @@ def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: in
     """Export every graph of one component into ``folder``; returns its manifest entry, with the peak memory
     of this component's export against the bytes of its checkpoint weights."""
     graphs = {}
+    release_memory()
     with measure_peak() as memory:
         for g in spec.graphs:
             log(f"exporting {name}/{g.file} ...")

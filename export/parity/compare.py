@@ -7,7 +7,6 @@ arrays, and the two are compared with max_abs_err, rel_l2 and cosine.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -15,6 +14,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ...memory import release_memory
 from ...specs import ComponentSpec, GraphSpec, resolve_shape
 from ...runtime.vae import run_chunk
 
@@ -151,7 +151,7 @@ def compare_component(component: str, spec: ComponentSpec, sessions, module, see
         inputs = _case_inputs(component, spec, case, seed + i)
         runs.append((case, inputs, reference_output(component, reference, inputs)))
     del reference, module
-    gc.collect()
+    release_memory()
     opened = sessions if isinstance(sessions, Mapping) else sessions()
     out = {"precision": precision, "threshold_rel_l2": threshold, "passed": opened is not None, "cases": []}
     for case, inputs, ref in runs if opened is not None else ():

@@ -28,7 +28,7 @@ import numpy as np
 
 from ...artifacts import Artifacts, file_record, install
 from ...fsutil import staging
-from ...memory import measure_peak
+from ...memory import measure_peak, release_memory
 from ...specs import GraphSpec
 from ..graphio import Graph, stub, stub_key
 from .prepare import prepare
@@ -210,6 +210,7 @@ def lower_artifacts(artifacts, components: Iterable[str] | None = None, keep_fp3
             for graph in arts.spec(c).graphs:
                 log(f"{c}/{graph.file} -> {bf16_file(graph.file)}")
                 composed = "composed_of" in entry["graphs"][graph.name]  # recorded by the export (vae_chunk)
+                release_memory()
                 with measure_peak() as memory:
                     record = write_lowered(arts.root / c / graph.file, work / c, bf16_file(graph.file), keep_fp32,
                                            chunk=graph if composed else None)

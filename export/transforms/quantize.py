@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 from ...artifacts import Artifacts, file_record, install
 from ...errors import UserError
 from ...fsutil import staging
-from ...memory import measure_peak
+from ...memory import measure_peak, release_memory
 from ..graphio import Graph
 from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
 from .lowering import write_lowered
@@ -211,6 +211,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
         log(f"calibrating: {len(prompts)} prompts x {chunks} chunks through the fp32 pipeline on {device} ...")
         with measure_peak() as calibration_memory:
             runners = calibrate(arts, plans, prompts, chunks, seed, device, work)
+        release_memory()  # the sessions are closed: the rewrite starts from the process's own baseline
         t_cal = time.perf_counter() - t0
         moves = []
         for plan in plans:
