@@ -178,6 +178,15 @@ def test_bad_calibration_file(artifacts, tmp_path, capsys, content):
     assert _snapshot(root) == before
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a host without CUDA")
+def test_cuda_calibration_without_cuda_is_refused_before_any_work(artifacts, tmp_path, capsys):
+    root = _copy(artifacts, tmp_path / "arts")
+    before = _snapshot(root)
+    code, _, err = run_cli(["quantize", root, "--device", "cuda", "--keep-high-precision", "^proj_out/"], capsys)
+    assert code == 1 and "CUDA" in err and "--device cpu" in err and "Traceback" not in err
+    assert "calibrating" not in err and _snapshot(root) == before
+
+
 def test_modified_onnx_is_refused_and_nothing_written(artifacts, tmp_path, capsys):
     root = _copy(artifacts, tmp_path / "arts")
     data = root / "transformer" / "model.onnx.data"

@@ -188,6 +188,10 @@ def _check_request(arts: Artifacts, components: list[str], chunks: int, device: 
         raise UserError(f"--calibration-chunks must be at least 1, got {chunks}")
     if device not in DEVICES:
         raise UserError(f"unknown calibration device {device!r}", expected=" or ".join(DEVICES))
+    if device == "cuda":
+        from ...runtime.runners.onnxruntime import require_cuda
+
+        require_cuda()
 
 
 def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),

@@ -16,6 +16,18 @@ _NP = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
 _TORCH = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
 
 
+def require_cuda() -> None:
+    """One clear message, before any work, where ONNX Runtime on CUDA is asked for on a host without it."""
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA device is visible to torch on this host",
+                        fix="run on a GPU host, or pass --device cpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("ONNX Runtime has no CUDA execution provider here",
+                        fix="install onnxruntime-gpu, or pass --device cpu")
+
+
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
@@ -40,9 +52,7 @@ class OnnxRuntimeRunner(Runner):
             # (measured on a real-width block: peak 2.76 GB instead of 3.17 GB for 2.43 GB of weights)
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError("ONNX Runtime has no CUDA execution provider here",
-                                fix="install onnxruntime-gpu, or run with device cpu")
+            require_cuda()
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
