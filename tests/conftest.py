@@ -36,6 +36,44 @@ def artifacts(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory) -> Path:
+    """Helios-Base: HeliosPipeline, HeliosScheduler (one stage, UniPC), the same weights as tiny_ckpt."""
+    from helios_deploy.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", seed=0, variant="base")
+
+
+@pytest.fixture(scope="session")
+def base_artifacts(base_ckpt, tmp_path_factory) -> Path:
+    """All four components of the Base checkpoint (the VAE encoder for I2V)."""
+    from helios_deploy.export.exporter.run import export_checkpoint
+
+    out = tmp_path_factory.mktemp("arts") / "base"
+    export_checkpoint(base_ckpt, out, height=HEIGHT, width=WIDTH, text_length=TEXT_LENGTH,
+                      max_text_length=MAX_TEXT_LENGTH, run_audit=False, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mid_ckpt(tmp_path_factory) -> Path:
+    """Helios-Mid: HeliosPyramidPipeline with is_cfg_zero_star, HeliosScheduler over three stages."""
+    from helios_deploy.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "mid", seed=0, variant="mid")
+
+
+@pytest.fixture(scope="session")
+def mid_artifacts(mid_ckpt, tmp_path_factory) -> Path:
+    """The Mid checkpoint's text-to-video components (no VAE encoder: the Mid tests are T2V)."""
+    from helios_deploy.export.exporter.run import export_checkpoint
+
+    out = tmp_path_factory.mktemp("arts") / "mid"
+    export_checkpoint(mid_ckpt, out, height=HEIGHT, width=WIDTH, text_length=TEXT_LENGTH, max_text_length=MAX_TEXT_LENGTH,
+                      components=("transformer", "text_encoder", "vae_decoder"), run_audit=False, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def parity(tiny_ckpt, artifacts) -> dict:
     """The parity report of every exported component against the diffusers/transformers reference."""
     from helios_deploy.export.parity.report import parity_report
