@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .guidance import Guidance, predict_noise
-from .scheduler import DMDScheduler, calculate_shift
+from .scheduler import calculate_shift
 
 HISTORY_SIZES = (16, 2, 1)  # long, mid, short (the short history also carries the 1-frame prefix)
 
