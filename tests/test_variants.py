@@ -55,6 +55,14 @@ def test_tiny_checkpoint_of_each_variant_is_what_diffusers_saves(request, which,
     assert getattr(diffusers, scheduler).from_config(cfg).config.stages == (1 if cls == "HeliosPipeline" else 3)
 
 
+def test_tiny_checkpoint_cli_variant_options(tmp_path, capsys):
+    from helios_deploy.tiny import build_pipeline
+
+    assert build_pipeline(variant="mid", cfg_zero_star=False).config.is_cfg_zero_star is False
+    code, _, err = run_cli(["tiny-checkpoint", tmp_path / "x", "--variant", "base", "--cfg-zero-star"], capsys)
+    assert code == 1 and "CFG-Zero* is a setting of Helios-Mid" in err and not (tmp_path / "x").exists()
+
+
 def test_manifest_records_the_variant(artifacts, base_artifacts, mid_artifacts):
     expected = {
         artifacts: Variant("distilled", "HeliosPyramidPipeline", True, False, "HeliosDMDScheduler"),
