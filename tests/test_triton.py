@@ -201,7 +201,8 @@ def base_server(server_env, base_artifacts, tmp_path_factory):
     from helios_deploy.serving.server import LocalServer
 
     repo = tmp_path_factory.mktemp("triton-base") / "repo"
-    write_repository(base_artifacts, repo, RepoOptions(backend="onnxruntime", max_frames=660))
+    # referenced, not copied: hard links would make onnx.checker refuse the artifacts in later tests
+    write_repository(base_artifacts, repo, RepoOptions(backend="onnxruntime", max_frames=660, reference=True))
     srv = LocalServer(server_env, repo, log_path=repo.parent / "tritonserver.log").start()
     yield srv
     srv.stop()
@@ -227,23 +228,39 @@ def test_base_request_with_negative_prompt_equals_in_process_runtime(base_server
         assert len(served(client, num_frames=33, seed=1, num_inference_steps=1)) == 1
 
 
-def test_client_cli_sends_base_settings(base_server, base_artifacts, tmp_path, capsys):
-    from helios_deploy.runtime import Pipeline
-    from helios_deploy.runtime.video_io import read_video
+def test_client_cli_sends_base_settings(monkeypatch, tmp_path, capsys):
+    """The client's sampler options become the request tensors the helios model declares (a stand-in client
+    records them: no server, so no gRPC stream is open while ffmpeg is forked)."""
+    import helios_deploy.serving.client as C
 
-    out = tmp_path / "base.mp4"
-    code, _, err = run_cli(["client", base_server.grpc_url, "--prompt", PROMPT, "--frames", 33, "--seed", 2,
-                            "--num-inference-steps", 2, "--guidance-scale", 3.5, "--negative-prompt", "blurry",
-                            "-o", out], capsys)
+    sent = []
+
+    class Recorder(C.HeliosClient):
+        def __init__(self, url, model="helios", timeout=None):
+            pass
+
+        def check_ready(self):
+            pass
+
+        def stream_arrays(self, arrays):
+            sent.append(arrays)
+            yield C.StreamChunk(0, np.zeros((33, HEIGHT, WIDTH, 3), np.uint8), 0.1)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(C, "HeliosClient", Recorder)
+    code, _, err = run_cli(["client", "localhost:1", "--prompt", PROMPT, "--frames", 33, "--num-inference-steps", 2,
+                            "--guidance-scale", 3.5, "--negative-prompt", "blurry", "-o", tmp_path / "b.mp4"], capsys)
     assert code == 0, err
-    base = Pipeline.from_artifacts(base_artifacts)
-    ours = base.generate(PROMPT, num_frames=33, seed=2, num_inference_steps=2, guidance_scale=3.5,
-                         negative_prompt="blurry")
-    unguided = base.generate(PROMPT, num_frames=33, seed=2, num_inference_steps=2, guidance_scale=1.0)
-    got = read_video(out).astype(float)
-    assert got.shape == ours.shape
-    # H.264 is lossy: the written video is near ours, much nearer than the same request without guidance
-    assert np.abs(got - ours).mean() < 0.5 * np.abs(got - unguided).mean()
+    (arrays,) = sent
+    assert {k: (v.dtype, v.tolist()) for k, v in arrays.items() if k != "prompt"} == {
+        "num_frames": (np.int32, [33]), "seed": (np.int64, [0]), "num_inference_steps": (np.int32, [2]),
+        "guidance_scale": (np.float32, [3.5]), "negative_prompt": (np.object_, [b"blurry"])}
+    run_cli(["client", "localhost:1", "--prompt", PROMPT, "--steps", "2,2,2", "--amplify-first-chunk",
+             "-o", tmp_path / "d.mp4"], capsys)
+    assert sent[1]["pyramid_steps"].tolist() == [2, 2, 2] and sent[1]["amplify_first_chunk"].tolist() == [True]
+    assert "guidance_scale" not in sent[1] and "negative_prompt" not in sent[1]  # absent: the variant's default
 
 
 # ---------------------------------------------------------------------------------------------------
