@@ -1,6 +1,7 @@
 """`bench`: time the runtime over artifacts (total, first-chunk latency, steady-state FPS, per
 component and per pyramid stage, host overhead, peak memory), optionally against the diffusers
-pipeline in the same run, and next to the cost model's prediction."""
+pipeline of the checkpoint's variant (HeliosPipeline or HeliosPyramidPipeline, same settings) in the same
+run, and next to the cost model's prediction."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _stage_of(pipe, shape: tuple) -> str:
     return "x".join(map(str, shape[-2:]))
 
 
-def _measure(pipe, prompt, frames, steps, seed, amplify) -> dict:
+def _measure(pipe, prompt, frames, seed, settings: dict) -> dict:
     runners = list(pipe._runners.values())
     for r in runners:
         r.reset_stats()
@@ -33,7 +34,7 @@ def _measure(pipe, prompt, frames, steps, seed, amplify) -> dict:
     t0 = time.perf_counter()
     stamps = []
     n_frames = []
-    for chunk in pipe.stream(prompt, num_frames=frames, seed=seed, pyramid_steps=steps, amplify_first_chunk=amplify):
+    for chunk in pipe.stream(prompt, num_frames=frames, seed=seed, **settings):
         stamps.append(time.perf_counter())
         n_frames.append(chunk.frames.shape[0])
     total = stamps[-1] - t0
@@ -58,61 +59,71 @@ def _measure(pipe, prompt, frames, steps, seed, amplify) -> dict:
             "backend_calls": {f"{r.component}/{r.graph.name}": r.calls for r in runners}}
 
 
-def _reference_seconds(checkpoint, pipe, prompt, frames, steps, seed, amplify, repeats: int) -> float:
+def _reference_seconds(checkpoint, pipe, prompt, frames, seed, sampling, settings: dict, repeats: int) -> float:
+    """Best of ``repeats`` runs (after a warm-up) of the variant's diffusers pipeline with the same settings."""
     import torch
-    from diffusers import HeliosPyramidPipeline
 
-    from .export.exporter.patches import cholesky_float64
+    from .export.parity.pipeline import PipelineCase, _reference_kwargs, configured, reference_pipeline
 
-    ref = HeliosPyramidPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
+    variant = pipe.variant.name
+    ref = reference_pipeline(checkpoint, variant)
+    case = PipelineCase("bench", steps=sampling.steps, amplify=sampling.amplify_first_chunk, frames=frames,
+                        guidance_scale=sampling.guidance_scale, negative_prompt=sampling.negative_prompt,
+                        sampler=settings.get("sampler"), cfg_zero_star=settings.get("cfg_zero_star"))
+    kwargs = _reference_kwargs(case, {}, variant)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up, like ours
         t0 = time.perf_counter()
-        with cholesky_float64():
-            ref(prompt=prompt, height=pipe.height, width=pipe.width, num_frames=frames, guidance_scale=1.0,
-                pyramid_num_inference_steps_list=list(steps), is_amplify_first_chunk=amplify,
-                generator=torch.Generator().manual_seed(seed), output_type="np", max_sequence_length=pipe.text_length)
+        with configured(ref, case):
+            ref(prompt=prompt, height=pipe.height, width=pipe.width, num_frames=frames,
+                generator=torch.Generator().manual_seed(seed), output_type="np", max_sequence_length=pipe.text_length,
+                **kwargs)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def _prediction(pipe, steps, gpu: str) -> dict | None:
+def _prediction(pipe, sampling, gpu: str) -> dict | None:
     """The cost model's FLOPs and roofline seconds for the same workload (None without the checkpoint)."""
     ckpt = Path(pipe.artifacts.manifest["checkpoint"]["path"])
     if not ckpt.is_dir():
         return None
     from .cost import estimate
 
-    est = estimate(ckpt, height=pipe.height, width=pipe.width, steps=tuple(steps), text_length=pipe.text_length,
-                   meta_count=False)
+    est = estimate(ckpt, height=pipe.height, width=pipe.width, steps=sampling.steps, text_length=pipe.text_length,
+                   meta_count=False, guidance_scale=sampling.guidance_scale)
     flops = {c.key: sum(c.flops.values()) for c in est.calls}
     return {"gpu": gpu, "flops": flops, "bf16_s": est.predicted_seconds(gpu, "bf16"),
             "fp8_s": est.predicted_seconds(gpu, "fp8")}
 
 
-def run_bench(artifacts, *, prompt: str = PROMPT, frames: int = 66, steps=(1, 1, 1), seed: int = 0,
-              amplify: bool = False, backend: str = "onnxruntime", device: str = "cpu", repeats: int = 3,
-              reference: str | Path | None = None, gpu: str = "H100 SXM") -> dict:
+def run_bench(artifacts, *, prompt: str = PROMPT, frames: int = 66, seed: int = 0, backend: str = "onnxruntime",
+              device: str = "cpu", repeats: int = 3, reference: str | Path | None = None, gpu: str = "H100 SXM",
+              **settings) -> dict:
+    """``settings``: the sampler settings of Pipeline.stream (pyramid_steps, num_inference_steps,
+    guidance_scale, negative_prompt, amplify_first_chunk, sampler, cfg_zero_star); unset ones take the
+    checkpoint variant's defaults."""
     from .runtime import Pipeline
 
     if repeats < 1:
         raise UserError("--repeats must be at least 1")
     pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device)
-    pipe.generate(prompt, num_frames=33, seed=seed, pyramid_steps=steps)  # warm-up: sessions, allocations
-    runs = [_measure(pipe, prompt, frames, steps, seed, amplify) for _ in range(repeats)]
+    sampling = pipe.sampling(**settings)  # checked before anything runs
+    pipe.generate(prompt, num_frames=33, seed=seed, **settings)  # warm-up: sessions, allocations
+    runs = [_measure(pipe, prompt, frames, seed, settings) for _ in range(repeats)]
     best = min(runs, key=lambda r: r["total_s"])
     result = {"artifacts": str(artifacts), "backend": backend, "device": device, "frames_requested": frames,
-              "steps": list(steps), "amplify_first_chunk": amplify, "repeats": repeats,
-              "video": {"height": pipe.height, "width": pipe.width}, **best,
+              "variant": pipe.variant.name, "sampler": sampling.sampler, "steps": list(sampling.steps),
+              "guidance_scale": sampling.guidance_scale, "amplify_first_chunk": sampling.amplify_first_chunk,
+              "transformer_calls_per_chunk": sum(sampling.steps), "transformer_batch": 2 if sampling.guidance else 1,
+              "repeats": repeats, "video": {"height": pipe.height, "width": pipe.width}, **best,
               "total_s_all_runs": [r["total_s"] for r in runs], "peak_rss_mb": _peak_rss_mb()}
     import torch
 
     if torch.cuda.is_available() and pipe.device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    result["predicted"] = _prediction(pipe, steps, gpu)
+    result["predicted"] = _prediction(pipe, sampling, gpu)
     if reference is not None:
-        ref_s = _reference_seconds(reference, pipe, prompt, frames, steps, seed, amplify, repeats)
+        ref_s = _reference_seconds(reference, pipe, prompt, frames, seed, sampling, settings, repeats)
         result["reference_total_s"] = ref_s
         result["speedup_vs_reference"] = ref_s / best["total_s"]
     return result

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import sha256_bytes, sha256_file
+from .variants import PIPELINE_CLASSES, Variant, variant_of
 
-PIPELINE_CLASSES = ("HeliosPyramidPipeline",)
 MODEL_FOLDERS = ("transformer", "text_encoder", "vae")
 CONFIG_FILES = {
     "transformer": "transformer/config.json",
@@ -108,12 +108,10 @@ class Checkpoint:
             raise UserError(f"checkpoint folder {self.path} does not exist",
                             fix="pass the folder of a Helios checkpoint in diffusers layout")
         self.model_index = _read_json(self.path / "model_index.json", "model_index.json")
-        cls = self.model_index.get("_class_name")
-        if cls not in PIPELINE_CLASSES:
-            raise UserError("wrong pipeline class in model_index.json", found=str(cls),
-                            expected=" or ".join(PIPELINE_CLASSES) + " (Helios-Distilled / Helios-Mid / Helios-Base)",
-                            fix="export a Helios checkpoint saved for HeliosPyramidPipeline")
+        if self.model_index.get("_class_name") not in PIPELINE_CLASSES:  # before anything else is read
+            variant_of(self.model_index, {})
         self.configs = {k: _read_json(self.path / f, f) for k, f in CONFIG_FILES.items()}
+        self.variant: Variant = variant_of(self.model_index, self.configs["scheduler"])
         if not (self.path / "tokenizer").is_dir():
             raise UserError("checkpoint is missing tokenizer/", fix="re-download the checkpoint's tokenizer folder")
         self.indexes = {f: _weight_index(self.path / f) for f in MODEL_FOLDERS}
@@ -137,7 +135,7 @@ class Checkpoint:
 
     @property
     def is_distilled(self) -> bool:
-        return bool(self.model_index.get("is_distilled", False))
+        return self.variant.is_distilled
 
     def index_for(self, component: str) -> WeightIndex:
         return self.indexes[COMPONENT_FOLDER[component]]

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .errors import UserError
 
-# Fixed by the distilled sampler (HeliosPyramidPipeline defaults): 9 latent frames per chunk
+# Fixed by the samplers (HeliosPipeline and HeliosPyramidPipeline defaults): 9 latent frames per chunk
 # (33 video frames), history sizes long 16 / mid 2 / short 1 plus the first-frame prefix.
 CHUNK_LATENT_FRAMES = 9
 HISTORY_LONG, HISTORY_MID, HISTORY_SHORT = 16, 2, 2  # short = prefix + 1 frame
@@ -217,18 +217,33 @@ def _at_least_2(n: int) -> int:
     return max(2, n)
 
 
-def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, max_text_length: int) -> ComponentSpec:
+def transformer_points(lh: int, lw: int, text_length: int, variant: str = "distilled") -> tuple[OperatingPoint, ...]:
+    """The shapes the sampler of ``variant`` calls the transformer at. Pyramid variants: the three stages
+    (noisy latents at 1/4, 1/2, 1 of the latent size, counted in patches of 2); Base: the full latent
+    size only. History latents are always at the full latent size, counted in units of 8 (the long
+    history's patch). Guided variants (Base, Mid) call it at batch 2 (conditional and unconditional in one
+    call), and at batch 1 with guidance off (``_unguided``); Distilled at batch 1."""
+    fixed = {"latent_height": lh // 8, "latent_width": lw // 8, "text_length": text_length}
+    if variant == "base":
+        sizes = [("full", lh // 2, lw // 2)]
+    else:
+        sizes = [(f"stage{s}", lh // 2 ** (PYRAMID_STAGES - 1 - s) // 2, lw // 2 ** (PYRAMID_STAGES - 1 - s) // 2)
+                 for s in range(PYRAMID_STAGES)]
+    batches = [(2, ""), (1, "_unguided")] if variant in ("base", "mid") else [(1, "")]
+    return tuple(OperatingPoint(name + suffix, {"batch": b, "stage_height": sh, "stage_width": sw, **fixed})
+                 for b, suffix in batches for name, sh, sw in sizes)
+
+
+def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, max_text_length: int,
+                     variant: str = "distilled") -> ComponentSpec:
+    """The transformer as ``variant``'s sampler calls it. The pyramid pipeline feeds int64 timesteps (it
+    truncates them); HeliosPipeline (Base) feeds the scheduler's float timesteps, so Base's graph takes
+    float32 (example values: see export/parity/compare.py)."""
     c = int(cfg["in_channels"])
     lh, lw = height // 8, width // 8
-    points = []
-    for stage in range(PYRAMID_STAGES):
-        div = 2 ** (PYRAMID_STAGES - 1 - stage)
-        # noisy latents at 1/4, 1/2, 1 of the latent size, counted in patches of 2; history latents
-        # always at the full latent size, counted in units of 8 (the long-history patch)
-        points.append(OperatingPoint(f"stage{stage}", {
-            "batch": 1, "stage_height": lh // div // 2, "stage_width": lw // div // 2,
-            "latent_height": lh // 8, "latent_width": lw // 8, "text_length": text_length,
-        }))
+    points = transformer_points(lh, lw, text_length, variant)
+    timestep = (TensorSpec("timestep", "float32", ("batch",)) if variant == "base"
+                else TensorSpec("timestep", "int64", ("batch",), kind="timestep"))
     hist = lambda n: ("batch", c, n, "latent_height*8", "latent_width*8")  # noqa: E731
     noisy = ("batch", c, CHUNK_LATENT_FRAMES, "stage_height*2", "stage_width*2")
     idx = frame_indices()
@@ -236,7 +251,7 @@ def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, ma
         name="model", file="model.onnx",
         inputs=(
             TensorSpec("hidden_states", "float32", noisy),
-            TensorSpec("timestep", "int64", ("batch",), kind="timestep"),
+            timestep,
             TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", int(cfg["text_dim"]))),
             *(TensorSpec(name, "int64", ("batch", len(v)), kind="indices") for name, v in idx.items()),
             TensorSpec("latents_history_short", "float32", hist(HISTORY_SHORT)),
@@ -254,7 +269,7 @@ def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, ma
     )
     return ComponentSpec("transformer", (graph,), attrs={
         "height": height, "width": width, "patch_size": list(cfg["patch_size"]), "in_channels": c,
-        "text_dim": int(cfg["text_dim"]), "frame_indices": idx,
+        "text_dim": int(cfg["text_dim"]), "frame_indices": idx, "variant": variant,
     })
 
 
@@ -344,11 +359,12 @@ COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")
 
 def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_length: int, max_text_length: int,
                 components: Iterable[str] = COMPONENTS, vae_layouts: Mapping[str, list] | None = None,
-                ) -> dict[str, ComponentSpec]:
+                variant: str = "distilled") -> dict[str, ComponentSpec]:
     """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder).
 
     ``vae_layouts`` gives the VAE cache layout per direction ("decode", "encode"), learned from the
-    VAE module by the exporter (export/exporter/vae_steps.py).
+    VAE module by the exporter (export/exporter/vae_steps.py); ``variant`` (helios_deploy.variants) decides
+    the transformer's operating points and timestep type.
     """
     check_video_size(height, width, size_multiple(configs["transformer"], configs["vae"]))
     if not 1 <= text_length <= max_text_length:
@@ -358,7 +374,8 @@ def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_le
         )
     layouts = vae_layouts or {}
     builders = {
-        "transformer": lambda: transformer_spec(configs["transformer"], height, width, text_length, max_text_length),
+        "transformer": lambda: transformer_spec(configs["transformer"], height, width, text_length, max_text_length,
+                                                variant),
         "text_encoder": lambda: text_encoder_spec(configs["text_encoder"], text_length, max_text_length),
         "vae_decoder": lambda: vae_decoder_spec(configs["vae"], height, width, layouts["decode"]),
         "vae_encoder": lambda: vae_encoder_spec(configs["vae"], height, width, layouts["encode"]),

@@ -1,5 +1,7 @@
-"""The embedded default: a small, deterministic, random-weight Helios-Distilled checkpoint in the real
-diffusers layout, made locally (nothing is downloaded).
+"""The embedded default: a small, deterministic, random-weight Helios checkpoint in the real diffusers
+layout, made locally (nothing is downloaded): Helios-Distilled by default, or Helios-Base / Helios-Mid
+(``variant``). The same seed gives the same weights for every variant; they differ in pipeline class,
+pipeline config and scheduler, as the real checkpoints do.
 
 Every Helios feature of the transformer is on (multi-term memory patches, guidance cross-attention,
 zero history timestep; amplify-history is a choice); the text encoder is a real UMT5EncoderModel with a
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import staged_dir
+from .variants import VARIANTS
 
 # Small but structurally complete: two heads of 16 channels so the rotary split (t, y, x) is exercised.
 TRANSFORMER_CONFIG = dict(
@@ -73,6 +76,22 @@ SCHEDULER_CONFIG = dict(
     use_dynamic_shifting=True,
     time_shift_type="linear",
 )
+# HeliosScheduler as Helios-Base uses it (diffusers' own HeliosPipeline tests: one stage over the whole
+# range, dynamic shifting) and as Helios-Mid uses it over the three pyramid stages; UniPC bh2 of order 2.
+_FLOW_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=1.0,
+    gamma=1 / 3,
+    prediction_type="flow_prediction",
+    solver_order=2,
+    solver_type="bh2",
+    use_flow_sigmas=True,
+    scheduler_type="unipc",
+    use_dynamic_shifting=True,
+    time_shift_type="exponential",
+)
+BASE_SCHEDULER_CONFIG = dict(_FLOW_SCHEDULER, stages=1, stage_range=[0, 1])
+MID_SCHEDULER_CONFIG = dict(_FLOW_SCHEDULER, stages=3, stage_range=[0, 1 / 3, 2 / 3, 1])
 # Deterministic text for the tokenizer's vocabulary (a Unigram model, like UMT5's SentencePiece).
 _CORPUS = (
     "a cat and a dog baking a cake together in a kitchen. the cat is carefully measuring flour, while the dog "
@@ -129,11 +148,20 @@ def _randomize(module, generator) -> None:
             p.copy_(init_values(name, p.shape, generator).to(p.dtype))
 
 
-def build_pipeline(seed: int = 0, amplify_history: bool = True):
-    """The tiny HeliosPyramidPipeline in memory (float32)."""
+def build_pipeline(seed: int = 0, amplify_history: bool = True, variant: str = "distilled",
+                   cfg_zero_star: bool | None = None):
+    """The tiny pipeline of ``variant`` in memory (float32): HeliosPipeline (base) or HeliosPyramidPipeline
+    (mid: CFG-Zero* unless ``cfg_zero_star`` is False; distilled)."""
     import torch
-    from diffusers import AutoencoderKLWan, HeliosDMDScheduler, HeliosPyramidPipeline, HeliosTransformer3DModel
+    from diffusers import (AutoencoderKLWan, HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline,
+                           HeliosScheduler, HeliosTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
+
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}", expected=" | ".join(VARIANTS))
+    if cfg_zero_star is not None and variant != "mid":
+        raise UserError("CFG-Zero* is a setting of Helios-Mid checkpoints", found=f"variant {variant}",
+                        fix="pass --variant mid, or leave --cfg-zero-star out")
 
     generator = torch.Generator().manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -143,26 +171,25 @@ def build_pipeline(seed: int = 0, amplify_history: bool = True):
     for module in (transformer, text_encoder, vae):
         _randomize(module, generator)
         module.eval()
-    scheduler = HeliosDMDScheduler(**SCHEDULER_CONFIG)
-    return HeliosPyramidPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-        is_cfg_zero_star=False,
-        is_distilled=True,
-    )
+    modules = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer)
+    if variant == "base":
+        return HeliosPipeline(scheduler=HeliosScheduler(**BASE_SCHEDULER_CONFIG), **modules)
+    if variant == "mid":
+        return HeliosPyramidPipeline(scheduler=HeliosScheduler(**MID_SCHEDULER_CONFIG), **modules,
+                                     is_cfg_zero_star=cfg_zero_star is not False, is_distilled=False)
+    return HeliosPyramidPipeline(scheduler=HeliosDMDScheduler(**SCHEDULER_CONFIG), **modules,
+                                 is_cfg_zero_star=False, is_distilled=True)
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, amplify_history: bool = True, force: bool = False) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` (atomically: a temporary folder moved into place)."""
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, amplify_history: bool = True, force: bool = False,
+                          variant: str = "distilled", cfg_zero_star: bool | None = None) -> Path:
+    """Write the tiny checkpoint of ``variant`` to ``out_dir`` (atomically: a temporary folder moved into place)."""
     out = Path(out_dir)
+    pipe = build_pipeline(seed=seed, amplify_history=amplify_history, variant=variant, cfg_zero_star=cfg_zero_star)
     with staged_dir(out, force=force) as tmp:
-        pipe = build_pipeline(seed=seed, amplify_history=amplify_history)
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
         (tmp / "helios_deploy_tiny.json").write_text(
-            json.dumps({"seed": seed, "amplify_history": amplify_history}, indent=2) + "\n"
+            json.dumps({"seed": seed, "amplify_history": amplify_history, "variant": variant}, indent=2) + "\n"
         )
         shards = list(tmp.glob("*/*.safetensors.index.json"))
         if len(shards) < 3:  # the sharded path must be exercised for every model component

@@ -13,11 +13,15 @@ import torch
 
 from ..artifacts import Artifacts
 from ..errors import UserError
+from ..variants import Variant
+from .base_sampler import denoise_chunk_base
 from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
+from .flow_scheduler import FlowScheduler
 from .runners import make_runner
 from .runners.base import BACKENDS, graph_record
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
 from .scheduler import DMDScheduler
+from .settings import Sampling, resolve_sampling
 from .text import PromptTokenizer
 from .vae import to_unit
 
@@ -68,7 +72,10 @@ class Pipeline:
         m = artifacts.manifest
         self.height, self.width = m["video"]["height"], m["video"]["width"]
         self.text_length = m["text_length"]
-        self.scheduler = DMDScheduler(m["scheduler_config"])
+        # which Helios checkpoint: its loop (pyramid or one stage) and its scheduler (DMD or HeliosScheduler)
+        self.variant = Variant.from_manifest(m)
+        self.scheduler = (DMDScheduler if self.variant.is_distilled else FlowScheduler)(m["scheduler_config"])
+        self._denoise_chunk = denoise_chunk if self.variant.pyramid else denoise_chunk_base
         patch = artifacts.spec("transformer").attrs["patch_size"]  # (t, h, w): the blocks are (h, w)
         self.block_noise = BlockNoise(self.scheduler.gamma, tuple(patch[1:]))
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
@@ -134,19 +141,29 @@ class Pipeline:
         return self.runner("transformer").infer(feeds)["noise_pred"]
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None,
-               pyramid_steps=(1, 1, 1), amplify_first_chunk: bool = False, height: int | None = None,
-               width: int | None = None, output: str = "uint8", on_step=None) -> Iterator[Chunk]:
+    def stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None, pyramid_steps=None,
+               amplify_first_chunk: bool | None = None, height: int | None = None, width: int | None = None,
+               output: str = "uint8", on_step=None, *, negative_prompt: str | None = None,
+               guidance_scale: float | None = None, num_inference_steps: int | None = None,
+               cfg_zero_star: bool | None = None, use_zero_init: bool | None = None, zero_steps: int | None = None,
+               sampler: str | None = None) -> Iterator[Chunk]:
         """Yield each 33-frame chunk as soon as it is decoded. ``prompt`` may be a string or a schedule
-        {chunk index: prompt} (the prompt in force changes at those chunks). The request is checked
-        before anything runs."""
+        {chunk index: prompt} (the prompt in force changes at those chunks). Sampler settings left at None
+        take the checkpoint variant's reference defaults (helios_deploy.variants); a setting the variant
+        does not have is a UserError. The request is checked before anything runs."""
         schedule = self._prompt_schedule(prompt)
-        self._check_request(num_frames, height, width, pyramid_steps, image, video)
-        return self._stream(schedule, num_frames, seed, image, video, pyramid_steps, amplify_first_chunk, output,
-                            on_step)
+        self._check_request(num_frames, height, width, image, video)
+        sampling = self.sampling(pyramid_steps=pyramid_steps, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                 amplify_first_chunk=amplify_first_chunk, cfg_zero_star=cfg_zero_star,
+                                 use_zero_init=use_zero_init, zero_steps=zero_steps, sampler=sampler)
+        return self._stream(schedule, num_frames, seed, image, video, sampling, output, on_step)
 
-    def _stream(self, schedule, num_frames, seed, image, video, pyramid_steps, amplify_first_chunk, output,
-                on_step) -> Iterator[Chunk]:
+    def sampling(self, **settings) -> Sampling:
+        """The sampler settings of a request (see runtime/settings.py), checked against the variant."""
+        return resolve_sampling(self.variant, self.scheduler.config.get("scheduler_type", "unipc"), **settings)
+
+    def _stream(self, schedule, num_frames, seed, image, video, sampling: Sampling, output, on_step) -> Iterator[Chunk]:
         spec = self.artifacts.spec("transformer")
         # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
         # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
@@ -157,12 +174,14 @@ class Pipeline:
         num_chunks = max(1, (num_frames + 32) // 33)
         total_frames = ((num_chunks * 33) - 1) // 4 * 4 + 1
         prompt_now = schedule[0]
+        negative = None if sampling.guidance is None else self.encode_prompt(sampling.negative_prompt)
         for k in range(num_chunks):
             prompt_now = schedule.get(k, prompt_now)
-            request = ChunkRequest(self.encode_prompt(prompt_now), tuple(pyramid_steps),
-                                   amplify_first_chunk and k == 0)
-            latents = denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request, generator,
-                                    k == 0, spec.attrs["patch_size"], indices, on_step)
+            request = ChunkRequest(self.encode_prompt(prompt_now), sampling.steps,
+                                   sampling.amplify_first_chunk and k == 0, sampling.guidance, negative,
+                                   sampling.sampler)
+            latents = self._denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request,
+                                          generator, k == 0, spec.attrs["patch_size"], indices, on_step)
             update_history(state, latents, k == 0)
             decoded = self.runner("vae_decoder").infer({"latents": self.latent_norm.denormalise(latents)})
             keep = min(decoded["frames"].shape[1], total_frames - 33 * k)
@@ -201,15 +220,12 @@ class Pipeline:
                             fix='pass --prompt "a cat walking in the snow"')
         return schedule
 
-    def _check_request(self, num_frames, height, width, steps, image, video) -> None:
+    def _check_request(self, num_frames, height, width, image, video) -> None:
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise UserError(f"number of frames must be positive, got {num_frames}", fix="pass --frames 33 or more")
         sizes = f"{self.height}x{self.width}"
         if (height or self.height) != self.height or (width or self.width) != self.width:
             raise UserError(f"these artifacts were exported for {sizes} only", found=f"{height}x{width}",
                             fix=f"generate at {sizes}, or re-export with --height/--width")
-        if len(steps) != self.scheduler.stages or any(int(s) < 1 for s in steps):
-            raise UserError(f"pyramid steps {tuple(steps)} invalid",
-                            expected=f"{self.scheduler.stages} positive integers, e.g. 1,1,1 or 2,2,2")
         if image is not None and video is not None:
             raise UserError("pass an image or a video, not both", fix="use --image for I2V or --video for V2V")

@@ -1,6 +1,8 @@
-"""The distilled pyramid sampler, step by step as diffusers' HeliosPyramidPipeline.__call__ runs it
-(same order, same names, same random draws): slice history, generate chunk noise, downsample to stage
-0, then per stage reset the scheduler, upsample + block-noise re-noise, denoise; update history.
+"""The pyramid sampler (Helios-Distilled and Helios-Mid), step by step as diffusers'
+HeliosPyramidPipeline.__call__ runs it (same order, same names, same random draws): slice history, generate
+chunk noise, downsample to stage 0, then per stage reset the scheduler, upsample + block-noise re-noise,
+denoise (one transformer call per step, at batch 2 with guidance); update history. The scheduler's solver
+makes the update: DMD (distilled), UniPC or Euler (HeliosScheduler, Mid).
 
 Shapes: latents are [B, C, T, H, W]; ``h, w`` below are full latent sizes (video / 8).
 """
@@ -15,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .scheduler import DMDScheduler, calculate_shift, dmd_step
+from .guidance import Guidance, predict_noise
+from .scheduler import calculate_shift
 
 HISTORY_SIZES = (16, 2, 1)  # long, mid, short (the short history also carries the 1-frame prefix)
 
@@ -106,7 +109,7 @@ class BlockNoise:
         return self._maps[key]
 
 
-def upsample_and_renoise(latents, stage: int, scheduler: DMDScheduler, noise: BlockNoise,
+def upsample_and_renoise(latents, stage: int, scheduler, noise: BlockNoise,
                          generator: torch.Generator) -> torch.Tensor:
     """Nearest 2x upsampling, then alpha * x + beta * block noise (the reference's "fix the stage")."""
     alpha, beta = scheduler.renoise_coefficients(stage)
@@ -124,28 +127,43 @@ def stage_mu(latents: torch.Tensor, patch_size, config: dict) -> float:
 @dataclass
 class ChunkRequest:
     prompt_embeds: torch.Tensor  # [B, L, D]
-    steps: tuple[int, ...]  # per pyramid stage
+    steps: tuple[int, ...]  # per pyramid stage (Base: one entry, num_inference_steps)
     amplify: bool  # amplify_first_chunk and this is the first chunk
+    guidance: Guidance | None = None  # None: one conditional call per step
+    negative_embeds: torch.Tensor | None = None  # [B, L, D], with guidance
+    sampler: str | None = None  # HeliosScheduler: unipc | euler (None: the checkpoint's scheduler_type)
+
+    @property
+    def batch_factor(self) -> int:
+        return 1 if self.guidance is None else 2
 
 
-def denoise_chunk(transformer, scheduler: DMDScheduler, block_noise: BlockNoise, state: ChunkState,
-                  request: ChunkRequest, generator: torch.Generator, is_first_chunk: bool,
-                  patch_size, frame_indices: dict[str, torch.Tensor], on_step=None) -> torch.Tensor:
-    """All pyramid stages of one chunk; returns its 9 clean latent frames [B, C, 9, h, w]."""
-    # the inputs that stay the same for every step of the chunk
-    fixed = {"encoder_hidden_states": request.prompt_embeds, **frame_indices, **slice_history(state, is_first_chunk)}
+def step_inputs(request: ChunkRequest, frame_indices: dict[str, torch.Tensor], history: dict[str, torch.Tensor]):
+    """The transformer inputs that stay the same for every step of the chunk (at batch 2 with guidance)."""
+    fixed = {"encoder_hidden_states": request.prompt_embeds, **frame_indices, **history}
+    if request.guidance is None:
+        return fixed
+    return request.guidance.batch_inputs(fixed, request.negative_embeds)
+
+
+def denoise_chunk(transformer, scheduler, block_noise: BlockNoise, state: ChunkState, request: ChunkRequest,
+                  generator: torch.Generator, is_first_chunk: bool, patch_size, frame_indices: dict[str, torch.Tensor],
+                  on_step=None) -> torch.Tensor:
+    """All pyramid stages of one chunk; returns its 9 clean latent frames [B, C, 9, h, w]. ``scheduler`` is a
+    DMDScheduler (distilled) or a FlowScheduler (HeliosScheduler, Mid)."""
+    fixed = step_inputs(request, frame_indices, slice_history(state, is_first_chunk))
     b, c, _, h, w = state.history.shape
     latents = downsample_to_stage0(generate_chunk_noise(generator, (b, c, 9, h, w)), len(request.steps))
     start_points = [latents]
     for stage, n in enumerate(request.steps):
         mu = stage_mu(latents, patch_size, scheduler.config)
-        schedule = scheduler.stage_schedule(n, stage, mu, request.amplify)
+        solver = scheduler.stage_solver(n, stage, mu, request.amplify, request.sampler)
         if stage > 0:
             latents = upsample_and_renoise(latents, stage, scheduler, block_noise, generator)
             start_points.append(latents)
-        for i, timestep in enumerate(schedule.model_timesteps(latents.device, b)):
-            flow = transformer({"hidden_states": latents, "timestep": timestep, **fixed})
-            latents = dmd_step(flow, latents, schedule, i, start_points[stage])
+        for i, timestep in enumerate(solver.model_timesteps(latents.device, b * request.batch_factor)):
+            noise_pred = predict_noise(transformer, latents, timestep, fixed, request.guidance, stage, i)
+            latents = solver.step(noise_pred, latents, start_points[stage])
             if on_step is not None:
                 on_step(stage, i)
     return latents

@@ -43,6 +43,46 @@ class StageSchedule:
         return self._model_timesteps[key]
 
 
+def stage_tables(num_train_timesteps: int, shift: float, stages: int, stage_range, gamma: float):
+    """The per-stage tables HeliosScheduler and HeliosDMDScheduler both build at construction
+    (init_sigmas_for_each_stage): (ori_start_sigmas, timesteps_per_stage, sigmas_per_stage)."""
+    n = num_train_timesteps
+    alphas = np.linspace(1, 1 / n, n + 1)
+    sigmas = 1.0 - alphas
+    sigmas = torch.from_numpy(np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy())
+    timesteps = sigmas * n
+    ori_start_sigmas, timesteps_per_stage, sigmas_per_stage, distance = {}, {}, {}, []
+    for i in range(stages):
+        start = max(int(stage_range[i] * n), 0)
+        end = min(int(stage_range[i + 1] * n), n)
+        start_sigma = sigmas[start].item()
+        end_sigma = sigmas[end].item() if end < n else 0.0
+        ori_start_sigmas[i] = start_sigma
+        if i != 0:
+            ori_sigma = 1 - start_sigma
+            corrected = (1 / (math.sqrt(1 + (1 / gamma)) * (1 - ori_sigma) + ori_sigma)) * ori_sigma
+            start_sigma = 1 - corrected
+        distance.append(start_sigma - end_sigma)
+    total = sum(distance)
+    for i in range(stages):
+        r0 = 0.0 if i == 0 else sum(distance[:i]) / total
+        r1 = 0.9999999999999999 if i == stages - 1 else sum(distance[: i + 1]) / total
+        t_max = min(timesteps[int(r0 * n)], 999)
+        t_min = timesteps[min(int(r1 * n), n - 1)]
+        ts = np.linspace(t_max, t_min, n + 1)  # a tensor when t_max/t_min are tensors, as in the reference
+        timesteps_per_stage[i] = ts[:-1] if isinstance(ts, torch.Tensor) else torch.from_numpy(ts[:-1])
+        sigmas_per_stage[i] = torch.from_numpy(np.linspace(0.999, 0, n + 1)[:-1])
+    return ori_start_sigmas, timesteps_per_stage, sigmas_per_stage
+
+
+def renoise_coefficients(ori_start_sigma: float, gamma: float) -> tuple[float, float]:
+    """(alpha, beta) that fix the block artifact when a pyramid stage starts from the upsampled latents."""
+    ori_sigma = 1 - ori_start_sigma
+    alpha = 1 / (math.sqrt(1 + (1 / gamma)) * (1 - ori_sigma) + ori_sigma)
+    beta = alpha * (1 - ori_sigma) / math.sqrt(gamma)
+    return alpha, beta
+
+
 class DMDScheduler:
     def __init__(self, config: Mapping):
         self.config = dict(config)
@@ -54,44 +94,9 @@ class DMDScheduler:
         self.gamma = float(c.get("gamma", 1 / 3))
         self.use_dynamic_shifting = bool(c.get("use_dynamic_shifting", False))
         self.time_shift_type = c.get("time_shift_type", "linear")
-        self.ori_start_sigmas: dict[int, float] = {}
-        self.timesteps_per_stage: dict[int, torch.Tensor] = {}
-        self.sigmas_per_stage: dict[int, torch.Tensor] = {}
-        self._init_sigmas_for_each_stage()
+        self.ori_start_sigmas, self.timesteps_per_stage, self.sigmas_per_stage = stage_tables(
+            self.num_train_timesteps, self.shift, self.stages, self.stage_range, self.gamma)
         self._schedules: dict[tuple, StageSchedule] = {}  # a schedule depends only on its arguments
-
-    def _global_sigmas(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.num_train_timesteps
-        alphas = np.linspace(1, 1 / n, n + 1)
-        sigmas = 1.0 - alphas
-        sigmas = np.flip(self.shift * sigmas / (1 + (self.shift - 1) * sigmas))[:-1].copy()
-        sigmas = torch.from_numpy(sigmas)
-        return sigmas * n, sigmas  # timesteps, sigmas
-
-    def _init_sigmas_for_each_stage(self) -> None:
-        n = self.num_train_timesteps
-        timesteps, sigmas = self._global_sigmas()
-        distance = []
-        for i in range(self.stages):
-            start = max(int(self.stage_range[i] * n), 0)
-            end = min(int(self.stage_range[i + 1] * n), n)
-            start_sigma = sigmas[start].item()
-            end_sigma = sigmas[end].item() if end < n else 0.0
-            self.ori_start_sigmas[i] = start_sigma
-            if i != 0:
-                ori_sigma = 1 - start_sigma
-                corrected = (1 / (math.sqrt(1 + (1 / self.gamma)) * (1 - ori_sigma) + ori_sigma)) * ori_sigma
-                start_sigma = 1 - corrected
-            distance.append(start_sigma - end_sigma)
-        total = sum(distance)
-        for i in range(self.stages):
-            r0 = 0.0 if i == 0 else sum(distance[:i]) / total
-            r1 = 0.9999999999999999 if i == self.stages - 1 else sum(distance[: i + 1]) / total
-            t_max = min(timesteps[int(r0 * n)], 999)
-            t_min = timesteps[min(int(r1 * n), n - 1)]
-            ts = np.linspace(t_max, t_min, n + 1)  # a tensor when t_max/t_min are tensors, as in the reference
-            self.timesteps_per_stage[i] = ts[:-1] if isinstance(ts, torch.Tensor) else torch.from_numpy(ts[:-1])
-            self.sigmas_per_stage[i] = torch.from_numpy(np.linspace(0.999, 0, n + 1)[:-1])
 
     def _time_shift(self, mu: float, t: torch.Tensor) -> torch.Tensor:
         if self.time_shift_type == "exponential":
@@ -120,11 +125,26 @@ class DMDScheduler:
         return StageSchedule(timesteps, sigmas)
 
     def renoise_coefficients(self, stage: int) -> tuple[float, float]:
-        """(alpha, beta) that fix the block artifact when a stage starts from the upsampled latents."""
-        ori_sigma = 1 - self.ori_start_sigmas[stage]
-        alpha = 1 / (math.sqrt(1 + (1 / self.gamma)) * (1 - ori_sigma) + ori_sigma)
-        beta = alpha * (1 - ori_sigma) / math.sqrt(self.gamma)
-        return alpha, beta
+        return renoise_coefficients(self.ori_start_sigmas[stage], self.gamma)
+
+    def stage_solver(self, num_steps: int, stage: int, mu: float, amplify: bool, sampler: str = "dmd") -> "DMDSolver":
+        """set_timesteps for one pyramid stage, as a solver that steps through it."""
+        return DMDSolver(self.stage_schedule(num_steps, stage, mu, amplify))
+
+
+class DMDSolver:
+    """HeliosDMDScheduler.step over one stage's schedule (the pyramid pipeline's distilled branch)."""
+
+    def __init__(self, schedule: StageSchedule):
+        self.schedule, self.step_index = schedule, 0
+
+    def model_timesteps(self, device: torch.device, batch: int) -> tuple[torch.Tensor, ...]:
+        return self.schedule.model_timesteps(device, batch)
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        out = dmd_step(model_output, sample, self.schedule, self.step_index, start)
+        self.step_index += 1
+        return out
 
 
 def _sigma_at(schedule: StageSchedule, t: float) -> float:

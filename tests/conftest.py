@@ -35,6 +35,65 @@ def artifacts(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+def export_variant(ckpt: Path, out: Path, donor_ckpt: Path, donor_artifacts: Path, reuse: tuple[str, ...]) -> Path:
+    """Export ``ckpt``'s transformer (its graph depends on the variant) and take the ``reuse`` components from
+    ``donor_artifacts``, an export of ``donor_ckpt`` with the same settings, after checking that the two
+    checkpoints hold the same weights and configs for them (the tiny variants share them for a seed), so an
+    export would write the same graphs. Saves the suite three VAE / text-encoder exports."""
+    import json
+    import shutil
+
+    from helios_deploy.artifacts import Artifacts, write_manifest
+    from helios_deploy.checkpoint import COMPONENT_FOLDER, Checkpoint
+    from helios_deploy.export.exporter.run import export_checkpoint
+
+    ours, donor = Checkpoint(ckpt).identity, Checkpoint(donor_ckpt).identity
+    for c in reuse:
+        folder = COMPONENT_FOLDER[c]
+        files = {k: v for k, v in ours["files"].items() if k.startswith(folder + "/")}
+        assert files and files == {k: v for k, v in donor["files"].items() if k.startswith(folder + "/")}, c
+        assert ours["configs"][folder] == donor["configs"][folder], c
+    export_checkpoint(ckpt, out, height=HEIGHT, width=WIDTH, text_length=TEXT_LENGTH, max_text_length=MAX_TEXT_LENGTH,
+                      components=("transformer",), run_audit=False, log=lambda m: None)
+    arts, source = Artifacts.open(out), Artifacts.open(donor_artifacts)
+    for c in reuse:
+        shutil.copytree(source.root / c, out / c)
+        arts.manifest["components"][c] = json.loads(json.dumps(source.manifest["components"][c]))
+        arts.verify_files(c)
+    write_manifest(out, arts.manifest)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory) -> Path:
+    """Helios-Base: HeliosPipeline, HeliosScheduler (one stage, UniPC), the same weights as tiny_ckpt."""
+    from helios_deploy.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", seed=0, variant="base")
+
+
+@pytest.fixture(scope="session")
+def base_artifacts(base_ckpt, tiny_ckpt, artifacts, tmp_path_factory) -> Path:
+    """All four components of the Base checkpoint (the VAE encoder for I2V)."""
+    return export_variant(base_ckpt, tmp_path_factory.mktemp("arts") / "base", tiny_ckpt, artifacts,
+                          ("text_encoder", "vae_decoder", "vae_encoder"))
+
+
+@pytest.fixture(scope="session")
+def mid_ckpt(tmp_path_factory) -> Path:
+    """Helios-Mid: HeliosPyramidPipeline with is_cfg_zero_star, HeliosScheduler over three stages."""
+    from helios_deploy.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "mid", seed=0, variant="mid")
+
+
+@pytest.fixture(scope="session")
+def mid_artifacts(mid_ckpt, tiny_ckpt, artifacts, tmp_path_factory) -> Path:
+    """The Mid checkpoint's text-to-video components (the Mid tests are T2V)."""
+    return export_variant(mid_ckpt, tmp_path_factory.mktemp("arts") / "mid", tiny_ckpt, artifacts,
+                          ("text_encoder", "vae_decoder"))
+
+
 @pytest.fixture(scope="session")
 def parity(tiny_ckpt, artifacts) -> dict:
     """The parity report of every exported component against the diffusers/transformers reference."""

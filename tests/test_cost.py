@@ -81,6 +81,27 @@ def test_steps_scale_transformer_work_only():
         assert two.roofline[gpu]["bf16"]["chunk_s"] > one.roofline[gpu]["bf16"]["chunk_s"]
 
 
+def test_guided_variants_count_one_batch_2_call_per_step():
+    """Base and Mid with guidance: one transformer call per step at batch 2 (the meta count agrees at
+    batch 2), weights read once per call; without guidance Mid's calls are the distilled sampler's."""
+    tiny = dict(height=64, width=128, text_length=16)
+    mid = estimate_configs(_tiny(), **tiny, steps="2,2,2", variant="mid")
+    base = estimate_configs(_tiny(), **tiny, steps="3", variant="base")
+    _assert_counts_agree(mid)
+    _assert_counts_agree(base)
+    mid_off = estimate_configs(_tiny(), **tiny, steps="2,2,2", variant="mid", guidance_scale=1.0, meta_count=False)
+    distilled = estimate_configs(_tiny(), **tiny, steps="2,2,2", meta_count=False)
+    assert [c.key for c in base.calls] == ["text_encoder/prompt", "transformer/full", "vae_decoder/chunk"]
+    assert (base.transformer_calls_per_chunk, mid.transformer_calls_per_chunk) == (3, 6)
+    assert base.guided and mid.guided and not mid_off.guided
+    work = lambda e: sum(e.per_chunk()["transformer"].values())  # noqa: E731
+    assert work(mid_off) == work(distilled)
+    assert work(mid) == pytest.approx(2 * work(mid_off), rel=1e-3)  # the history's t=0 embedding is per call
+    assert mid.call("transformer/stage2").weight_bytes == mid_off.call("transformer/stage2_unguided").weight_bytes
+    assert base.call("transformer/full").tokens == mid.call("transformer/stage2").tokens
+    assert work(base) == pytest.approx(3 * mid.call("transformer/stage2").total_flops, rel=1e-9)  # 3 full-size calls
+
+
 # --- the real 14B configs ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -176,6 +197,8 @@ def test_cli_on_configs_only_folder(tiny_ckpt, tmp_path, capsys):
     (["--config", "helios-14b", "--steps", "1,x"], ["bad --steps", "1,x"]),
     (["--config", "helios-14b", "--steps", "0,1,1"], ["bad --steps", ">= 1"]),
     (["--config", "helios-14b", "--steps", "1,1"], ["bad --steps"]),
+    (["--config", "helios-14b", "--variant", "base", "--steps", "1,1,1"], ["bad --steps", "one stage"]),
+    (["--config", "helios-14b", "--guidance-scale", "5"], ["Helios-Distilled runs without guidance"]),
     (["--config", "helios-14b", "--height", "400"], ["unsupported video size", "multiples of 64"]),
     (["--config", "helios-14b", "--width", "96"], ["unsupported video size"]),
     (["--config", "helios-14b", "--text-length", "0"], ["bad --text-length"]),
@@ -191,6 +214,15 @@ def test_bad_input(args, needles, tmp_path, capsys):
     assert err.startswith("error: ") and "Traceback" not in err
     for n in needles:
         assert n in err, err
+
+
+def test_cli_reads_the_variant_from_the_checkpoint(base_ckpt, capsys):
+    code, out, err = run_cli(["cost", base_ckpt, "--height", 64, "--width", 128, "--text-length", 16,
+                              "--no-meta-count"], capsys)
+    assert code == 0, err
+    assert "(base)" in out and "50 transformer calls per chunk" in out and "transformer full" in out
+    code, _, err = run_cli(["cost", base_ckpt, "--variant", "mid", "--no-meta-count"], capsys)
+    assert code == 1 and "Helios-Base checkpoint" in err
 
 
 def test_missing_config_file(tiny_ckpt, tmp_path, capsys):

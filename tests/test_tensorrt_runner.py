@@ -316,3 +316,27 @@ def test_engine_dtypes_are_read_by_name(setup):
         s.runner().activate()
     assert "hidden_states: engine input bfloat16, spec input float32" in str(e.value)
     assert "noise_pred" not in str(e.value)  # every other tensor's dtype was read right
+
+
+# -- 10. guided variants: batch-2 profiles (and batch 1 with guidance off) ----------------------------------
+
+
+@pytest.mark.parametrize("variant", ["base", "mid"])
+def test_guided_variants_run_each_point_on_its_own_profile(tmp_path, monkeypatch, tiny_ckpt, variant):
+    """Base (float timestep) and Mid engines: one exact profile per operating point, the batch-2 points of
+    guidance first, and each call runs on the profile of its batch and size."""
+    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.specs import build_specs
+
+    specs = build_specs(Checkpoint(tiny_ckpt).configs, HEIGHT, WIDTH, TEXT_LENGTH, MAX_TEXT_LENGTH, ["transformer"],
+                        variant=variant)
+    graph = specs["transformer"].graphs[0]
+    s = Setup(tmp_path, monkeypatch, specs, graph)
+    runner = s.runner().activate()
+    batches = [p.dims["batch"] for p in graph.operating_points]
+    assert batches == sorted(batches, reverse=True) and batches[0] == 2 and batches[-1] == 1
+    for step, i in enumerate(_every_order(len(batches))[:12]):
+        feeds = s.feeds(i, seed=step)
+        out = runner.infer(feeds)["noise_pred"]
+        assert out.shape[0] == batches[i]
+        assert torch.allclose(out, torch.full_like(out, _expected(feeds, i))), (step, i)

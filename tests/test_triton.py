@@ -145,6 +145,9 @@ def _bad_requests():
         "image of the wrong size": ({**base, "image": seeded_image()[:32]}, "Expected [64,128,3]"),
         "image and video": ({**base, "image": seeded_image(), "video": seeded_image()[None]}, "both 'image' and 'video'"),
         "bad steps": ({**base, "pyramid_steps": np.array([1, 0, 1], np.int32)}, "pyramid_steps [1, 0, 1] invalid"),
+        "guidance on distilled": (request_arrays(PROMPT, guidance_scale=5.0), "has no setting guidance_scale"),
+        "base steps on distilled": (request_arrays(PROMPT, num_inference_steps=4), "has no setting num_inference_steps"),
+        "float32 steps": ({**base, "num_inference_steps": np.array([4.0], np.float32)}, "expects 'INT32'"),
     }
 
 
@@ -186,6 +189,78 @@ def test_client_leaving_mid_stream_does_not_wedge_the_model(server, client):
     stream.close()  # leave after the first chunk: the client cancels the request
     good_request_completes(client)  # one instance: a wedged model would never answer this
     assert "request cancelled by the client; stopped" in server.log()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helios-Base through the server: guidance (one batch-2 call per step) with a negative prompt
+
+
+@pytest.fixture(scope="module")
+def base_server(server_env, base_artifacts, tmp_path_factory):
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+    from helios_deploy.serving.server import LocalServer
+
+    repo = tmp_path_factory.mktemp("triton-base") / "repo"
+    # referenced, not copied: hard links would make onnx.checker refuse the artifacts in later tests
+    write_repository(base_artifacts, repo, RepoOptions(backend="onnxruntime", max_frames=660, reference=True))
+    srv = LocalServer(server_env, repo, log_path=repo.parent / "tritonserver.log").start()
+    yield srv
+    srv.stop()
+
+
+def test_base_request_with_negative_prompt_equals_in_process_runtime(base_server, base_artifacts):
+    from helios_deploy.runtime import Pipeline
+    from helios_deploy.serving.client import HeliosClient
+
+    base = Pipeline.from_artifacts(base_artifacts)
+    request = dict(num_frames=66, seed=3, num_inference_steps=3, guidance_scale=5.0, negative_prompt="blurry, static")
+    with HeliosClient(base_server.grpc_url, timeout=300) as client:
+        got = served(client, **request)
+        assert_same_video(got, local(base, **request))
+        # the negative prompt reached the model: another one gives another video
+        assert not np.array_equal(got[1], local(base, **{**request, "negative_prompt": "a dog"})[1])
+        # defaults are Base's (guidance 5, negative prompt ""), steps as asked
+        assert_same_video(served(client, num_frames=33, seed=3, num_inference_steps=2),
+                          local(base, num_frames=33, seed=3, num_inference_steps=2))
+        with pytest.raises(UserError) as e:  # a pyramid setting on Base: a clear error, the model keeps serving
+            list(client.stream(PROMPT, num_frames=33, pyramid_steps=(1, 1, 1)))
+        assert "Helios-Base has no setting pyramid_steps" in e.value.found
+        assert len(served(client, num_frames=33, seed=1, num_inference_steps=1)) == 1
+
+
+def test_client_cli_sends_base_settings(monkeypatch, tmp_path, capsys):
+    """The client's sampler options become the request tensors the helios model declares (a stand-in client
+    records them: no server, so no gRPC stream is open while ffmpeg is forked)."""
+    import helios_deploy.serving.client as C
+
+    sent = []
+
+    class Recorder(C.HeliosClient):
+        def __init__(self, url, model="helios", timeout=None):
+            pass
+
+        def check_ready(self):
+            pass
+
+        def stream_arrays(self, arrays):
+            sent.append(arrays)
+            yield C.StreamChunk(0, np.zeros((33, HEIGHT, WIDTH, 3), np.uint8), 0.1)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(C, "HeliosClient", Recorder)
+    code, _, err = run_cli(["client", "localhost:1", "--prompt", PROMPT, "--frames", 33, "--num-inference-steps", 2,
+                            "--guidance-scale", 3.5, "--negative-prompt", "blurry", "-o", tmp_path / "b.mp4"], capsys)
+    assert code == 0, err
+    (arrays,) = sent
+    assert {k: (v.dtype, v.tolist()) for k, v in arrays.items() if k != "prompt"} == {
+        "num_frames": (np.int32, [33]), "seed": (np.int64, [0]), "num_inference_steps": (np.int32, [2]),
+        "guidance_scale": (np.float32, [3.5]), "negative_prompt": (np.object_, [b"blurry"])}
+    run_cli(["client", "localhost:1", "--prompt", PROMPT, "--steps", "2,2,2", "--amplify-first-chunk",
+             "-o", tmp_path / "d.mp4"], capsys)
+    assert sent[1]["pyramid_steps"].tolist() == [2, 2, 2] and sent[1]["amplify_first_chunk"].tolist() == [True]
+    assert "guidance_scale" not in sent[1] and "negative_prompt" not in sent[1]  # absent: the variant's default
 
 
 # ---------------------------------------------------------------------------------------------------

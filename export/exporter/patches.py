@@ -60,6 +60,28 @@ def cholesky_float64():
 
 
 @contextlib.contextmanager
+def contiguous_transformer_output(transformer):
+    """diffusers 0.42 ``HeliosPyramidPipeline.__call__``'s CFG-Zero* branch calls ``.view(batch, -1)`` on the
+    transformer's output, which is not contiguous on CPU: "view size is not compatible with input tensor's
+    size and stride". While active, ``transformer``'s outputs are made contiguous (same values). Used only
+    to run the reference on CPU."""
+    original = transformer.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.contiguous() if hasattr(o, "contiguous") else o for o in out)
+        out.sample = out.sample.contiguous()
+        return out
+
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        del transformer.forward  # back to the class's forward
+
+
+@contextlib.contextmanager
 def export_patches(component: str):
     """All patches one component needs for export."""
     with contextlib.ExitStack() as stack:

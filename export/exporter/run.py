@@ -57,6 +57,12 @@ def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: in
     return {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs, "export_memory": memory}
 
 
+def variant_record(ckpt: Checkpoint) -> dict:
+    """Which Helios checkpoint this is (pipeline class, is_distilled, is_cfg_zero_star, scheduler class; the
+    scheduler config is the manifest's scheduler_config): the runtime runs that variant's loop."""
+    return ckpt.variant.to_json()
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 384, width: int = 640,
                       components: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET,
                       text_length: int = 512, max_text_length: int = 512, force: bool = False,
@@ -73,14 +79,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
     layouts = vae_layouts(ckpt, components)
-    specs = build_specs(ckpt.configs, height, width, text_length, max_text_length, components, layouts)
+    specs = build_specs(ckpt.configs, height, width, text_length, max_text_length, components, layouts,
+                        ckpt.variant.name)
     manifest = {
         "format": FORMAT, "helios_deploy_version": __version__,
         "checkpoint": {"path": str(ckpt.path.resolve()), "identity": ckpt.identity,
                        "model_index": ckpt.model_index, "is_distilled": ckpt.is_distilled},
         "video": {"height": height, "width": width}, "opset": opset, "precision": "fp32",
         "text_length": text_length, "max_text_length": max_text_length,
-        "scheduler_config": ckpt.configs["scheduler"], "components": {},
+        "scheduler_config": ckpt.configs["scheduler"], "variant": variant_record(ckpt), "components": {},
         "host": {"python": platform.python_version(), "machine": platform.machine()},
     }
     with staged_dir(Path(out), force=force) as tmp:

@@ -1,7 +1,6 @@
 import click
 
-from .generate import parse_steps
-from .options import request_options
+from .options import request_options, request_settings
 
 
 @click.command("client")
@@ -13,13 +12,14 @@ from .options import request_options
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for each chunk (default: no limit).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
-def command(url, prompt, image, video, frames, seed, steps, amplify_first_chunk, model, fps, timeout, out):
+def command(url, prompt, image, video, frames, seed, model, fps, timeout, out, **request):
     """Stream a generation from a Triton server over gRPC and write the mp4 as chunks arrive.
 
     \b
     Examples:
       helios-deploy client localhost:8001 --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
       helios-deploy client localhost:8001 --prompt "the same scene at night" --image first.png -o i2v.mp4
+      helios-deploy client localhost:8001 --prompt "a cat" --negative-prompt "blurry" --num-inference-steps 30 -o b.mp4
     """
     from ..errors import UserError
     from ..runtime.video_io import write_mp4
@@ -27,12 +27,11 @@ def command(url, prompt, image, video, frames, seed, steps, amplify_first_chunk,
 
     if image and video:
         raise UserError("pass --image or --video, not both")
-    pyramid = parse_steps(steps)
+    settings = request_settings(**request)
     with HeliosClient(url, model=model, timeout=timeout) as client:
         client.check_ready()
         image_arr, video_arr = load_conditioning(image, video, *client.video_size()) if image or video else (None, None)
-        stream = client.stream(prompt, image=image_arr, video=video_arr, num_frames=frames, seed=seed,
-                               pyramid_steps=pyramid, amplify_first_chunk=amplify_first_chunk)
+        stream = client.stream(prompt, image=image_arr, video=video_arr, num_frames=frames, seed=seed, **settings)
         last = [0.0]
 
         def progress(chunks):

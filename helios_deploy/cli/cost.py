@@ -8,9 +8,13 @@ from .options import size_options
 @click.option("--config", "config_name", default=None, metavar="NAME",
               help="A built-in model instead of a checkpoint: helios-14b (the real configs).")
 @size_options
-@click.option("--steps", default="1,1,1", show_default=True,
-              help="Transformer calls per pyramid stage (distilled: 1,1,1 is the fastest; the shipped script "
-                   "uses 2,2,2).")
+@click.option("--variant", type=click.Choice(["base", "mid", "distilled"]), default=None,
+              help="Whose sampler (default: the checkpoint's; distilled for --config).")
+@click.option("--steps", default=None,
+              help="Transformer steps per pyramid stage (distilled: 1,1,1 is the fastest, the shipped script uses "
+                   "2,2,2; mid: 10,10,10), or Base's number of steps (50). Default: the variant's.")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Base / Mid: > 1 counts a batch-2 transformer call per step (default 5.0; 1 = no guidance).")
 @click.option("--text-length", type=int, default=226, show_default=True, help="Prompt tokens (UMT5, padded).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every number here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -18,7 +22,8 @@ from .options import size_options
 @click.option("--meta-count/--no-meta-count", default=True, show_default=True,
               help="Also count FLOPs with FlopCounterMode over the real modules on the meta device (a few "
                    "seconds for 14B) and show the difference to the analytic count.")
-def command(checkpoint, config_name, height, width, steps, text_length, json_path, plot_path, meta_count):
+def command(checkpoint, config_name, height, width, variant, steps, guidance_scale, text_length, json_path, plot_path,
+            meta_count):
     """Predict FLOPs, bytes moved, time per chunk, FPS, real-time streams and memory per GPU.
 
     Counts each component call (UMT5 once per prompt; the transformer per pyramid stage; the VAE decode
@@ -29,6 +34,7 @@ def command(checkpoint, config_name, height, width, steps, text_length, json_pat
     Examples:
       helios-deploy cost --config helios-14b
       helios-deploy cost --config helios-14b --steps 2,2,2 --json cost.json --plot cost.png
+      helios-deploy cost --config helios-14b --variant base        # 50 steps, CFG: 50 batch-2 calls per chunk
       helios-deploy cost checkpoints/Helios-Distilled --height 480 --width 832
     """
     from ..cost import estimate
@@ -38,7 +44,7 @@ def command(checkpoint, config_name, height, width, steps, text_length, json_pat
         if path:
             check_writable(path)
     est = estimate(checkpoint, config=config_name, height=height, width=width, steps=steps,
-                   text_length=text_length, meta_count=meta_count)
+                   text_length=text_length, meta_count=meta_count, variant=variant, guidance_scale=guidance_scale)
     click.echo(format_report(est))
     if json_path:
         click.echo(f"wrote {write_json(est, json_path)}")

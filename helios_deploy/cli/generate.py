@@ -2,17 +2,9 @@ import time
 
 import click
 
-from .options import request_options
+from .options import parse_steps, request_options, request_settings
 
-
-def parse_steps(value: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,1,1") from None
-    if not steps or any(s < 1 for s in steps):
-        raise click.BadParameter(f"{value!r}: every stage needs at least one step")
-    return steps
+__all__ = ["backend_option", "command", "parse_steps"]
 
 
 def backend_option(f):
@@ -21,9 +13,18 @@ def backend_option(f):
                              "transformer=tensorrt,vae_decoder=torch.")(f)
 
 
+def sampler_options(f):
+    """Settings of the HeliosScheduler variants (Base, Mid) beyond the request_options (generate, bench)."""
+    f = click.option("--cfg-zero-star/--no-cfg-zero-star", default=None,
+                     help="Mid: CFG-Zero* guidance on or off (default: the checkpoint's is_cfg_zero_star).")(f)
+    return click.option("--sampler", type=click.Choice(["unipc", "euler"]), default=None,
+                        help="Base / Mid: HeliosScheduler's update (default: the checkpoint's scheduler_type).")(f)
+
+
 @click.command("generate")
 @click.argument("artifacts", type=click.Path())
 @request_options
+@sampler_options
 @click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video.")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (at least 33 frames).")
 @backend_option
@@ -32,14 +33,17 @@ def backend_option(f):
               help="fp8: the transformer graph from `quantize` (ONNX Runtime backend).")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
-def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_chunk, backend, device, precision, fps,
-            out):
-    """Generate a video from exported artifacts and write it as H.264 mp4, chunk by chunk.
+def command(artifacts, prompt, image, video, frames, seed, backend, device, precision, fps, out, sampler,
+            cfg_zero_star, **request):
+    """Generate a video from exported artifacts and write it as H.264 mp4, chunk by chunk. The sampler is the
+    checkpoint's own (Base: one stage, UniPC or Euler, CFG; Mid: pyramid, CFG-Zero*; Distilled: pyramid, DMD).
 
     \b
     Examples:
       helios-deploy generate engines/demo/artifacts --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
       helios-deploy generate ARTIFACTS --prompt "the same scene at night" --image first.png -o i2v.mp4
+      helios-deploy generate BASE_ARTIFACTS --prompt "a cat" --negative-prompt "blurry" --num-inference-steps 30 -o b.mp4
+      helios-deploy generate MID_ARTIFACTS --prompt "a cat" --steps 5,5,5 --guidance-scale 4 -o mid.mp4
       helios-deploy generate ARTIFACTS --prompt "..." --backend transformer=torch -o bisect.mp4
       helios-deploy generate ARTIFACTS --prompt "a cat in a kitchen" --precision fp8 -o cat-fp8.mp4
     """
@@ -49,16 +53,16 @@ def command(artifacts, prompt, image, video, frames, seed, steps, amplify_first_
 
     if image and video:
         raise UserError("pass --image or --video, not both")
-    pyramid = parse_steps(steps)
+    settings = request_settings(**request, sampler=sampler, cfg_zero_star=cfg_zero_star)
     pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device, precision=precision)
     chunks = max(1, (frames + 32) // 33) if frames > 0 else 0
-    total = sum(pyramid) * chunks + (sum(pyramid) if amplify_first_chunk else 0)
+    total = pipe.sampling(**settings).transformer_calls(chunks)  # also checks the settings before anything runs
     t0 = time.perf_counter()
     with click.progressbar(length=total, label="denoising", file=click.get_text_stream("stderr")) as bar:
         def on_step(stage, i):
             bar.update(1)
 
-        stream = pipe.stream(prompt, num_frames=frames, seed=seed, image=image, video=video, pyramid_steps=pyramid,
-                             amplify_first_chunk=amplify_first_chunk, on_step=on_step)
+        stream = pipe.stream(prompt, num_frames=frames, seed=seed, image=image, video=video, on_step=on_step,
+                             **settings)
         n = write_mp4(out, (c.frames for c in stream), fps=fps)
     click.echo(f"wrote {out}: {n} frames in {time.perf_counter() - t0:.1f}s")

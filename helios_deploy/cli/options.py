@@ -34,9 +34,37 @@ def components_option(f):
 
 
 def request_options(f):
-    """What one generation asks for: prompt, frames, seed, steps per pyramid stage, amplify (generate, client)."""
-    f = click.option("--amplify-first-chunk", is_flag=True, help="Twice the steps for the first chunk.")(f)
-    f = click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage, e.g. 2,2,2.")(f)
+    """What one generation asks for (generate, client): prompt, frames, seed, and the sampler settings of the
+    checkpoint's variant. Unset settings take the variant's reference defaults; a setting the variant does not
+    have (guidance on Distilled, --steps on Base, ...) is an error."""
+    f = click.option("--amplify-first-chunk", is_flag=True, help="Distilled: twice the steps for the first chunk.")(f)
+    f = click.option("--negative-prompt", default=None,
+                     help="Base / Mid with guidance: what to steer away from (default: the empty prompt).")(f)
+    f = click.option("--guidance-scale", type=float, default=None,
+                     help="Base / Mid: classifier-free guidance scale (default 5.0; 1 turns guidance off).")(f)
+    f = click.option("--num-inference-steps", type=int, default=None, help="Base: denoising steps (default 50).")(f)
+    f = click.option("--steps", default=None,
+                     help="Mid / Distilled: steps per pyramid stage, e.g. 2,2,2 (default: Mid 10,10,10, Distilled 1,1,1).")(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
     f = click.option("--frames", type=int, default=33, show_default=True, help="Rounded up to chunks of 33 frames.")(f)
     return click.option("--prompt", required=True, help="Text prompt.")(f)
+
+
+def parse_steps(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        steps = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,1,1") from None
+    if not steps or any(s < 1 for s in steps):
+        raise click.BadParameter(f"{value!r}: every stage needs at least one step")
+    return steps
+
+
+def request_settings(steps=None, num_inference_steps=None, guidance_scale=None, negative_prompt=None,
+                     amplify_first_chunk=False, **more) -> dict:
+    """The request_options values as Pipeline.stream keywords (None: the variant's default)."""
+    return {"pyramid_steps": parse_steps(steps), "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
+            "amplify_first_chunk": True if amplify_first_chunk else None, **more}

@@ -6,6 +6,11 @@ from .options import force_option
 @click.command("tiny-checkpoint")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--variant", type=click.Choice(["base", "mid", "distilled"]), default="distilled", show_default=True,
+              help="Helios-Base (HeliosPipeline, HeliosScheduler UniPC, CFG), Helios-Mid (HeliosPyramidPipeline, "
+                   "HeliosScheduler over 3 stages, CFG-Zero*) or Helios-Distilled (DMD, no guidance).")
+@click.option("--cfg-zero-star/--no-cfg-zero-star", default=None,
+              help="Mid only: the pipeline's is_cfg_zero_star (default on, as Helios-Mid).")
 @click.option("--amplify-history/--no-amplify-history", default=True, show_default=True,
               help="Turn on the transformer's is_amplify_history (history key scaling).")
 @click.option("--real-width-layers", type=int, default=None, metavar="N",
@@ -16,16 +21,22 @@ from .options import force_option
 @click.option("--text-encoder-layers", type=int, default=1, show_default=True, metavar="K",
               help="With --real-width-layers: UMT5 layers (the embedding table, 2.1 GB in bf16, comes on top).")
 @force_option
-def command(out_dir, seed, amplify_history, real_width_layers, text_encoder_layers, force):
-    """Write a small random-weight Helios-Distilled checkpoint in diffusers layout.
+def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_layers, text_encoder_layers, force):
+    """Write a small random-weight Helios checkpoint (Distilled, Base or Mid) in diffusers layout.
 
     \b
     Examples:
       helios-deploy tiny-checkpoint engines/tiny --seed 0
+      helios-deploy tiny-checkpoint engines/tiny-base --variant base
+      helios-deploy tiny-checkpoint engines/tiny-mid --variant mid --no-cfg-zero-star
       helios-deploy tiny-checkpoint engines/wide2 --real-width-layers 2
     """
+    from ..errors import UserError
+
     if real_width_layers is not None:
-        from ..errors import UserError
+        if variant != "distilled" or cfg_zero_star is not None:
+            raise UserError("--real-width-layers writes a Helios-Distilled checkpoint only",
+                            found=f"--variant {variant}", fix="leave --variant out with --real-width-layers")
         from ..synthetic import write_wide_checkpoint
 
         if real_width_layers < 1 or text_encoder_layers < 1:
@@ -41,5 +52,6 @@ def command(out_dir, seed, amplify_history, real_width_layers, text_encoder_laye
         return
     from ..tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(out_dir, seed=seed, amplify_history=amplify_history, force=force)
-    click.echo(f"tiny checkpoint written to {path}")
+    path = write_tiny_checkpoint(out_dir, seed=seed, amplify_history=amplify_history, force=force, variant=variant,
+                                 cfg_zero_star=cfg_zero_star)
+    click.echo(f"tiny {variant} checkpoint written to {path}")

@@ -1,8 +1,9 @@
 """The component calls one prompt makes, with the shapes of their inputs and outputs.
 
-Per prompt the text encoder runs once. Per 33-frame chunk (9 latent frames) the distilled pyramid
-sampler calls the transformer ``steps[s]`` times at stage s (guidance 1.0: no unconditional pass) and
-the VAE decodes the chunk's 9 latents to 33 frames once. Transformer and text encoder shapes come from
+Per prompt the text encoder runs once. Per 33-frame chunk (9 latent frames) the pyramid samplers (Mid,
+Distilled) call the transformer ``steps[s]`` times at stage s, Base ``steps[0]`` times at the full size; a
+guided step (Base, Mid with guidance) is one call at batch 2 (conditional and unconditional branches), an
+unguided one a call at batch 1. The VAE decodes the chunk's 9 latents to 33 frames once. Transformer and text encoder shapes come from
 the component specs (helios_deploy.specs), the single source of tensor names and sizes; the VAE call is
 ``AutoencoderKLWan.decode`` of one chunk, as the pipeline calls it.
 """
@@ -41,10 +42,11 @@ def _tensors(tensors, shapes) -> dict:
 
 
 def transformer_calls(configs: ModelConfigs, wl: Workload) -> list[Call]:
-    spec = transformer_spec(configs.transformer, wl.height, wl.width, wl.text_length, wl.text_length)
+    spec = transformer_spec(configs.transformer, wl.height, wl.width, wl.text_length, wl.text_length, wl.variant)
     graph = spec.graphs[0]
+    points = [p for p in graph.operating_points if p.dims["batch"] == (2 if wl.guided else 1)]
     calls = []
-    for point, steps in zip(graph.operating_points, wl.steps):
+    for point, steps in zip(points, wl.steps):
         ins = _tensors(graph.inputs, shapes_at(graph, point.dims))
         outs = _tensors(graph.outputs, shapes_at(graph, point.dims, "outputs"))
         calls.append(Call("transformer", point.name, steps, 0, ins, outs))

@@ -1,5 +1,5 @@
 """What the cost model describes: the three component configs (from a checkpoint folder or built in)
-and the workload (video size, steps per pyramid stage, text length), each validated into a UserError.
+and the workload (variant, video size, steps, guidance, text length), each validated into a UserError.
 
 Only config.json files are read: no weights, no tokenizer, so a folder holding just the configs of a
 checkpoint is enough for capacity planning.
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
 from ..specs import PYRAMID_STAGES, check_video_size, size_multiple
+from ..variants import DEFAULTS, VARIANTS, variant_of
 
 BUILTIN = ("helios-14b",)
 MAX_TEXT_LENGTH = 512  # UMT5's longest prompt in the pipeline (its max_sequence_length limit)
@@ -33,16 +34,20 @@ class ModelConfigs:
     transformer: dict
     text_encoder: dict
     vae: dict
+    variant: str | None = None  # base | mid | distilled, from the checkpoint's model_index.json (None: not known)
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One prompt's work: chunks of 33 frames at height x width, steps[s] transformer calls at stage s."""
+    """One prompt's work: chunks of 33 frames at height x width; steps[s] transformer calls at pyramid stage s
+    (Base: steps[0] calls at the full size), each at batch 2 when ``guided`` (conditional + unconditional)."""
 
     height: int
     width: int
     text_length: int
     steps: tuple[int, ...]
+    variant: str = "distilled"
+    guided: bool = False
 
 
 def _init_defaults(cls) -> dict:
@@ -103,27 +108,56 @@ def load_configs(checkpoint: str | Path | None = None, config: str | None = None
         raise UserError(f"checkpoint folder {root} does not exist",
                         fix="pass the folder of a Helios checkpoint in diffusers layout, or use --config helios-14b")
     cfgs = {name: _read_config(root, rel) for name, rel in CONFIG_FILES.items()}
-    return model_configs(cfgs["transformer"], cfgs["text_encoder"], cfgs["vae"], str(root))
+    configs = model_configs(cfgs["transformer"], cfgs["text_encoder"], cfgs["vae"], str(root))
+    if (root / "model_index.json").is_file():  # which variant (a folder of configs only: say --variant)
+        scheduler = root / "scheduler" / "scheduler_config.json"
+        sched = _read_config(root, "scheduler/scheduler_config.json") if scheduler.is_file() else {}
+        return replace(configs, variant=variant_of(_read_config(root, "model_index.json"), sched).name)
+    return configs
 
 
-def parse_steps(value: str | tuple | list) -> tuple[int, ...]:
-    """``"1,1,1"`` -> (1, 1, 1): transformer calls per pyramid stage, each at least 1."""
+def parse_steps(value: str | tuple | list, variant: str = "distilled") -> tuple[int, ...]:
+    """``"1,1,1"`` -> (1, 1, 1): transformer calls per pyramid stage, each at least 1; Base: ``"50"`` -> (50,)."""
+    stages = 1 if variant == "base" else PYRAMID_STAGES
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
     try:
         steps = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
         steps = ()
-    if len(steps) != PYRAMID_STAGES or min(steps) < 1:
+    if len(steps) != stages or min(steps) < 1:
+        fix = ("e.g. --steps 50 (Helios-Base has one stage: its number of inference steps)" if variant == "base" else
+               "e.g. --steps 1,1,1 (the fastest distilled setting) or --steps 2,2,2 (the shipped script)")
         raise UserError(f"bad --steps {value!r}", found=str(value),
-                        expected=f"{PYRAMID_STAGES} comma-separated whole numbers >= 1, one per pyramid stage",
-                        fix="e.g. --steps 1,1,1 (the fastest distilled setting) or --steps 2,2,2 (the shipped script)")
+                        expected=f"{stages} comma-separated whole number(s) >= 1, one per "
+                        f"{'denoising run' if variant == 'base' else 'pyramid stage'}", fix=fix)
     return steps
 
 
+def resolve_variant(configs: ModelConfigs, variant: str | None) -> str:
+    """The variant asked for, else the checkpoint's, else distilled (the built-in configs)."""
+    if variant is None:
+        return configs.variant or "distilled"
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}", expected=" | ".join(VARIANTS))
+    if configs.variant is not None and variant != configs.variant:
+        raise UserError(f"{configs.source} is a Helios-{configs.variant.capitalize()} checkpoint",
+                        found=f"--variant {variant}", fix="leave --variant out for a checkpoint")
+    return variant
+
+
 def check_workload(configs: ModelConfigs, height: int, width: int, text_length: int,
-                   steps: str | tuple | list) -> Workload:
+                   steps: str | tuple | list | None, variant: str | None = None,
+                   guidance_scale: float | None = None) -> Workload:
     check_video_size(height, width, size_multiple(configs.transformer, configs.vae))
     if not isinstance(text_length, int) or not 1 <= text_length <= MAX_TEXT_LENGTH:
         raise UserError(f"bad --text-length {text_length}", expected=f"1..{MAX_TEXT_LENGTH} tokens",
                         fix="use 226, the pipeline's default max_sequence_length")
-    return Workload(height, width, text_length, parse_steps(steps))
+    variant = resolve_variant(configs, variant)
+    d = DEFAULTS[variant]
+    if steps is None:
+        steps = (d["num_inference_steps"],) if variant == "base" else d["pyramid_steps"]
+    scale = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+    if variant == "distilled" and scale != 1.0:
+        raise UserError("Helios-Distilled runs without guidance", found=f"--guidance-scale {scale}",
+                        fix="leave --guidance-scale out for the distilled model")
+    return Workload(height, width, text_length, parse_steps(steps, variant), variant, scale > 1.0)

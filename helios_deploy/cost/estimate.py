@@ -69,6 +69,12 @@ class CostEstimate:
     roofline: dict = field(default_factory=dict)  # gpu name -> precision -> numbers
     gpus: list = field(default_factory=list)
     realtime_chunk_s: float = 0.0  # a chunk's budget for real-time playback at 24 fps
+    variant: str = "distilled"  # whose sampler: base | mid | distilled
+    guided: bool = False  # transformer calls at batch 2 (classifier-free guidance)
+
+    @property
+    def transformer_calls_per_chunk(self) -> int:
+        return sum(c.per_chunk for c in self.calls if c.component == "transformer")
 
     def call(self, key: str) -> CallCost:
         return next(c for c in self.calls if c.key == key)
@@ -90,6 +96,7 @@ class CostEstimate:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["steps"] = list(self.steps)
+        d["transformer_calls_per_chunk"] = self.transformer_calls_per_chunk
         for c, cd in zip(self.calls, d["calls"]):
             cd["key"], cd["total_flops"] = c.key, c.total_flops
             cd["bytes_moved"] = {p: c.bytes_moved(p) for p in PRECISIONS}
@@ -178,21 +185,26 @@ def _roofline(est: CostEstimate, configs: ModelConfigs, gpu: Gpu, precision: str
 
 
 def estimate(checkpoint: str | Path | None = None, *, config: str | None = None, height: int = 384,
-             width: int = 640, steps: str | tuple = "1,1,1", text_length: int = 226,
-             meta_count: bool = True, gpus: tuple[Gpu, ...] = GPUS) -> CostEstimate:
-    """Cost of generating with a checkpoint's configs (or ``config="helios-14b"``) at height x width.
+             width: int = 640, steps: str | tuple | None = None, text_length: int = 226,
+             meta_count: bool = True, gpus: tuple[Gpu, ...] = GPUS, variant: str | None = None,
+             guidance_scale: float | None = None) -> CostEstimate:
+    """Cost of generating with a checkpoint's configs (or ``config="helios-14b"``) at height x width, with
+    the variant's sampler (the checkpoint's, or ``variant``; steps and guidance default to its reference
+    defaults).
 
     With ``meta_count`` the real modules are also counted on the meta device (a few seconds for 14B)
     and ``check`` holds the relative differences between the two counts.
     """
     return estimate_configs(load_configs(checkpoint, config), height=height, width=width, steps=steps,
-                            text_length=text_length, meta_count=meta_count, gpus=gpus)
+                            text_length=text_length, meta_count=meta_count, gpus=gpus, variant=variant,
+                            guidance_scale=guidance_scale)
 
 
-def estimate_configs(configs: ModelConfigs, *, height: int = 384, width: int = 640, steps: str | tuple = "1,1,1",
-                     text_length: int = 226, meta_count: bool = True, gpus: tuple[Gpu, ...] = GPUS) -> CostEstimate:
+def estimate_configs(configs: ModelConfigs, *, height: int = 384, width: int = 640, steps: str | tuple | None = None,
+                     text_length: int = 226, meta_count: bool = True, gpus: tuple[Gpu, ...] = GPUS,
+                     variant: str | None = None, guidance_scale: float | None = None) -> CostEstimate:
     """``estimate`` for configs already in memory (see configs.model_configs)."""
-    wl: Workload = check_workload(configs, height, width, text_length, steps)
+    wl: Workload = check_workload(configs, height, width, text_length, steps, variant, guidance_scale)
     calls = prompt_calls(configs, wl)
     costs = [_cost(configs, c) for c in calls]
     params = {"analytic": analytic_params(configs), "meta": None}
@@ -206,6 +218,7 @@ def estimate_configs(configs: ModelConfigs, *, height: int = 384, width: int = 6
         check = _check(costs, params["analytic"], params["meta"])
     frames = chunk_frames(configs)
     est = CostEstimate(configs.source, height, width, text_length, wl.steps, frames, params, costs, check,
-                       gpus=[g.as_dict() for g in gpus], realtime_chunk_s=realtime_chunk_seconds(frames))
+                       gpus=[g.as_dict() for g in gpus], realtime_chunk_s=realtime_chunk_seconds(frames),
+                       variant=wl.variant, guided=wl.guided)
     est.roofline = {g.name: {p: _roofline(est, configs, g, p) for p in PRECISIONS} for g in gpus}
     return est

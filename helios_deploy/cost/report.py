@@ -86,8 +86,10 @@ def _roofline_table(est: CostEstimate) -> list[str]:
 
 def format_report(est: CostEstimate) -> str:
     steps = ",".join(map(str, est.steps))
-    lines = [f"Helios cost model: {est.source} at {est.height}x{est.width}, {est.chunk_frames} frames per chunk, "
-             f"steps {steps}, text {est.text_length} tokens", "", "Parameters"]
+    guidance = "guidance: one batch-2 call per step" if est.guided else "no guidance"
+    lines = [f"Helios cost model: {est.source} ({est.variant}) at {est.height}x{est.width}, {est.chunk_frames} "
+             f"frames per chunk, steps {steps} ({est.transformer_calls_per_chunk} transformer calls per chunk, "
+             f"{guidance}), text {est.text_length} tokens", "", "Parameters"]
     lines += _params_lines(est)
     lines += ["", "Work per call, TFLOP (analytic; 'meta' = FlopCounterMode over the real modules on meta)"]
     lines += _flops_table(est)

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import UserError
 from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS
 
-_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
+          "float32": np.float32}
 
 
 @dataclass
@@ -34,10 +35,15 @@ class StreamChunk:
 
 
 def request_arrays(prompt: str, *, image=None, video=None, num_frames: int | None = None, seed: int | None = None,
-                   pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None) -> dict:
-    """The request's tensors as arrays of the dtypes the model declares (absent ones left out)."""
+                   pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None,
+                   num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                   negative_prompt: str | None = None) -> dict:
+    """The request's tensors as arrays of the dtypes the model declares (absent ones left out: the served
+    checkpoint variant's defaults apply)."""
     values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "num_frames": num_frames,
-              "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk}
+              "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk,
+              "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+              "negative_prompt": None if negative_prompt is None else [negative_prompt.encode("utf-8")]}
     out = {}
     for t in HELIOS_INPUTS:
         v = values[t.name]

@@ -43,8 +43,12 @@ HELIOS_INPUTS = (
     ServedTensor("video", "uint8", (-1, "height", "width", 3), True, "input video for video-to-video (RGB)"),
     ServedTensor("num_frames", "int32", (1,), True, "frames to generate (rounded up to 33-frame chunks); default 33"),
     ServedTensor("seed", "int64", (1,), True, "random seed; default 0"),
-    ServedTensor("pyramid_steps", "int32", (PYRAMID_STAGES,), True, "steps per pyramid stage; default 1,1,1"),
-    ServedTensor("amplify_first_chunk", "bool", (1,), True, "twice the steps for the first chunk; default false"),
+    ServedTensor("pyramid_steps", "int32", (PYRAMID_STAGES,), True,
+                 "Mid / Distilled: steps per pyramid stage; default the variant's (10,10,10 / 1,1,1)"),
+    ServedTensor("amplify_first_chunk", "bool", (1,), True, "Distilled: twice the steps for the first chunk; default false"),
+    ServedTensor("num_inference_steps", "int32", (1,), True, "Base: denoising steps; default 50"),
+    ServedTensor("guidance_scale", "float32", (1,), True, "Base / Mid: classifier-free guidance scale; default 5.0 (1: off)"),
+    ServedTensor("negative_prompt", "bytes", (1,), True, "Base / Mid with guidance: UTF-8 negative prompt; default empty"),
 )
 HELIOS_OUTPUTS = (
     ServedTensor("frames", "uint8", (-1, "height", "width", 3), doc="the chunk's frames, RGB"),

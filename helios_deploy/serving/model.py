@@ -28,8 +28,9 @@ try:  # only inside the Python backend stub
 except ImportError:  # pragma: no cover - imported outside Triton (tests of parse_request, the docs)
     pb_utils = None
 
-DEFAULTS = {"num_frames": 33, "seed": 0, "pyramid_steps": (1, 1, 1), "amplify_first_chunk": False}
-_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+DEFAULTS = {"num_frames": 33, "seed": 0}  # the sampler settings' defaults are the checkpoint variant's
+_NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
+          "float32": np.float32}
 
 
 def _check_tensor(name: str, value: np.ndarray, height: int, width: int) -> None:
@@ -44,17 +45,38 @@ def _check_tensor(name: str, value: np.ndarray, height: int, width: int) -> None
                         if name in ("image", "video") else None)
 
 
+def _text(value: np.ndarray, name: str) -> str:
+    raw = value.reshape(-1)[0]
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as e:
+        raise UserError(f"input {name!r} is not UTF-8", found=str(e)) from None
+
+
 def _prompt(value: np.ndarray | None) -> str:
     if value is None or value.size != 1:
         raise UserError("the request has no prompt", expected="input 'prompt': one UTF-8 string (BYTES [1])")
-    raw = value.reshape(-1)[0]
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    except UnicodeDecodeError as e:
-        raise UserError("input 'prompt' is not UTF-8", found=str(e)) from None
+    text = _text(value, "prompt")
     if not text.strip():
         raise UserError("input 'prompt' is empty", expected="a non-empty text prompt")
     return text
+
+
+def _sampler_settings(values: Mapping[str, np.ndarray | None]) -> dict:
+    """The optional sampler settings present in the request, as Pipeline.stream keywords (absent: None, so
+    the checkpoint variant's defaults apply; a setting the variant lacks is refused by the pipeline)."""
+    def scalar(name, cast):
+        return None if values[name] is None else cast(values[name].reshape(-1)[0])
+
+    steps = values["pyramid_steps"]
+    if steps is not None and any(int(s) < 1 for s in steps):
+        raise UserError(f"pyramid_steps {[int(s) for s in steps]} invalid", expected="positive integers per stage, e.g. [1, 1, 1]")
+    return {"pyramid_steps": None if steps is None else tuple(int(s) for s in steps),
+            "amplify_first_chunk": True if scalar("amplify_first_chunk", bool) else None,
+            "num_inference_steps": scalar("num_inference_steps", int),
+            "guidance_scale": scalar("guidance_scale", float),
+            "negative_prompt": None if values["negative_prompt"] is None else _text(values["negative_prompt"],
+                                                                                    "negative_prompt")}
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], height: int, width: int, max_frames: int) -> dict:
@@ -73,14 +95,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], height: int, width: i
     n = int(values["num_frames"][0]) if values["num_frames"] is not None else DEFAULTS["num_frames"]
     if not 1 <= n <= max_frames:
         raise UserError(f"num_frames {n} is out of range", expected=f"1..{max_frames} (this repository's --max-frames)")
-    steps = values["pyramid_steps"]
-    steps = tuple(int(s) for s in steps) if steps is not None else DEFAULTS["pyramid_steps"]
-    if any(s < 1 for s in steps):
-        raise UserError(f"pyramid_steps {list(steps)} invalid", expected="positive integers per stage, e.g. [1, 1, 1]")
-    amplify = values["amplify_first_chunk"]
-    out.update(num_frames=n, pyramid_steps=steps,
-               seed=int(values["seed"][0]) if values["seed"] is not None else DEFAULTS["seed"],
-               amplify_first_chunk=bool(amplify[0]) if amplify is not None else DEFAULTS["amplify_first_chunk"])
+    out.update(num_frames=n, seed=int(values["seed"][0]) if values["seed"] is not None else DEFAULTS["seed"],
+               **_sampler_settings(values))
     return out
 
 
