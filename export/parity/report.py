@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ...artifacts import Artifacts
-from ...checkpoint import Checkpoint
+from ...checkpoint import Checkpoint, revision_for
 from ...errors import UserError
 from .reference import reference_module
 from .audit import format_table, open_sessions, parity_rows
@@ -21,12 +21,13 @@ def graph_bytes(arts: Artifacts, component: str) -> int:
 
 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
-                  seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
+                  seed: int = 0, pipeline: bool = False, precision: str = "fp32", revision: str | None = None) -> dict:
     """Run every exported component against the reference; the report the `parity` command writes.
     With precision fp8: the quantized graphs instead (export/fp8_parity.py); bf16: the lowered graphs in
-    ONNX's reference evaluator (export/parity/bf16.py)."""
-    ckpt = Checkpoint(checkpoint)
+    ONNX's reference evaluator (export/parity/bf16.py). A Hub id ``checkpoint`` is resolved at ``revision``,
+    or, when it is the repository the artifacts came from, at the commit their manifest records."""
     arts = Artifacts.open(artifacts)
+    ckpt = Checkpoint(checkpoint, revision_for(checkpoint, arts.manifest["checkpoint"], revision))
     arts.check_checkpoint(ckpt.identity)
     if precision == "fp8":
         from .fp8 import fp8_parity_report

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from .options import parse_components
+from .options import parse_components, revision_option
 
 
 def print_report(report: dict) -> None:
@@ -25,6 +25,7 @@ def print_report(report: dict) -> None:
 @click.command("parity")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("artifacts", type=click.Path())
+@revision_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--components", default=None, metavar="LIST", help="Subset of the exported components.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -35,9 +36,10 @@ def print_report(report: dict) -> None:
                    "(rel_l2 <= 0.05).")
 @click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; two chunks; amplify on "
               "and off; 1,1,1 and 2,2,2) against diffusers' HeliosPyramidPipeline (max abs error <= 1e-3).")
-def command(checkpoint, artifacts, json_path, components, seed, precision, pipeline):
+def command(checkpoint, artifacts, revision, json_path, components, seed, precision, pipeline):
     """Compare exported ONNX (ONNX Runtime, CPU) with the reference modules at every operating point,
     at batch 2 and at a shape not used at export. Exits 1 when any case fails (fp32: rel_l2 <= 1e-4).
+    CHECKPOINT may be a Hub id: without --revision it resolves at the commit the artifacts were exported from.
 
     \b
     Example:
@@ -48,7 +50,7 @@ def command(checkpoint, artifacts, json_path, components, seed, precision, pipel
     from ..export.parity.report import parity_report
 
     report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed,
-                           pipeline=pipeline, precision=precision)
+                           pipeline=pipeline, precision=precision, revision=revision)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
