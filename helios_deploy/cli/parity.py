@@ -15,9 +15,13 @@ def print_report(report: dict) -> None:
     if "pipeline" in report:
         click.echo(f"pipeline (runtime vs HeliosPyramidPipeline): {'PASS' if report['pipeline']['passed'] else 'FAIL'}")
         for c in report["pipeline"]["cases"]:
-            psnr = f"  PSNR per chunk {', '.join(f'{v:.2f}' for v in c['psnr_db'])} dB" if "psnr_db" in c else ""
-            click.echo(f"  {c['name']:16s} frames {c['frames']}  max_abs_err {c['max_abs_err']:.3e}{psnr}  "
+            click.echo(f"  {c['name']:20s} frames {c['frames']}  max_abs_err {c['max_abs_err']:.3e}  "
                        f"{'ok' if c['passed'] else 'FAIL'}")
+            if "psnr_db" in c:
+                click.echo(f"    PSNR per chunk (dB): {', '.join(f'{v:.2f}' for v in c['psnr_db'])}; slope "
+                           f"{c['slope_db_per_chunk']:+.3f} dB/chunk, last - first {c['drift_db']:+.2f} dB")
+            else:
+                click.echo(f"    max_abs_err per chunk: {', '.join(f'{v:.1e}' for v in c['max_abs_err_per_chunk'])}")
     if report.get("table"):
         click.echo(report["table"])
 
@@ -34,9 +38,13 @@ def print_report(report: dict) -> None:
                    "with --pipeline, PSNR per chunk of the FP8 runtime against the fp32 reference pipeline); "
                    "bf16: the graphs from `quantize --precision bf16` in ONNX's reference evaluator "
                    "(rel_l2 <= 0.05).")
-@click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; two chunks; amplify on "
-              "and off; 1,1,1 and 2,2,2) against diffusers' HeliosPyramidPipeline (max abs error <= 1e-3).")
-def command(checkpoint, artifacts, revision, json_path, components, seed, precision, pipeline):
+@click.option("--pipeline", is_flag=True, help="Also run the whole sampler (T2V, I2V, V2V; amplify on and off; "
+              "1,1,1 and 2,2,2; a prompt that changes every chunk) against diffusers' HeliosPyramidPipeline "
+              "(max abs error <= 1e-3 at every chunk).")
+@click.option("--chunks", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --pipeline: how many 33-frame chunks each case streams; the error (fp8: PSNR and its "
+                   "slope) is reported per chunk.")
+def command(checkpoint, artifacts, revision, json_path, components, seed, precision, pipeline, chunks):
     """Compare exported ONNX (ONNX Runtime, CPU) with the reference modules at every operating point,
     at batch 2 and at a shape not used at export. Exits 1 when any case fails (fp32: rel_l2 <= 1e-4).
     CHECKPOINT may be a Hub id: without --revision it resolves at the commit the artifacts were exported from.
@@ -45,12 +53,15 @@ def command(checkpoint, artifacts, revision, json_path, components, seed, precis
     Example:
       helios-deploy parity engines/tiny engines/tiny-onnx --json engines/parity.json
       helios-deploy parity engines/tiny engines/tiny-onnx --precision fp8 --pipeline
+      helios-deploy parity engines/tiny engines/tiny-onnx --pipeline --chunks 12     # a long stream
     """
     from ..errors import UserError
     from ..export.parity.report import parity_report
 
+    if chunks != 2 and not pipeline:
+        raise UserError("--chunks is for the pipeline comparison", fix="add --pipeline")
     report = parity_report(checkpoint, artifacts, parse_components(components) if components else None, seed=seed,
-                           pipeline=pipeline, precision=precision, revision=revision)
+                           pipeline=pipeline, precision=precision, revision=revision, chunks=chunks)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
