@@ -58,7 +58,8 @@ def snapshot(repo_id: str, revision: str | None, allow_patterns: Sequence[str]) 
                         fix="pass --revision with a branch, tag or commit of that repository") from None
     except (hf.RepositoryNotFoundError, hf.GatedRepoError) as e:  # GatedRepoError first in the MRO: same message
         raise UserError(f"cannot access {repo_id} on the Hugging Face Hub", found=_first_line(e),
-                        fix="check the id; for a private or gated model log in (`hf auth login`) or set HF_TOKEN") from None
+                        fix="check the id; for a private or gated model log in (`hf auth login`) or set "
+                            "HF_TOKEN") from None
     except hf.LocalEntryNotFoundError as e:  # offline (or the Hub unreachable) and not in the cache
         raise _not_in_cache(repo_id, revision, cache, local_only, e) from None
     except ValueError as e:  # huggingface_hub's validation of repo ids and arguments

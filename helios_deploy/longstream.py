@@ -104,8 +104,9 @@ def _timing(per_chunk: list[float], early: int) -> dict:
     """Chunk 1 alone; the median of chunks 2..early and of the last ``early``; the slope over 2..N."""
     head, tail = statistics.median(per_chunk[1:early]), statistics.median(per_chunk[-early:])
     slope = float(np.polyfit(np.arange(1, len(per_chunk)), per_chunk[1:], 1)[0])
-    return {"first_s": per_chunk[0], "median_early_s": head, "median_last_s": tail, "ratio_last_to_early": tail / head if head else float("nan"),
-            "slope_ms_per_chunk": 1e3 * slope, "per_chunk_s": per_chunk}
+    return {"first_s": per_chunk[0], "median_early_s": head, "median_last_s": tail,
+            "ratio_last_to_early": tail / head if head else float("nan"), "slope_ms_per_chunk": 1e3 * slope,
+            "per_chunk_s": per_chunk}
 
 
 def summarize(tr: Trace, early: int = 10) -> dict:
@@ -118,7 +119,8 @@ def summarize(tr: Trace, early: int = 10) -> dict:
                      "rss_growth_kb_per_chunk": (v[-1] - v[early - 1]) / (n - early) / 1024,
                      "rss_mb_per_chunk": [x / 2**20 for x in v]} for name, v in tr.rss.items()}
     cpu = {name: _timing(_steps(v), early) for name, v in tr.cpu.items()}
-    return {"chunks": n, "early": early, "memory": memory, "wall": _timing(_steps([0.0, *tr.arrivals]), early), "cpu": cpu}
+    wall = _timing(_steps([0.0, *tr.arrivals]), early)
+    return {"chunks": n, "early": early, "memory": memory, "wall": wall, "cpu": cpu}
 
 
 def api_stream(artifacts, chunks: int, prompt: str = PROMPT, seed: int = 0, steps=(1, 1, 1), early: int = 10) -> dict:
@@ -150,7 +152,8 @@ def triton_stream(artifacts, chunks: int, prompt: str = PROMPT, seed: int = 0, s
     env = env or find_env()
     with tempfile.TemporaryDirectory(prefix="helios-long-stream-") as tmp:
         repo = Path(tmp) / "repo"
-        write_repository(artifacts, repo, RepoOptions(max_frames=33 * chunks), log=lambda m: None)
+        # the artifacts referenced, not copied: nothing to copy, and no hard links to them left behind
+        write_repository(artifacts, repo, RepoOptions(max_frames=33 * chunks, reference=True), log=lambda m: None)
         with LocalServer(env, repo, Path(tmp) / "tritonserver.log") as server, \
                 HeliosClient(server.grpc_url, timeout=600) as client:
             list(client.stream(prompt, num_frames=33, seed=seed, pyramid_steps=steps))  # warm-up

@@ -88,8 +88,9 @@ def test_export_by_hub_id_offline_records_repo_and_commit(hub_artifacts, hub_cac
     assert recorded["hub"] == {"repo_id": REPO, "revision": "v1", "commit": COMMIT_B}
     assert Path(recorded["path"]) == hub_cache / "models--org--tiny-helios" / "snapshots" / COMMIT_B
     assert recorded["identity"] == Checkpoint(other_ckpt).identity  # the tag's weights, not main's
-    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (other_ckpt / "tokenizer" / "tokenizer.json").read_bytes()
-    assert not (out / "tokenizer" / "tokenizer.json").is_symlink()  # copied out of the cache, not linked
+    tokenizer = "tokenizer/tokenizer.json"
+    assert (out / tokenizer).read_bytes() == (other_ckpt / tokenizer).read_bytes()
+    assert not (out / tokenizer).is_symlink()  # copied out of the cache, not linked
 
 
 def test_hub_id_resolves_main_by_default(offline, tiny_ckpt):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,7 +33,8 @@ def long_reference(tiny_ckpt, artifacts, long_cases):
 
     pipe = Pipeline.from_artifacts(artifacts)
     ref = load_reference(tiny_ckpt)
-    return {name: reference_video(ref, case, pipe.height, pipe.width, pipe.text_length) for name, case in long_cases.items()}
+    return {name: reference_video(ref, case, pipe.height, pipe.width, pipe.text_length)
+            for name, case in long_cases.items()}
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def repo(artifacts, tmp_path_factory) -> Path:
     from helios_deploy.serving.repository import RepoOptions, write_repository
 
     out = tmp_path_factory.mktemp("serve") / "repo"
-    write_repository(artifacts, out, RepoOptions(backend="onnxruntime"))
+    write_repository(artifacts, out, RepoOptions(backend="onnxruntime", reference=True))  # no hard links to them
     return out
 
 

@@ -135,7 +135,8 @@ def _videos(checkpoint, pipe, cases, seed: int):
     """(case, reference video, our video) per case: float [T, H, W, 3] in [0, 1], same prompt/seed/inputs."""
     ref = load_reference(checkpoint)
     for case in cases:
-        yield case, reference_video(ref, case, pipe.height, pipe.width, pipe.text_length, seed), runtime_video(pipe, case, seed)
+        expected = reference_video(ref, case, pipe.height, pipe.width, pipe.text_length, seed)
+        yield case, expected, runtime_video(pipe, case, seed)
 
 
 def chunk_max_abs(ours: np.ndarray, ref: np.ndarray) -> list[float]:
@@ -209,6 +210,7 @@ def run_pipeline_psnr(checkpoint, pipe, cases=None, seed: int = 0, threshold: fl
     """PSNR of our (FP8) runtime's video against the fp32 reference pipeline, per chunk of 33 frames, and
     its trend over the stream (``cases`` default to FP8_CASES)."""
     cases = with_chunks(FP8_CASES if cases is None else cases, chunks)
-    results = [compare_psnr(case, expected, got, threshold) for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
+    results = [compare_psnr(case, expected, got, threshold)
+               for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
     return {"metric": "psnr", "threshold_psnr_db": threshold, "max_drift_db": DRIFT_DB,
             "passed": all(r["passed"] for r in results), "cases": results}

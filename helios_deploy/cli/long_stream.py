@@ -7,7 +7,8 @@ from .generate import parse_steps
 
 @click.command("long-stream")
 @click.argument("artifacts", type=click.Path())
-@click.option("--chunks", type=click.IntRange(min=3), default=100, show_default=True, help="33-frame chunks in the stream.")
+@click.option("--chunks", type=click.IntRange(min=3), default=100, show_default=True,
+              help="33-frame chunks in the stream.")
 @click.option("--via", default="api,triton", show_default=True, metavar="LIST",
               help="api (the runtime in this process), triton (a local tritonserver from .venv-triton), or both.")
 @click.option("--early", type=click.IntRange(min=2), default=10, show_default=True,
