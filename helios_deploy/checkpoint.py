@@ -1,4 +1,5 @@
-"""A Helios checkpoint in diffusers layout: validation, configs, weight index and identity.
+"""A Helios checkpoint in diffusers layout: where it is (a local folder or a Hub id resolved in the hub
+cache), validation, configs, weight index and identity.
 
 Nothing here loads weights into memory: shards are opened lazily, one tensor at a time, so that the
 14B transformer can be exported on a host with less RAM than the checkpoint.
@@ -25,6 +26,50 @@ CONFIG_FILES = {
 # which checkpoint folder holds each exported component's weights
 COMPONENT_FOLDER = {"transformer": "transformer", "text_encoder": "text_encoder",
                     "vae_decoder": "vae", "vae_encoder": "vae"}
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
+
+
+def hub_file_patterns() -> list[str]:
+    """The files of a Hub repository a checkpoint needs (and nothing else: no other weight formats or
+    variants, no media): model_index.json, the configs, each model folder's safetensors (single or
+    sharded, with the index) and the tokenizer folder."""
+    patterns = ["model_index.json", *CONFIG_FILES.values(), "tokenizer/*"]
+    for folder in MODEL_FOLDERS:
+        for stem in WEIGHT_STEMS:
+            patterns += [f"{folder}/{stem}.safetensors", f"{folder}/{stem}-*-of-*.safetensors",
+                         f"{folder}/{stem}.safetensors.index.json"]
+    return patterns
+
+
+def resolve_checkpoint(source: str | Path, revision: str | None = None) -> tuple[Path, dict | None]:
+    """A local folder as it is, or a Hub id ``org/name`` resolved to its snapshot folder in the hub cache
+    (downloading the files a checkpoint needs, unless HF_HUB_OFFLINE is set). Returns the folder and, for
+    a Hub id, the record {"repo_id", "revision", "commit"}; None for a local folder."""
+    from .hub import looks_like_repo_id, snapshot
+
+    path = Path(source)
+    if path.is_dir():
+        if revision:
+            raise UserError(f"--revision {revision} was given with the local folder {path}",
+                            expected="--revision only with a Hub id such as BestWishYsh/Helios-Distilled",
+                            fix="drop --revision, or pass the Hub id")
+        return path, None
+    if isinstance(source, str) and looks_like_repo_id(source):
+        return snapshot(source, revision, hub_file_patterns())
+    raise UserError(f"checkpoint folder {path} does not exist",
+                    expected="a Helios checkpoint folder in diffusers layout, or a Hub id such as "
+                             "BestWishYsh/Helios-Distilled",
+                    fix="pass the folder of a Helios checkpoint, or its Hub id (org/name)")
+
+
+def revision_for(source: str | Path, recorded: dict, revision: str | None = None) -> str | None:
+    """The revision at which to resolve ``source`` to check artifacts against it: ``revision`` if given;
+    else, when ``source`` is the Hub id the artifacts' manifest records (``recorded`` = its "checkpoint"
+    entry), the commit they were exported from; else None (a local folder, or another repository)."""
+    hub = recorded.get("hub") or {}
+    if revision is None and str(source) == hub.get("repo_id") and not Path(source).is_dir():
+        return hub.get("commit")
+    return revision
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -70,8 +115,7 @@ class WeightIndex:
 
 
 def _weight_index(folder: Path) -> WeightIndex:
-    stems = ("diffusion_pytorch_model", "model")
-    for stem in stems:
+    for stem in WEIGHT_STEMS:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             wm = _read_json(index, f"{folder.name} weight index").get("weight_map")
@@ -100,13 +144,11 @@ def _safetensors_keys(path: Path) -> list[str]:
 
 
 class Checkpoint:
-    """A validated Helios checkpoint folder."""
+    """A validated Helios checkpoint: a local folder, or a Hub id (``org/name``, optional ``revision``)
+    resolved in the hub cache; ``hub`` is the Hub record (repo id, revision, commit) or None."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"checkpoint folder {self.path} does not exist",
-                            fix="pass the folder of a Helios checkpoint in diffusers layout")
+    def __init__(self, path: str | Path, revision: str | None = None):
+        self.path, self.hub = resolve_checkpoint(path, revision)
         self.model_index = _read_json(self.path / "model_index.json", "model_index.json")
         if self.model_index.get("_class_name") not in PIPELINE_CLASSES:  # before anything else is read
             variant_of(self.model_index, {})
@@ -132,6 +174,15 @@ class Checkpoint:
                 if missing:
                     raise UserError(f"weight shard {path} lacks tensors its index lists",
                                     found=", ".join(sorted(missing)[:5]), fix="re-download this shard")
+
+    @classmethod
+    def from_record(cls, recorded: dict) -> "Checkpoint":
+        """The checkpoint a manifest's "checkpoint" entry names: its folder if it is still there, else
+        (artifacts moved to another host) its Hub id at the recorded commit."""
+        path, hub = Path(recorded["path"]), recorded.get("hub")
+        if path.is_dir() or not hub:
+            return cls(path)
+        return cls(hub["repo_id"], revision=hub["commit"])
 
     @property
     def is_distilled(self) -> bool:

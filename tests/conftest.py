@@ -102,6 +102,27 @@ def parity(tiny_ckpt, artifacts) -> dict:
     return parity_report(tiny_ckpt, artifacts)
 
 
+# FP8 test recipe: the tiny transformer has 2 blocks, so the default recipe (first/last 3 blocks kept) would
+# quantize nothing; this keep set leaves the blocks' linear layers in FP8.
+FP8_KEEP = [r"^patch_", r"^condition_embedder\.", r"^proj_out/"]
+FP8_PROMPTS = ["A cat and a dog baking a cake together in a kitchen.",
+               "A drone shot over a snowy mountain ridge at sunrise."]
+
+
+@pytest.fixture(scope="session")
+def quantized(artifacts, tmp_path_factory) -> Path:
+    """A copy of the tiny artifacts, quantized once (2 prompts from a file x 2 chunks)."""
+    import shutil
+
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+
+    root = Path(shutil.copytree(artifacts, tmp_path_factory.mktemp("fp8") / "arts"))
+    prompts = root.parent / "prompts.txt"
+    prompts.write_text("\n".join(FP8_PROMPTS) + "\n\n")
+    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=2, seed=0, log=lambda m: None)
+    return root
+
+
 @pytest.fixture
 def cholesky_float64():
     """The reference pipeline's fp32 Cholesky fails on CPU; factor that one matrix in float64 while

@@ -13,11 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from .conftest import run_cli
+from .conftest import FP8_KEEP, FP8_PROMPTS, run_cli
 
-KEEP = [r"^patch_", r"^condition_embedder\.", r"^proj_out/"]
-PROMPTS = ["A cat and a dog baking a cake together in a kitchen.",
-           "A drone shot over a snowy mountain ridge at sunrise."]
+KEEP, PROMPTS = FP8_KEEP, FP8_PROMPTS  # the recipe and calibration prompts of the `quantized` fixture (conftest)
 
 
 def _copy(artifacts: Path, dst: Path) -> Path:
@@ -27,18 +25,6 @@ def _copy(artifacts: Path, dst: Path) -> Path:
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="session")
-def quantized(artifacts, tmp_path_factory) -> Path:
-    """A copy of the tiny artifacts, quantized once (2 prompts from a file x 2 chunks)."""
-    from helios_deploy.export.transforms.quantize import quantize_artifacts
-
-    root = _copy(artifacts, tmp_path_factory.mktemp("fp8") / "arts")
-    prompts = root.parent / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n\n")
-    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=KEEP, chunks=2, seed=0, log=lambda m: None)
-    return root
 
 
 @pytest.fixture(scope="session")

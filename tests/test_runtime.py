@@ -74,7 +74,8 @@ def pipeline_parity(tiny_ckpt, ours):
     return run_pipeline_parity(tiny_ckpt, ours)
 
 
-@pytest.mark.parametrize("case", ["t2v_111", "t2v_111_amplify", "t2v_222", "t2v_222_amplify", "i2v_111", "v2v_111"])
+@pytest.mark.parametrize("case", ["t2v_111", "t2v_111_amplify", "t2v_222", "t2v_222_amplify", "i2v_111", "v2v_111",
+                                  "t2v_111_interactive"])
 def test_pipeline_equals_reference(pipeline_parity, case):
     """Two chunks of the whole distilled loop, same seed: max abs error <= 1e-3 in [0, 1] pixel units."""
     result = {c["name"]: c for c in pipeline_parity["cases"]}[case]

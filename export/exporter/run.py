@@ -66,15 +66,16 @@ def variant_record(ckpt: Checkpoint) -> dict:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 384, width: int = 640,
                       components: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET,
                       text_length: int = 512, max_text_length: int = 512, force: bool = False,
-                      run_audit: bool = True, log=print) -> dict:
-    """Export ``components`` of a checkpoint to ``out``; returns the manifest.
+                      run_audit: bool = True, revision: str | None = None, log=print) -> dict:
+    """Export ``components`` of a checkpoint (a folder, or a Hub id at ``revision``) to ``out``; returns the
+    manifest.
 
     Everything is written to a temporary folder beside ``out`` and moved into place only when the
     export and its audit have succeeded.
     """
     t0 = time.perf_counter()
     components = tuple(components)
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(checkpoint, revision)
     if opset < 18:
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
@@ -84,7 +85,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     manifest = {
         "format": FORMAT, "helios_deploy_version": __version__,
         "checkpoint": {"path": str(ckpt.path.resolve()), "identity": ckpt.identity,
-                       "model_index": ckpt.model_index, "is_distilled": ckpt.is_distilled},
+                       "model_index": ckpt.model_index, "is_distilled": ckpt.is_distilled,
+                       **({"hub": ckpt.hub} if ckpt.hub else {})},  # Hub id, revision and resolved commit
         "video": {"height": height, "width": width}, "opset": opset, "precision": "fp32",
         "text_length": text_length, "max_text_length": max_text_length,
         "scheduler_config": ckpt.configs["scheduler"], "variant": variant_record(ckpt), "components": {},

@@ -35,7 +35,7 @@ def _rows(component: str, result: dict) -> list[tuple]:
 
 
 def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[str] | None = None, seed: int = 0,
-                      pipeline: bool = False) -> dict:
+                      pipeline: bool = False, chunks: int | None = None) -> dict:
     names = list(components or [c for c in arts.components if arts.manifest["components"][c].get("fp8")])
     if not names:
         verify_fp8_files(arts, "transformer")  # raises: nothing quantized yet
@@ -57,9 +57,11 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         from ...runtime import Pipeline
         from .pipeline import run_pipeline_psnr
 
-        report["pipeline"] = run_pipeline_psnr(ckpt.path, Pipeline.from_artifacts(arts.root, precision="fp8"), seed=seed)
-        rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB < "
-                  f"{report['pipeline']['threshold_psnr_db']} dB") for c in report["pipeline"]["cases"] if not c["passed"]]
+        report["pipeline"] = run_pipeline_psnr(ckpt.path, Pipeline.from_artifacts(arts.root, precision="fp8"), seed=seed,
+                                               chunks=chunks)
+        rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB (>= "
+                  f"{report['pipeline']['threshold_psnr_db']}), last - first chunk {c['drift_db']:+.2f} dB "
+                  f"(>= -{report['pipeline']['max_drift_db']})") for c in report["pipeline"]["cases"] if not c["passed"]]
     report["passed"] = not rows
     report["problems"] = [list(r) for r in rows]
     if rows:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from ...artifacts import Artifacts
-from ...checkpoint import Checkpoint
+from ...checkpoint import Checkpoint, revision_for
 from ...errors import UserError
 from .reference import reference_module
 from .audit import format_table, open_sessions, parity_rows
@@ -21,17 +23,20 @@ def graph_bytes(arts: Artifacts, component: str) -> int:
 
 
 def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Iterable[str] | None = None,
-                  seed: int = 0, pipeline: bool = False, precision: str = "fp32") -> dict:
+                  seed: int = 0, pipeline: bool = False, precision: str = "fp32", revision: str | None = None,
+                  chunks: int | None = None) -> dict:
     """Run every exported component against the reference; the report the `parity` command writes.
     With precision fp8: the quantized graphs instead (export/fp8_parity.py); bf16: the lowered graphs in
-    ONNX's reference evaluator (export/parity/bf16.py)."""
-    ckpt = Checkpoint(checkpoint)
+    ONNX's reference evaluator (export/parity/bf16.py). A Hub id ``checkpoint`` is resolved at ``revision``,
+    or, when it is the repository the artifacts came from, at the commit their manifest records. ``chunks``:
+    how many 33-frame chunks the pipeline cases run (default 2)."""
     arts = Artifacts.open(artifacts)
+    ckpt = Checkpoint(checkpoint, revision_for(checkpoint, arts.manifest["checkpoint"], revision))
     arts.check_checkpoint(ckpt.identity)
     if precision == "fp8":
         from .fp8 import fp8_parity_report
 
-        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline)
+        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline, chunks=chunks)
     if precision == "bf16":
         from .bf16 import bf16_report
 
@@ -56,8 +61,10 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
         from ...runtime import Pipeline
         from .pipeline import run_pipeline_parity
 
-        report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed)
-        rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3")
+        report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed,
+                                                 chunks=chunks)
+        rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3 (chunk "
+                  f"{int(np.argmax(c['max_abs_err_per_chunk']))})")
                  for c in report["pipeline"]["cases"] if not c["passed"]]
     report["passed"] = not rows and all(c["passed"] for c in report["components"].values())
     report["problems"] = [list(r) for r in rows]

@@ -31,6 +31,7 @@ COMMANDS = {
     "triton": "triton",
     "client": "client",
     "scale-report": "scale_report",
+    "long-stream": "long_stream",
 }
 
 

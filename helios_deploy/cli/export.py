@@ -1,6 +1,6 @@
 import click
 
-from .options import components_option, force_option, parse_components, size_options
+from .options import components_option, force_option, parse_components, revision_option, size_options
 
 
 def _gb(n: int) -> str:
@@ -10,6 +10,7 @@ def _gb(n: int) -> str:
 @click.command("export")
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Artifact folder.")
+@revision_option
 @size_options
 @components_option
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18-23).")
@@ -22,9 +23,13 @@ def _gb(n: int) -> str:
                    "moving the artifacts into place. Parity loads the reference weights in memory.")
 @click.option("--report-memory", is_flag=True, help="Print the export's peak RSS against the weights size.")
 @force_option
-def command(checkpoint, out, height, width, components, opset, max_text_length, text_length, audit,
+def command(checkpoint, out, revision, height, width, components, opset, max_text_length, text_length, audit,
             report_memory, force):
-    """Export a Helios checkpoint (diffusers layout) to verified ONNX.
+    """Export a Helios checkpoint (diffusers layout: a local folder or a Hugging Face Hub id) to verified ONNX.
+
+    A Hub id (org/name) is resolved in the hub cache (HF_HUB_CACHE, or HF_HOME/hub) with
+    huggingface_hub, downloading only the files the export needs unless they are cached; with
+    HF_HUB_OFFLINE=1 nothing is downloaded. The manifest records the repo id and the resolved commit.
 
     Writes OUT/<component>/model.onnx (+ external data; the VAE encoder also has first.onnx), OUT/manifest.json,
     the tokenizer and the scheduler config. Weights are streamed from the safetensors shards, so the
@@ -34,13 +39,14 @@ def command(checkpoint, out, height, width, components, opset, max_text_length, 
     Examples:
       helios-deploy export engines/tiny -o engines/tiny-onnx --height 64 --width 128
       helios-deploy export ~/models/Helios-Distilled -o engines/helios --no-audit --report-memory
+      helios-deploy export BestWishYsh/Helios-Distilled -o engines/helios --no-audit --revision main
     """
     from ..export.exporter.run import export_checkpoint
 
     manifest = export_checkpoint(
         checkpoint, out, height=height, width=width, components=parse_components(components), opset=opset,
         text_length=text_length or max_text_length, max_text_length=max_text_length, force=force,
-        run_audit=audit, log=lambda m: click.echo(m, err=True),
+        run_audit=audit, revision=revision, log=lambda m: click.echo(m, err=True),
     )
     for name, comp in manifest["components"].items():
         graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes, {g['export_seconds']:.1f}s)" for g in comp["graphs"].values())
@@ -51,4 +57,7 @@ def command(checkpoint, out, height, width, components, opset, max_text_length, 
     if report_memory:
         rss, w = manifest["export_peak_rss_bytes"], manifest["weights_bytes"]
         click.echo(f"memory: export peak RSS {_gb(rss)}, weights {_gb(w)}, ratio {rss / w:.3f}")
+    hub = manifest["checkpoint"].get("hub")
+    if hub:
+        click.echo(f"checkpoint: {hub['repo_id']} at commit {hub['commit']} (revision {hub['revision']})")
     click.echo(f"artifacts: {out}")

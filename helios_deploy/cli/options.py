@@ -11,6 +11,11 @@ def force_option(f):
     return click.option("--force", is_flag=True, help="Replace a non-empty output folder.")(f)
 
 
+def revision_option(f):
+    return click.option("--revision", default=None, metavar="REV",
+                        help="With a Hub id: the branch, tag or commit to resolve (default: main).")(f)
+
+
 def size_options(f):
     f = click.option("--width", type=int, default=640, show_default=True, help="Video width in pixels.")(f)
     return click.option("--height", type=int, default=384, show_default=True, help="Video height in pixels.")(f)

@@ -5,10 +5,15 @@ numpy<2 while the project's environment has numpy 2 (see /work/shared/docs/PLATF
 Used by the tests and by users without a GPU:
 
     python -m helios_deploy.serving.server prepare                  # copy the stub into place (idempotent)
-    python -m helios_deploy.serving.server serve MODEL_REPO         # run until Ctrl-C
+    python -m helios_deploy.serving.server serve MODEL_REPO         # a service: gRPC 8001, HTTP 8000, metrics 8002
+        [--grpc-port P] [--http-port P] [--metrics-port P] [--address A] [--exit-timeout-secs S]
 
     with LocalServer(find_env(), repo) as server:                    # free loopback ports, stopped by PID
         client = HeliosClient(server.grpc_url)
+
+`serve` behaves like a service under systemd, Docker or Kubernetes: it forwards SIGTERM and SIGINT to
+tritonserver (which finishes in-flight requests for up to --exit-timeout-secs, then stops its backend
+stubs), waits for it, and exits with its status; tritonserver's output goes to serve's stdout/stderr.
 
 The recipe: the stub for this Python version is copied into pytriton's backends/python folder; the
 interpreter's libpython is put on LD_LIBRARY_PATH and the environment's bin first on PATH, so the stub's
@@ -125,10 +130,10 @@ class LocalServer:
     """tritonserver on loopback with free ports; its log goes to ``log_path``; stopped by its PID."""
 
     def __init__(self, env: ServerEnv, repo: str | Path, log_path: str | Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), address: str = "127.0.0.1", exit_timeout: int = 5):
         self.env, self.repo = env, Path(repo).absolute()
         self.log_path = Path(log_path or self.repo.with_name(self.repo.name + ".tritonserver.log"))
-        self.extra_args = extra_args
+        self.extra_args, self.address, self.exit_timeout = extra_args, address, exit_timeout
         self.proc: subprocess.Popen | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
 
@@ -137,12 +142,13 @@ class LocalServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def command(self) -> list[str]:
+        a = self.address
         return [str(self.env.tritonserver), "--model-repository", str(self.repo),
                 "--backend-directory", str(self.env.backends),
-                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
-                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-                "--allow-gpu-metrics", "false", "--exit-timeout-secs", "5", *self.extra_args]
+                "--http-address", a, "--http-port", str(self.http_port),
+                "--grpc-address", a, "--grpc-port", str(self.grpc_port),
+                "--metrics-address", a, "--metrics-port", str(self.metrics_port),
+                "--allow-gpu-metrics", "false", "--exit-timeout-secs", str(self.exit_timeout), *self.extra_args]
 
     def start(self, timeout: float = 180.0) -> "LocalServer":
         prepare_backend(self.env.root, self.env.python_version)
@@ -159,19 +165,16 @@ class LocalServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.proc.returncode}; log:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s; log:\n{self.log()}")
+        try:
+            ready = wait_ready(self.proc, self.http_port, timeout, self.address)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; log:\n{self.log()}") from None
+        if not ready:
+            raise RuntimeError(f"tritonserver exited with code {self.proc.returncode}; log:\n{self.log()}")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_loopback(self.address)}:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else "(no log)"
@@ -196,22 +199,44 @@ class LocalServer:
         self.stop()
 
 
+def wait_ready(proc: subprocess.Popen, http_port: int, timeout: float, address: str = "127.0.0.1") -> bool:
+    """Poll /v2/health/ready until it answers 200 (True) or the server exits (False); RuntimeError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    url = f"http://{_loopback(address)}:{http_port}/v2/health/ready"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s")
+
+
+def _loopback(address: str) -> str:
+    """Where to reach a server listening on ``address`` from this host."""
+    return "127.0.0.1" if address in ("0.0.0.0", "") else address
+
+
 def main(argv: list[str]) -> int:
+    from .service import parse_args, serve
+
     if argv[:1] == ["prepare"]:
         env = find_env(argv[1] if len(argv) > 1 else sys.prefix)
         print(f"python backend stub: {prepare_backend(env.root, env.python_version)}")
         print(f"runtime imports under numpy {env.numpy}: {check_runtime_imports()}")
         return 0
-    if argv[:1] == ["serve"] and len(argv) == 2:
-        server = LocalServer(find_env(), argv[1]).start()
-        print(f"tritonserver ready: grpc {server.grpc_url}, http 127.0.0.1:{server.http_port}, log {server.log_path}")
-        try:
-            server.proc.wait()
-        except KeyboardInterrupt:
-            server.stop()
-        return 0
-    print("usage: python -m helios_deploy.serving.server prepare [VENV] | serve MODEL_REPO", file=sys.stderr)
-    return 2
+    args = parse_args(argv)
+    try:
+        return serve(args.repo, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                     address=args.address, exit_timeout=args.exit_timeout_secs)
+    except UserError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ class TorchRunner(Runner):
     def __init__(self, manifest: dict, graph: GraphSpec, component: str, device: str):
         super().__init__(graph, component, device)
         self.manifest = manifest
-        self.checkpoint = checkpoint = Path(manifest["checkpoint"]["path"])
-        if not checkpoint.is_dir():
+        recorded = manifest["checkpoint"]
+        self.checkpoint = checkpoint = Path(recorded["path"])
+        if not checkpoint.is_dir() and not recorded.get("hub"):
             raise UserError(f"the torch backend needs the checkpoint the artifacts came from: {checkpoint} is missing",
                             fix="restore the checkpoint there, or use another backend")
 
@@ -30,8 +31,10 @@ class TorchRunner(Runner):
         from ...checkpoint import Checkpoint
         from ...export.exporter.modules import build_module, graph_module
 
-        ckpt = Checkpoint(self.checkpoint)
-        Artifacts(self.checkpoint, self.manifest).check_checkpoint(ckpt.identity)  # same weights as exported
+        # its folder, or (exported from a Hub id, folder gone) the Hub id at the commit the export resolved
+        ckpt = Checkpoint.from_record(self.manifest["checkpoint"])
+        self.checkpoint = ckpt.path
+        Artifacts(ckpt.path, self.manifest).check_checkpoint(ckpt.identity)  # same weights as exported
         module = build_module(ckpt, self.component).to(self.device)
         self.module = graph_module(module, self.component, self.graph).eval()
 

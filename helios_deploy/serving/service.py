@@ -1,0 +1,149 @@
+"""`python -m helios_deploy.serving.server serve MODEL_REPO`: the local tritonserver run as a service.
+
+Triton's ports by default (gRPC 8001, HTTP 8000, metrics 8002), refused up front when one is taken. SIGTERM
+(what systemd, Docker and Kubernetes send) and SIGINT (Ctrl-C) are forwarded to tritonserver, which
+finishes in-flight requests for up to --exit-timeout-secs and stops its Python backend stubs; `serve`
+waits for it and exits with its status (128 + N if it died of signal N). tritonserver runs in its own
+session, so a terminal's Ctrl-C reaches it once, through `serve`; should `serve` itself be killed, the
+kernel sends tritonserver SIGTERM (Linux parent-death signal). Anything of the server's process group
+still alive after it exits is killed, so no stub keeps the ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .server import LocalServer, ServerEnv, find_env, prepare_backend, wait_ready
+
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}  # tritonserver's own defaults
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # bad arguments: one UserError (exit 1), not argparse's exit 2
+        raise UserError(f"bad arguments: {message}", fix=f"see `{self.prog} --help`")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="python -m helios_deploy.serving.server",
+                description="prepare: copy the Python backend stub into place; serve: run tritonserver on a "
+                            "model repository (from `helios-deploy triton`) as a service.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="copy the Python backend stub into pytriton's backends (idempotent)")
+    s = sub.add_parser("serve", help="run tritonserver until SIGTERM or SIGINT, forwarded to it")
+    s.add_argument("repo", type=Path, help="model repository")
+    for name, port in DEFAULT_PORTS.items():
+        s.add_argument(f"--{name}-port", type=int, default=port, help=f"default {port}")
+    s.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 for all interfaces)")
+    s.add_argument("--exit-timeout-secs", type=int, default=5,
+                   help="how long tritonserver waits for in-flight requests after SIGTERM/SIGINT (default 5)")
+    return p.parse_args(argv)
+
+
+def check_ports(ports: dict[str, int], address: str) -> None:
+    """Every port valid, distinct and free to listen on at ``address``; else one UserError naming it."""
+    if len(set(ports.values())) != len(ports):
+        raise UserError("the ports must differ", found=", ".join(f"{k} {v}" for k, v in ports.items()))
+    for flag, port in ports.items():
+        if not 0 < port < 65536:
+            raise UserError(f"{flag} {port} is not a TCP port", expected="1..65535")
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds
+            try:
+                s.bind((address, port))
+            except OSError as e:
+                raise UserError(f"port {port} ({flag}) on {address} is not free", found=e.strerror or str(e),
+                                fix=f"stop what listens there, or pass {flag} with another port") from None
+
+
+class _Forwarder:
+    """Signal handlers that pass SIGTERM/SIGINT on to the server (or hold them until it has started)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.pending: list[int] = []
+
+    def __enter__(self) -> "_Forwarder":
+        self.previous = {s: signal.signal(s, self._handle) for s in FORWARDED}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        elif self.proc is None:
+            self.pending.append(signum)
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        for signum in self.pending:
+            proc.send_signal(signum)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent (serve) dies, even of SIGKILL (Linux prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+          address: str = "127.0.0.1", exit_timeout: int = 5, env: ServerEnv | None = None) -> int:
+    """Run tritonserver on ``repo`` until it exits; returns the exit status for ``sys.exit``."""
+    repo = Path(repo)
+    if not (repo.is_dir() and any(repo.glob("*/config.pbtxt"))):
+        raise UserError(f"{repo} is not a Triton model repository", found="no <model>/config.pbtxt in it",
+                        fix="write one with `helios-deploy triton ARTIFACTS -o MODEL_REPO`")
+    check_ports({"--grpc-port": grpc_port, "--http-port": http_port, "--metrics-port": metrics_port}, address)
+    env = env or find_env()
+    prepare_backend(env.root, env.python_version)
+    server = LocalServer(env, repo, address=address, exit_timeout=exit_timeout)
+    server.grpc_port, server.http_port, server.metrics_port = grpc_port, http_port, metrics_port
+    with _Forwarder() as forward:
+        proc = subprocess.Popen(server.command(), env=env.process_env(), stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        forward.attach(proc)
+        if wait_ready(proc, http_port, float("inf"), address):
+            print(f"tritonserver ready (pid {proc.pid}): grpc {address}:{grpc_port}, http {address}:{http_port}, "
+                  f"metrics {address}:{metrics_port}", flush=True)
+        code = proc.wait()
+    _kill_leftovers(proc.pid)
+    return code if code >= 0 else 128 - code
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _kill_leftovers(pgid: int) -> None:
+    left = group_members(pgid)
+    if left:
+        print(f"serve: killing {len(left)} process(es) tritonserver left behind: {left}", file=sys.stderr)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
