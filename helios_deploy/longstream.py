@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import UserError
+from .procfs import live_processes, stat_fields
 
 PROMPT = "A drone shot following a river through a forest, seen from above, golden hour."
 
@@ -36,8 +37,7 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU time of one process so far (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # fields[11], [12]: utime, stime in clock ticks
+    fields = stat_fields(pid)  # fields[11], [12]: utime, stime in clock ticks
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -55,16 +55,8 @@ def usage(pids) -> tuple[int, float]:
 def process_tree(root: int) -> list[int]:
     """``root`` and every live process below it."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-        if state != "Z":
-            children.setdefault(int(ppid), []).append(int(entry.name))
+    for pid, fields in live_processes():
+        children.setdefault(int(fields[1]), []).append(pid)
     tree, todo = [root], [root]
     while todo:
         kids = children.get(todo.pop(), [])

@@ -139,3 +139,16 @@ def run_cli(args, capsys):
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def server_env():
+    """The Triton server environment (`make test` builds it): missing, the Triton tests fail, not skip."""
+    from helios_deploy.errors import UserError
+    from helios_deploy.serving.server import find_env
+
+    try:
+        return find_env()
+    except UserError as e:
+        problem = e.render()
+    pytest.fail(f"the Triton server environment is missing (make test builds it):\n{problem}", pytrace=False)

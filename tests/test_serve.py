@@ -19,17 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server_env():
-    from helios_deploy.serving.server import find_env
-
-    try:
-        return find_env()
-    except UserError as e:
-        problem = e.render()
-    pytest.fail(f"the Triton server environment is missing (make test builds it):\n{problem}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
 def repo(artifacts, tmp_path_factory) -> Path:
     from helios_deploy.serving.repository import RepoOptions, write_repository
 

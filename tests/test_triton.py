@@ -28,17 +28,6 @@ PROMPT = "a red fox running through snow"
 
 
 @pytest.fixture(scope="module")
-def server_env():
-    from helios_deploy.serving.server import find_env
-
-    try:
-        return find_env()
-    except UserError as e:
-        problem = e.render()
-    pytest.fail(f"the Triton server environment is missing (make test builds it):\n{problem}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
 def repo(artifacts, tmp_path_factory) -> Path:
     """Written in one place, then moved: the copied-artifacts repository must be relocatable."""
     from helios_deploy.serving.repository import RepoOptions, write_repository

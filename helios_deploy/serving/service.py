@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..procfs import live_processes
 from .server import LocalServer, ServerEnv, find_env, prepare_backend, wait_ready
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}  # tritonserver's own defaults
@@ -125,18 +126,7 @@ def serve(repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metric
 
 def group_members(pgid: int) -> list[int]:
     """PIDs of the live (not zombie) processes in process group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in live_processes() if int(fields[2]) == pgid]
 
 
 def _kill_leftovers(pgid: int) -> None:
