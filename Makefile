@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/helios-deploy demo -o $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) engines/demo

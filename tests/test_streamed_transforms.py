@@ -157,19 +157,24 @@ def _modelopt_fp8(artifacts: Path, feeds: list[dict], targets: list[str], exclud
 
     class Reader(CalibrationDataReader):  # mixed shapes (the pyramid stages): one feed per run
         def __init__(self):
-            self.it = iter(feeds)
+            self.rewind()
 
         def get_next(self):
             return next(self.it, None)
 
+        def get_first(self):  # Model Optimizer's dry run for intermediate shapes
+            return feeds[0]
+
+        def rewind(self):
+            self.it = iter(feeds)
+
     prepare(Graph.load(artifacts / "transformer" / "model.onnx")).save(out / "prepared.onnx")
-    model = quantize(str(out / "prepared.onnx"), quantize_mode="fp8", calibration_data_reader=Reader(),
-                     calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=[re.escape(n) + "$" for n in targets],
-                     nodes_to_exclude=[re.escape(n) + "$" for n in excluded], disable_mha_qdq=True, dq_only=True,
-                     use_external_data_format=True, log_level="WARNING")
-    onnx.save_model(model, str(out / "modelopt.onnx"), save_as_external_data=True, location="modelopt.onnx.data")
-    return out / "modelopt.onnx"
+    quantize(str(out / "prepared.onnx"), quantize_mode="fp8", calibration_data_reader=Reader(),
+             calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
+             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=[re.escape(n) + "$" for n in targets],
+             nodes_to_exclude=[re.escape(n) + "$" for n in excluded], disable_mha_qdq=True, dq_only=True,
+             use_external_data_format=True, log_level="WARNING", output_path=str(out / "modelopt.onnx"))
+    return out / "modelopt.onnx"  # Model Optimizer writes it (with its weights as external data) and returns None
 
 
 def _fp8_layers(path: Path) -> dict[str, tuple]:

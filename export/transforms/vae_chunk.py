@@ -195,4 +195,22 @@ def split_parts(chunk: Graph) -> tuple[Graph, Graph]:
     first = extractor.extract_model(["first/" + latents], [concat.input[0], *caches])
     step = extractor.extract_model(["step1/" + latents, *caches],
                                    [concat.input[1], *(c.replace("first/", "step1/", 1) for c in caches)])
+    _unprefixed(first, "first/", {})
+    _unprefixed(step, "step1/", {c: c.replace("first/cache_out_", "cache_in_", 1) for c in caches})
     return Graph(first, chunk.sources), Graph(step, chunk.sources)
+
+
+def _unprefixed(model: onnx.ModelProto, prefix: str, renames: dict[str, str]) -> None:
+    """A part as compose_decoder takes it: the copy's prefix taken off its nodes, values and own
+    initializers (``renames`` first: the step's cache inputs, named after the copy that fed them), so that
+    composing the parts again gives back the same names."""
+    def name(v: str) -> str:
+        return renames.get(v, v[len(prefix):] if v.startswith(prefix) else v)
+
+    g = model.graph
+    for node in g.node:
+        node.name = name(node.name)
+        node.input[:] = [name(v) if v else v for v in node.input]
+        node.output[:] = [name(v) for v in node.output]
+    for value in (*g.input, *g.output, *g.value_info, *g.initializer):
+        value.name = name(value.name)
