@@ -16,6 +16,11 @@ def size_name(size: Size) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def sizes_or_one(height: int, width: int, sizes: Sequence[Size] | None = None) -> tuple[Size, ...]:
+    """``sizes`` as a tuple of (height, width), or the one ``height`` x ``width`` when none are given."""
+    return tuple((int(h), int(w)) for h, w in sizes) if sizes else ((height, width),)
+
+
 def parse_sizes(text: str) -> tuple[Size, ...]:
     """``"384x640,640x384"`` -> ((384, 640), (640, 384)): HEIGHTxWIDTH, comma-separated, no repeats."""
     sizes = []

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .errors import UserError
-from .sizes import Size, largest, size_name
+from .sizes import Size, largest, size_name, sizes_or_one
 
 # Fixed by the samplers (HeliosPipeline and HeliosPyramidPipeline defaults): 9 latent frames per chunk
 # (33 video frames), history sizes long 16 / mid 2 / short 1 plus the first-frame prefix.
@@ -380,7 +380,7 @@ def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_le
     VAE module by the exporter (export/exporter/vae_steps.py); ``variant`` (helios_deploy.variants) decides
     the transformer's operating points and timestep type.
     """
-    sizes = tuple(tuple(v) for v in sizes) if sizes else ((height, width),)
+    sizes = sizes_or_one(height, width, sizes)
     for h, w in sizes:
         check_video_size(h, w, size_multiple(configs["transformer"], configs["vae"]))
     if not 1 <= text_length <= max_text_length:

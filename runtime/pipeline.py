@@ -13,7 +13,7 @@ import torch
 
 from ..artifacts import Artifacts
 from ..errors import UserError
-from ..sizes import check_size_exported, size_name, video_sizes
+from ..sizes import check_size_exported, video_sizes
 from ..variants import Variant
 from .base_sampler import denoise_chunk_base
 from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
@@ -228,13 +228,9 @@ class Pipeline:
         return schedule
 
     def check_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        """The request's (height, width): one of the exported sizes (None: the default, the first exported)."""
-        if height is None and width is None:
-            return self.height, self.width
-        if height is None or width is None:
-            raise UserError("a video size needs both height and width", found=f"height {height}, width {width}",
-                            expected=f"one of the exported sizes: {', '.join(map(size_name, self.sizes))}")
-        return check_size_exported(height, width, self.sizes)
+        """The request's (height, width): one of the exported sizes (a side left None: the default's, the first
+        exported size), else one UserError naming the exported sizes."""
+        return check_size_exported(height or self.height, width or self.width, self.sizes)
 
     def _check_request(self, num_frames, height, width, image, video) -> tuple[int, int]:
         if not isinstance(num_frames, int) or num_frames <= 0:

@@ -88,8 +88,8 @@ def pipeline_at_each_size(tiny_ckpt, sizes_artifacts):
     from helios_deploy.runtime import Pipeline
 
     pipe = Pipeline.from_artifacts(sizes_artifacts)
-    return run_pipeline_parity(tiny_ckpt, pipe, cases=[PipelineCase("t2v_111"), PipelineCase("i2v_111", condition="image")],
-                               chunks=1)
+    cases = [PipelineCase("t2v_111"), PipelineCase("i2v_111", condition="image")]
+    return run_pipeline_parity(tiny_ckpt, pipe, cases=cases, chunks=1)
 
 
 def test_generation_at_each_size_equals_the_reference_at_that_size(pipeline_at_each_size):
@@ -125,7 +125,8 @@ def test_generate_cli_takes_an_exported_size_and_refuses_another(sizes_artifacts
                                  THIRD[1], "-o", bad], capsys)
     assert code == 1 and err.count("error:") == 1 and "Traceback" not in err
     assert "128x128 was not exported" in err and "64x128, 128x64" in err and not bad.exists()
-    code, _, err = run_cli(["bench", sizes_artifacts, "--height", THIRD[0], "--width", THIRD[1], "--repeats", 1], capsys)
+    code, _, err = run_cli(["bench", sizes_artifacts, "--height", THIRD[0], "--width", THIRD[1], "--repeats", 1],
+                           capsys)
     assert code == 1 and "128x128 was not exported" in err
 
 

@@ -15,7 +15,7 @@ from ...checkpoint import Checkpoint
 from ...errors import UserError
 from ...fsutil import staged_dir
 from ...memory import measure_peak, process_peak_bytes, release_memory
-from ...sizes import Size
+from ...sizes import Size, sizes_or_one
 from ...specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
 from ..parity.reference import reference_module
@@ -82,7 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
     layouts = vae_layouts(ckpt, components)
-    sizes = tuple(tuple(s) for s in sizes) if sizes else ((height, width),)
+    sizes = sizes_or_one(height, width, sizes)
     specs = build_specs(ckpt.configs, *sizes[0], text_length, max_text_length, components, layouts,
                         ckpt.variant.name, sizes)
     manifest = {
@@ -90,7 +90,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         "checkpoint": {"path": str(ckpt.path.resolve()), "identity": ckpt.identity,
                        "model_index": ckpt.model_index, "is_distilled": ckpt.is_distilled,
                        **({"hub": ckpt.hub} if ckpt.hub else {})},  # Hub id, revision and resolved commit
-        "video": {"height": sizes[0][0], "width": sizes[0][1], "sizes": [list(s) for s in sizes]}, "opset": opset, "precision": "fp32",
+        # the first size is every request's default; "sizes" lists all (older manifests: height x width only)
+        "video": {"height": sizes[0][0], "width": sizes[0][1], "sizes": [list(s) for s in sizes]},
+        "opset": opset, "precision": "fp32",
         "text_length": text_length, "max_text_length": max_text_length,
         "scheduler_config": ckpt.configs["scheduler"], "variant": variant_record(ckpt), "components": {},
         "host": {"python": platform.python_version(), "machine": platform.machine()},

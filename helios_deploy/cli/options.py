@@ -37,9 +37,9 @@ def sizes_option(f):
 
 def resolve_sizes(height: int, width: int, sizes: str | None):
     """The --sizes list, or the one --height x --width."""
-    from ..sizes import parse_sizes
+    from ..sizes import parse_sizes, sizes_or_one
 
-    return parse_sizes(sizes) if sizes else ((height, width),)
+    return sizes_or_one(height, width, parse_sizes(sizes) if sizes else None)
 
 
 def parse_components(value: str | None) -> tuple[str, ...]:

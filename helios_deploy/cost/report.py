@@ -112,7 +112,8 @@ def format_sizes(ests: list[CostEstimate]) -> str:
     if len(ests) == 1:
         return format_report(ests[0])
     lines = [format_report(e) + "\n" for e in ests]
-    lines.append(f"Per video size (roofline at peak; chunk s / FPS; real time = {ests[0].realtime_chunk_s:.3f} s per chunk)")
+    lines.append(f"Per video size (roofline at peak; chunk s and FPS; real time = {ests[0].realtime_chunk_s:.3f} s "
+                 "per chunk)")
     lines.append(f"{'size':<10} {'GPU':<10} " + " ".join(f"{p + ' chunk s':>13} {p + ' FPS':>9}" for p in PRECISIONS))
     for e in ests:
         for gpu in e.gpus:
