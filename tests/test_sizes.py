@@ -175,3 +175,13 @@ def test_cost_prints_each_size(capsys):
     code, _, err = run_cli(["cost", "--config", "helios-14b", "--sizes", "384x640,foo"], capsys)
     assert code == 1 and "bad video size 'foo'" in err
 
+
+
+def test_verify_scores_the_pipeline_at_every_size(sizes_artifacts):
+    """`verify`'s pipeline step generates at each exported size (bookkeeping only: ONNX Runtime stands in for the
+    engines here, so both sides are the same runtime; the GPU tests score real engines)."""
+    from helios_deploy.export.tensorrt.verify import verify_pipeline
+
+    report = verify_pipeline(sizes_artifacts, "onnxruntime", "cpu", "fp32", frames=33)
+    assert list(report["per_size"]) == ["64x128", "128x64"] and len(report["psnr_db_per_chunk"]) == 2
+    assert report["passed"]
