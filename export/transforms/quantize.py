@@ -213,7 +213,8 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
     with contextlib.ExitStack() as stack:
         work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components}
         plans = [plan_component(arts, c, keep if c == "transformer" else None, log) for c in components]
-        log(f"calibrating: {len(prompts)} prompts x {chunks} chunks x {len(video_sizes(arts.manifest))} size(s) through the fp32 pipeline "
+        sizes = len(video_sizes(arts.manifest))  # every prompt at every exported size
+        log(f"calibrating: {len(prompts)} prompts x {chunks} chunks x {sizes} size(s) through the fp32 pipeline "
             f"on {device} ...")
         with measure_peak() as calibration_memory:
             runners = calibrate(arts, plans, prompts, chunks, seed, device, work)
