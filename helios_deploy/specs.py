@@ -279,7 +279,7 @@ def transformer_spec(cfg: Mapping, sizes: Sequence[Size], text_length: int, max_
         operating_points=tuple(points),
     )
     return ComponentSpec("transformer", (graph,), attrs={
-        "height": height, "width": width, "sizes": [list(v) for v in sizes], "patch_size": list(cfg["patch_size"]), "in_channels": c,
+        "height": height, "width": width, "patch_size": list(cfg["patch_size"]), "in_channels": c,
         "text_dim": int(cfg["text_dim"]), "frame_indices": idx, "variant": variant,
     })
 

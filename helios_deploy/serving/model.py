@@ -144,8 +144,9 @@ class TritonPythonModel:
         self._warm_up()
         import torch
 
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.pipe.sizes)
         pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')} {params.get('precision')}, "
-                                 f"{', '.join(f'{h}x{w}' for h, w in self.pipe.sizes)}, torch threads {torch.get_num_threads()}), "
+                                 f"{sizes}, torch threads {torch.get_num_threads()}), "
                                  f"runners ready in {time.perf_counter() - t0:.1f}s")
 
     def _warm_up(self) -> None:
