@@ -31,7 +31,7 @@ def request_size_options(f):
 
 def sizes_option(f):
     return click.option("--sizes", default=None, metavar="HxW,...",
-                        help="Several video sizes, e.g. 384x640,640x384,480x832 (replaces --height/--width; "
+                        help="Several video sizes, e.g. 384x640,640x384,512x832 (replaces --height/--width; "
                              "the first is the default).")(f)
 
 
