@@ -27,6 +27,7 @@ def _stage_of(pipe, shape: tuple) -> str:
 
 
 def _measure(pipe, prompt, frames, seed, settings: dict) -> dict:
+    """One timed run; ``settings`` are Pipeline.stream keywords (the size among them)."""
     runners = list(pipe._runners.values())
     for r in runners:
         r.reset_stats()
@@ -75,21 +76,21 @@ def _reference_seconds(checkpoint, pipe, prompt, frames, seed, sampling, setting
     for _ in range(repeats + 1):  # the first run warms up, like ours
         t0 = time.perf_counter()
         with configured(ref, case):
-            ref(prompt=prompt, height=pipe.height, width=pipe.width, num_frames=frames,
+            ref(prompt=prompt, height=settings["height"], width=settings["width"], num_frames=frames,
                 generator=torch.Generator().manual_seed(seed), output_type="np", max_sequence_length=pipe.text_length,
                 **kwargs)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def _prediction(pipe, sampling, gpu: str) -> dict | None:
+def _prediction(pipe, sampling, gpu: str, height: int, width: int) -> dict | None:
     """The cost model's FLOPs and roofline seconds for the same workload (None without the checkpoint)."""
     ckpt = Path(pipe.artifacts.manifest["checkpoint"]["path"])
     if not ckpt.is_dir():
         return None
     from .cost import estimate
 
-    est = estimate(ckpt, height=pipe.height, width=pipe.width, steps=sampling.steps, text_length=pipe.text_length,
+    est = estimate(ckpt, height=height, width=width, steps=sampling.steps, text_length=pipe.text_length,
                    meta_count=False, guidance_scale=sampling.guidance_scale)
     flops = {c.key: sum(c.flops.values()) for c in est.calls}
     return {"gpu": gpu, "flops": flops, "bf16_s": est.predicted_seconds(gpu, "bf16"),
@@ -98,16 +99,18 @@ def _prediction(pipe, sampling, gpu: str) -> dict | None:
 
 def run_bench(artifacts, *, prompt: str = PROMPT, frames: int = 66, seed: int = 0, backend: str = "onnxruntime",
               device: str = "cpu", repeats: int = 3, reference: str | Path | None = None, gpu: str = "H100 SXM",
-              **settings) -> dict:
+              height: int | None = None, width: int | None = None, **settings) -> dict:
     """``settings``: the sampler settings of Pipeline.stream (pyramid_steps, num_inference_steps,
     guidance_scale, negative_prompt, amplify_first_chunk, sampler, cfg_zero_star); unset ones take the
-    checkpoint variant's defaults."""
+    checkpoint variant's defaults. ``height`` x ``width``: one of the exported sizes (default the first)."""
     from .runtime import Pipeline
 
     if repeats < 1:
         raise UserError("--repeats must be at least 1")
     pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device)
     sampling = pipe.sampling(**settings)  # checked before anything runs
+    height, width = pipe.check_size(height, width)
+    settings = {**settings, "height": height, "width": width}
     pipe.generate(prompt, num_frames=33, seed=seed, **settings)  # warm-up: sessions, allocations
     runs = [_measure(pipe, prompt, frames, seed, settings) for _ in range(repeats)]
     best = min(runs, key=lambda r: r["total_s"])
@@ -115,13 +118,13 @@ def run_bench(artifacts, *, prompt: str = PROMPT, frames: int = 66, seed: int = 
               "variant": pipe.variant.name, "sampler": sampling.sampler, "steps": list(sampling.steps),
               "guidance_scale": sampling.guidance_scale, "amplify_first_chunk": sampling.amplify_first_chunk,
               "transformer_calls_per_chunk": sum(sampling.steps), "transformer_batch": 2 if sampling.guidance else 1,
-              "repeats": repeats, "video": {"height": pipe.height, "width": pipe.width}, **best,
+              "repeats": repeats, "video": {"height": height, "width": width}, **best,
               "total_s_all_runs": [r["total_s"] for r in runs], "peak_rss_mb": _peak_rss_mb()}
     import torch
 
     if torch.cuda.is_available() and pipe.device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    result["predicted"] = _prediction(pipe, sampling, gpu)
+    result["predicted"] = _prediction(pipe, sampling, gpu, height, width)
     if reference is not None:
         ref_s = _reference_seconds(reference, pipe, prompt, frames, seed, sampling, settings, repeats)
         result["reference_total_s"] = ref_s

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .errors import UserError
+from .sizes import Size, largest, size_name, sizes_or_one
 
 # Fixed by the samplers (HeliosPipeline and HeliosPyramidPipeline defaults): 9 latent frames per chunk
 # (33 video frames), history sizes long 16 / mid 2 / short 1 plus the first-frame prefix.
@@ -195,6 +196,14 @@ def _round(v: int, m: int) -> int:
     return max(m, round(v / m) * m)
 
 
+def sized_points(sizes: Sequence[Size], points_at) -> tuple[OperatingPoint, ...]:
+    """The operating points of every size (``points_at(height, width)``), in size order. With several sizes
+    each point's name says its size (``stage0@384x640``); one size keeps the plain names (``stage0``)."""
+    if len(sizes) == 1:
+        return tuple(points_at(*sizes[0]))
+    return tuple(OperatingPoint(f"{p.name}@{size_name((h, w))}", p.dims) for h, w in sizes for p in points_at(h, w))
+
+
 def frame_indices() -> dict[str, list[int]]:
     """Rotary frame indices as the pipeline sets them (keep_first_frame): prefix 0, long 1-16,
     mid 17-18, short 19 (short carries the prefix too), noisy chunk 20-28."""
@@ -234,14 +243,16 @@ def transformer_points(lh: int, lw: int, text_length: int, variant: str = "disti
                  for b, suffix in batches for name, sh, sw in sizes)
 
 
-def transformer_spec(cfg: Mapping, height: int, width: int, text_length: int, max_text_length: int,
+def transformer_spec(cfg: Mapping, sizes: Sequence[Size], text_length: int, max_text_length: int,
                      variant: str = "distilled") -> ComponentSpec:
-    """The transformer as ``variant``'s sampler calls it. The pyramid pipeline feeds int64 timesteps (it
+    """The transformer as ``variant``'s sampler calls it at every video size of ``sizes`` (its operating
+    points per size; symbol ranges reaching the largest). The pyramid pipeline feeds int64 timesteps (it
     truncates them); HeliosPipeline (Base) feeds the scheduler's float timesteps, so Base's graph takes
     float32 (example values: see export/parity/compare.py)."""
     c = int(cfg["in_channels"])
-    lh, lw = height // 8, width // 8
-    points = transformer_points(lh, lw, text_length, variant)
+    height, width = sizes[0]
+    lh, lw = (v // 8 for v in largest(sizes))
+    points = sized_points(sizes, lambda h, w: transformer_points(h // 8, w // 8, text_length, variant))
     timestep = (TensorSpec("timestep", "float32", ("batch",)) if variant == "base"
                 else TensorSpec("timestep", "int64", ("batch",), kind="timestep"))
     hist = lambda n: ("batch", c, n, "latent_height*8", "latent_width*8")  # noqa: E731
@@ -309,12 +320,14 @@ def _cache_tensors(layout: Iterable[Sequence[int]], prefix: str) -> tuple[Tensor
     )
 
 
-def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, width: int) -> tuple[GraphSpec, ...]:
+def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, sizes: Sequence[Size]) -> tuple[GraphSpec, ...]:
     """The first and step graphs of one VAE direction (see export/exporter/vae_steps.py): the encoder's graphs, and
-    the pieces the decoder's chunk graph is composed of."""
+    the pieces the decoder's chunk graph is composed of. One operating point per video size."""
+    height, width = largest(sizes)
     ranges = {"batch": (1, MAX_BATCH), "latent_height": (1, _at_least_2(height // 8)),
               "latent_width": (1, _at_least_2(width // 8))}
-    point = (OperatingPoint("chunk", {"batch": 1, "latent_height": height // 8, "latent_width": width // 8}),)
+    point = sized_points(sizes, lambda h, w: (OperatingPoint("chunk", {"batch": 1, "latent_height": h // 8,
+                                                                       "latent_width": w // 8}),))
     video = lambda n: ("batch", 3, n, "latent_height*8", "latent_width*8")  # noqa: E731
     latent = lambda ch: ("batch", ch, 1, "latent_height", "latent_width")  # noqa: E731
     if direction == "decode":
@@ -332,11 +345,11 @@ def vae_step_graphs(direction: str, x_ch: int, y_ch: int, layout, height: int, w
     return first, step
 
 
-def vae_decoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
+def vae_decoder_spec(cfg: Mapping, sizes: Sequence[Size], layout) -> ComponentSpec:
     """One graph decoding a whole chunk: 9 latent frames -> 33 video frames, float32 in [-1, 1] as the
     reference's ``vae.decode`` and uint8 channels-last as the pipeline's output (export/transforms/vae_chunk.py)."""
     z = int(cfg["z_dim"])
-    first, _ = vae_step_graphs("decode", z, 3, layout, height, width)
+    first, _ = vae_step_graphs("decode", z, 3, layout, sizes)
     frames = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
     hw = ("latent_height*8", "latent_width*8")
     latents = ("batch", z, CHUNK_LATENT_FRAMES, "latent_height", "latent_width")
@@ -347,11 +360,11 @@ def vae_decoder_spec(cfg: Mapping, height: int, width: int, layout) -> Component
     return ComponentSpec("vae_decoder", (chunk,), attrs=_vae_attrs(cfg))
 
 
-def vae_encoder_spec(cfg: Mapping, height: int, width: int, layout) -> ComponentSpec:
+def vae_encoder_spec(cfg: Mapping, sizes: Sequence[Size], layout) -> ComponentSpec:
     # outputs DiagonalGaussian parameters (mean and log-variance on the channel axis), as
     # AutoencoderKLWan returns them: sampling draws random numbers, so it stays with the caller
     z = int(cfg["z_dim"])
-    return ComponentSpec("vae_encoder", vae_step_graphs("encode", 3, 2 * z, layout, height, width), attrs=_vae_attrs(cfg))
+    return ComponentSpec("vae_encoder", vae_step_graphs("encode", 3, 2 * z, layout, sizes), attrs=_vae_attrs(cfg))
 
 
 COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")
@@ -359,14 +372,17 @@ COMPONENTS = ("transformer", "text_encoder", "vae_decoder", "vae_encoder")
 
 def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_length: int, max_text_length: int,
                 components: Iterable[str] = COMPONENTS, vae_layouts: Mapping[str, list] | None = None,
-                variant: str = "distilled") -> dict[str, ComponentSpec]:
-    """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder).
+                variant: str = "distilled", sizes: Sequence[Size] | None = None) -> dict[str, ComponentSpec]:
+    """Specs for the requested components of a checkpoint whose configs are ``configs`` (by folder), at
+    ``sizes`` (several video sizes from one set of graphs; default the one ``height`` x ``width``).
 
     ``vae_layouts`` gives the VAE cache layout per direction ("decode", "encode"), learned from the
     VAE module by the exporter (export/exporter/vae_steps.py); ``variant`` (helios_deploy.variants) decides
     the transformer's operating points and timestep type.
     """
-    check_video_size(height, width, size_multiple(configs["transformer"], configs["vae"]))
+    sizes = sizes_or_one(height, width, sizes)
+    for h, w in sizes:
+        check_video_size(h, w, size_multiple(configs["transformer"], configs["vae"]))
     if not 1 <= text_length <= max_text_length:
         raise UserError(
             f"text length {text_length} is outside 1..{max_text_length}",
@@ -374,11 +390,10 @@ def build_specs(configs: Mapping[str, Mapping], height: int, width: int, text_le
         )
     layouts = vae_layouts or {}
     builders = {
-        "transformer": lambda: transformer_spec(configs["transformer"], height, width, text_length, max_text_length,
-                                                variant),
+        "transformer": lambda: transformer_spec(configs["transformer"], sizes, text_length, max_text_length, variant),
         "text_encoder": lambda: text_encoder_spec(configs["text_encoder"], text_length, max_text_length),
-        "vae_decoder": lambda: vae_decoder_spec(configs["vae"], height, width, layouts["decode"]),
-        "vae_encoder": lambda: vae_encoder_spec(configs["vae"], height, width, layouts["encode"]),
+        "vae_decoder": lambda: vae_decoder_spec(configs["vae"], sizes, layouts["decode"]),
+        "vae_encoder": lambda: vae_encoder_spec(configs["vae"], sizes, layouts["encode"]),
     }
     return {name: builders[name]() for name in components}
 

@@ -13,6 +13,7 @@ import torch
 
 from ..artifacts import Artifacts
 from ..errors import UserError
+from ..sizes import check_size_exported, video_sizes
 from ..variants import Variant
 from .base_sampler import denoise_chunk_base
 from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
@@ -70,7 +71,8 @@ class Pipeline:
         self.precision = precision  # fp8: the quantized graphs from `quantize` (ONNX Runtime backend)
         self.low_memory = low_memory  # ONNX Runtime sessions hold one copy of the weights (no prepacking)
         m = artifacts.manifest
-        self.height, self.width = m["video"]["height"], m["video"]["width"]
+        self.sizes = video_sizes(m)  # every size the graphs have operating points for
+        self.height, self.width = self.sizes[0]  # a request's default
         self.text_length = m["text_length"]
         # which Helios checkpoint: its loop (pyramid or one stage) and its scheduler (DMD or HeliosScheduler)
         self.variant = Variant.from_manifest(m)
@@ -150,25 +152,28 @@ class Pipeline:
         """Yield each 33-frame chunk as soon as it is decoded. ``prompt`` may be a string or a schedule
         {chunk index: prompt} (the prompt in force changes at those chunks). Sampler settings left at None
         take the checkpoint variant's reference defaults (helios_deploy.variants); a setting the variant
-        does not have is a UserError. The request is checked before anything runs."""
+        does not have is a UserError. ``height`` x ``width`` is one of the exported sizes (default the first);
+        the runners pick that size's operating points (TensorRT: its profiles) from the input shapes. The
+        request is checked before anything runs."""
         schedule = self._prompt_schedule(prompt)
-        self._check_request(num_frames, height, width, image, video)
+        size = self._check_request(num_frames, height, width, image, video)
         sampling = self.sampling(pyramid_steps=pyramid_steps, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                  amplify_first_chunk=amplify_first_chunk, cfg_zero_star=cfg_zero_star,
                                  use_zero_init=use_zero_init, zero_steps=zero_steps, sampler=sampler)
-        return self._stream(schedule, num_frames, seed, image, video, sampling, output, on_step)
+        return self._stream(schedule, num_frames, seed, image, video, sampling, output, on_step, size)
 
     def sampling(self, **settings) -> Sampling:
         """The sampler settings of a request (see runtime/settings.py), checked against the variant."""
         return resolve_sampling(self.variant, self.scheduler.config.get("scheduler_type", "unipc"), **settings)
 
-    def _stream(self, schedule, num_frames, seed, image, video, sampling: Sampling, output, on_step) -> Iterator[Chunk]:
+    def _stream(self, schedule, num_frames, seed, image, video, sampling: Sampling, output, on_step,
+                size) -> Iterator[Chunk]:
         spec = self.artifacts.spec("transformer")
         # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
         # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
         generator = torch.Generator(self.device).manual_seed(seed)
-        state = self._initial_state(spec.attrs["in_channels"], image, video, generator)
+        state = self._initial_state(spec.attrs["in_channels"], image, video, generator, *size)
         indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
                    for k, v in spec.attrs["frame_indices"].items()}
         num_chunks = max(1, (num_frames + 32) // 33)
@@ -191,18 +196,20 @@ class Pipeline:
                 frames = decoded["frames"][0, :keep]
             yield Chunk(k, to_host(frames))
 
-    def _initial_state(self, channels: int, image, video, generator: torch.Generator) -> ChunkState:
-        """Zero history, or the image / video conditioning in its place (the reference's step 4-5)."""
-        history = torch.zeros(1, channels, sum(HISTORY_SIZES), self.height // 8, self.width // 8, device=self.device)
+    def _initial_state(self, channels: int, image, video, generator: torch.Generator, height: int,
+                       width: int) -> ChunkState:
+        """Zero history at the request's size, or the image / video conditioning in its place (the reference's
+        step 4-5); every later shape follows the history's."""
+        history = torch.zeros(1, channels, sum(HISTORY_SIZES), height // 8, width // 8, device=self.device)
         if image is None and video is None:
             return ChunkState(history, None)
         self.artifacts.require("vae_encoder")
         encode = encoder_fn(self.runner("vae_encoder", "first"), self.runner("vae_encoder", "step"))
         norm = Normaliser.from_attrs(self.artifacts.spec("vae_encoder").attrs).to(self.device)
         if image is not None:
-            image_latents, fake = image_conditioning(image, encode, norm, generator, self.height, self.width)
+            image_latents, fake = image_conditioning(image, encode, norm, generator, height, width)
             return ChunkState(torch.cat([history[:, :, :-1], fake], dim=2), image_latents)
-        image_latents, video_latents = video_conditioning(video, encode, norm, generator, self.height, self.width)
+        image_latents, video_latents = video_conditioning(video, encode, norm, generator, height, width)
         keep = history.shape[2] - video_latents.shape[2]
         history = torch.cat([history[:, :, :keep], video_latents], dim=2) if keep > 0 else video_latents
         return ChunkState(history, image_latents)
@@ -220,12 +227,15 @@ class Pipeline:
                             fix='pass --prompt "a cat walking in the snow"')
         return schedule
 
-    def _check_request(self, num_frames, height, width, image, video) -> None:
+    def check_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The request's (height, width): one of the exported sizes (a side left None: the default's, the first
+        exported size), else one UserError naming the exported sizes."""
+        return check_size_exported(height or self.height, width or self.width, self.sizes)
+
+    def _check_request(self, num_frames, height, width, image, video) -> tuple[int, int]:
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise UserError(f"number of frames must be positive, got {num_frames}", fix="pass --frames 33 or more")
-        sizes = f"{self.height}x{self.width}"
-        if (height or self.height) != self.height or (width or self.width) != self.width:
-            raise UserError(f"these artifacts were exported for {sizes} only", found=f"{height}x{width}",
-                            fix=f"generate at {sizes}, or re-export with --height/--width")
+        size = self.check_size(height, width)
         if image is not None and video is not None:
             raise UserError("pass an image or a video, not both", fix="use --image for I2V or --video for V2V")
+        return size

@@ -35,6 +35,21 @@ def artifacts(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+# Two sizes from one export (landscape and portrait): the same latent area, each stage's shape transposed.
+SIZES = ((HEIGHT, WIDTH), (WIDTH, HEIGHT))
+
+
+@pytest.fixture(scope="session")
+def sizes_artifacts(tiny_ckpt, tmp_path_factory) -> Path:
+    """All four components exported once for both SIZES (the audit runs in test_sizes, through parity)."""
+    from helios_deploy.export.exporter.run import export_checkpoint
+
+    out = tmp_path_factory.mktemp("arts") / "sizes"
+    export_checkpoint(tiny_ckpt, out, sizes=SIZES, text_length=TEXT_LENGTH, max_text_length=MAX_TEXT_LENGTH,
+                      run_audit=False, log=lambda m: None)
+    return out
+
+
 def export_variant(ckpt: Path, out: Path, donor_ckpt: Path, donor_artifacts: Path, reuse: tuple[str, ...]) -> Path:
     """Export ``ckpt``'s transformer (its graph depends on the variant) and take the ``reuse`` components from
     ``donor_artifacts``, an export of ``donor_ckpt`` with the same settings, after checking that the two

@@ -16,7 +16,7 @@ import pytest
 
 from helios_deploy.errors import UserError
 
-from .conftest import HEIGHT, WIDTH, run_cli
+from .conftest import HEIGHT, SIZES, WIDTH, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +28,13 @@ PROMPT = "a red fox running through snow"
 
 
 @pytest.fixture(scope="module")
-def repo(artifacts, tmp_path_factory) -> Path:
-    """Written in one place, then moved: the copied-artifacts repository must be relocatable."""
+def repo(sizes_artifacts, tmp_path_factory) -> Path:
+    """Written in one place, then moved: the copied-artifacts repository must be relocatable. Served: the
+    two-size export (SIZES; requests default to the first, 64x128)."""
     from helios_deploy.serving.repository import RepoOptions, write_repository
 
     base = tmp_path_factory.mktemp("triton")
-    report = write_repository(artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660))
+    report = write_repository(sizes_artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660))
     assert report.models == ["helios"] and len(report.skipped) == 5  # no engines: every plan model skipped
     (base / "moved").mkdir()
     return (base / "written").rename(base / "moved" / "repo")
@@ -68,10 +69,10 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def pipe(artifacts):
+def pipe(sizes_artifacts):
     from helios_deploy.runtime import Pipeline
 
-    return Pipeline.from_artifacts(artifacts, backend="onnxruntime", device="cpu")
+    return Pipeline.from_artifacts(sizes_artifacts, backend="onnxruntime", device="cpu")
 
 
 def local(pipe, prompt=PROMPT, **kw) -> list[np.ndarray]:
@@ -112,6 +113,31 @@ def test_t2v_stream_equals_in_process_runtime(client, pipe):
                       local(pipe, num_frames=66, seed=7, pyramid_steps=(2, 1, 1), amplify_first_chunk=True))
 
 
+def test_each_size_through_the_server_and_a_third_refused(client, pipe, tmp_path, capsys):
+    """The request's height/width pick the size (default the first); a size not exported gets one error naming
+    the exported sizes, from the server, and from the client CLI before anything is sent or written."""
+    assert client.sizes() == SIZES
+    for h, w in SIZES:
+        got = served(client, num_frames=33, seed=2, height=h, width=w)
+        assert got[0].shape == (33, h, w, 3)
+        assert_same_video(got, local(pipe, num_frames=33, seed=2, height=h, width=w))
+    with pytest.raises(UserError) as e:
+        list(client.stream_arrays(request_arrays_at(128, 128)))
+    assert "128x128 was not exported" in e.value.found and "64x128, 128x64" in e.value.found
+    out = tmp_path / "x.mp4"
+    code, _, err = run_cli(["client", client.url, "--prompt", PROMPT, "--height", 128, "--width", 128, "-o", out],
+                           capsys)
+    assert code == 1 and err.count("error:") == 1 and "128x128 was not exported" in err and "64x128, 128x64" in err
+    assert not out.exists()
+    good_request_completes(client)
+
+
+def request_arrays_at(height, width):
+    from helios_deploy.serving.client import request_arrays
+
+    return request_arrays(PROMPT, num_frames=33, height=height, width=width)
+
+
 def test_i2v_through_the_server(client, pipe):
     image = seeded_image(3)
     got = served(client, num_frames=33, seed=5, image=image)
@@ -131,7 +157,11 @@ def _bad_requests():
         "num_frames over max": (request_arrays(PROMPT, num_frames=661), "1..660"),
         "wrong dtype": ({**base, "num_frames": np.array([33], np.int64)}, "expects 'INT32'"),
         "float image": ({**base, "image": seeded_image().astype(np.float32)}, "expects 'UINT8'"),
-        "image of the wrong size": ({**base, "image": seeded_image()[:32]}, "Expected [64,128,3]"),
+        "image of the wrong size": ({**base, "image": seeded_image()[:32]}, "has shape [32, 128, 3]"),
+        "image of the other size": (request_arrays(PROMPT, image=seeded_image(), height=128, width=64),
+                                    "has shape [64, 128, 3]"),
+        "size not exported": (request_arrays(PROMPT, height=128, width=128),
+                              "128x128 was not exported"),
         "image and video": ({**base, "image": seeded_image(), "video": seeded_image()[None]}, "both 'image' and 'video'"),
         "bad steps": ({**base, "pyramid_steps": np.array([1, 0, 1], np.int32)}, "pyramid_steps [1, 0, 1] invalid"),
         "guidance on distilled": (request_arrays(PROMPT, guidance_scale=5.0), "has no setting guidance_scale"),
@@ -231,6 +261,9 @@ def test_client_cli_sends_base_settings(monkeypatch, tmp_path, capsys):
         def check_ready(self):
             pass
 
+        def sizes(self):
+            return ((HEIGHT, WIDTH),)
+
         def stream_arrays(self, arrays):
             sent.append(arrays)
             yield C.StreamChunk(0, np.zeros((33, HEIGHT, WIDTH, 3), np.uint8), 0.1)
@@ -244,6 +277,7 @@ def test_client_cli_sends_base_settings(monkeypatch, tmp_path, capsys):
     assert code == 0, err
     (arrays,) = sent
     assert {k: (v.dtype, v.tolist()) for k, v in arrays.items() if k != "prompt"} == {
+        "height": (np.int32, [HEIGHT]), "width": (np.int32, [WIDTH]),
         "num_frames": (np.int32, [33]), "seed": (np.int64, [0]), "num_inference_steps": (np.int32, [2]),
         "guidance_scale": (np.float32, [3.5]), "negative_prompt": (np.object_, [b"blurry"])}
     run_cli(["client", "localhost:1", "--prompt", PROMPT, "--steps", "2,2,2", "--amplify-first-chunk",
@@ -268,7 +302,9 @@ def test_every_config_parses_and_the_server_loaded_the_declared_tensors(repo, cl
     assert params["artifacts"] == "artifacts" and (repo / "helios" / "artifacts" / "manifest.json").is_file()
     loaded = client._client.get_model_config("helios", as_json=True)["config"]
     assert [i["name"] for i in loaded["input"]] == [t.name for t in HELIOS_INPUTS]
-    assert [int(d) for d in next(i for i in loaded["input"] if i["name"] == "image")["dims"]] == [HEIGHT, WIDTH, 3]
+    # two sizes: height and width per request, so the image dims are open; the sizes are a parameter
+    assert [int(d) for d in next(i for i in loaded["input"] if i["name"] == "image")["dims"]] == [-1, -1, 3]
+    assert params["sizes"] == "64x128,128x64"
     assert "docker run" in (repo / "README.md").read_text()
 
 

@@ -7,7 +7,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ... import __version__
 from ...artifacts import FORMAT, file_record, write_manifest
@@ -15,6 +15,7 @@ from ...checkpoint import Checkpoint
 from ...errors import UserError
 from ...fsutil import staged_dir
 from ...memory import measure_peak, process_peak_bytes, release_memory
+from ...sizes import Size, sizes_or_one
 from ...specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
 from ..parity.reference import reference_module
@@ -38,8 +39,7 @@ def _weights_bytes(ckpt: Checkpoint, components: Iterable[str]) -> int:
     return sum(p.stat().st_size for p in {p for c in components for p in ckpt.index_for(c).files})
 
 
-def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: int, layouts: dict, height: int,
-                      width: int, log) -> dict:
+def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: int, layouts: dict, sizes, log) -> dict:
     """Export every graph of one component into ``folder``; returns its manifest entry, with the peak memory
     of this component's export against the bytes of its checkpoint weights."""
     graphs = {}
@@ -48,7 +48,7 @@ def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: in
         for g in spec.graphs:
             log(f"exporting {name}/{g.file} ...")
             if name == "vae_decoder":  # one chunk graph, composed from the first and step graphs
-                info = export_chunk_decoder(ckpt, g, folder, opset, layouts["decode"], height, width)
+                info = export_chunk_decoder(ckpt, g, folder, opset, layouts["decode"], sizes)
             else:
                 info = export_graph(ckpt, name, g, folder, opset)
             graphs[g.name] = {**info, **file_record(folder, info["file"], info["data"])}
@@ -66,9 +66,11 @@ def variant_record(ckpt: Checkpoint) -> dict:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 384, width: int = 640,
                       components: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET,
                       text_length: int = 512, max_text_length: int = 512, force: bool = False,
-                      run_audit: bool = True, revision: str | None = None, log=print) -> dict:
+                      run_audit: bool = True, revision: str | None = None, sizes: Sequence[Size] | None = None,
+                      log=print) -> dict:
     """Export ``components`` of a checkpoint (a folder, or a Hub id at ``revision``) to ``out``; returns the
-    manifest.
+    manifest. ``sizes`` (several (height, width); default the one ``height`` x ``width``) gives the graphs
+    operating points for every size, and the manifest records them (the first is every request's default).
 
     Everything is written to a temporary folder beside ``out`` and moved into place only when the
     export and its audit have succeeded.
@@ -80,22 +82,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
     layouts = vae_layouts(ckpt, components)
-    specs = build_specs(ckpt.configs, height, width, text_length, max_text_length, components, layouts,
-                        ckpt.variant.name)
+    sizes = sizes_or_one(height, width, sizes)
+    specs = build_specs(ckpt.configs, *sizes[0], text_length, max_text_length, components, layouts,
+                        ckpt.variant.name, sizes)
     manifest = {
         "format": FORMAT, "helios_deploy_version": __version__,
         "checkpoint": {"path": str(ckpt.path.resolve()), "identity": ckpt.identity,
                        "model_index": ckpt.model_index, "is_distilled": ckpt.is_distilled,
                        **({"hub": ckpt.hub} if ckpt.hub else {})},  # Hub id, revision and resolved commit
-        "video": {"height": height, "width": width}, "opset": opset, "precision": "fp32",
+        # the first size is every request's default; "sizes" lists all (older manifests: height x width only)
+        "video": {"height": sizes[0][0], "width": sizes[0][1], "sizes": [list(s) for s in sizes]},
+        "opset": opset, "precision": "fp32",
         "text_length": text_length, "max_text_length": max_text_length,
         "scheduler_config": ckpt.configs["scheduler"], "variant": variant_record(ckpt), "components": {},
         "host": {"python": platform.python_version(), "machine": platform.machine()},
     }
     with staged_dir(Path(out), force=force) as tmp:
         for name, spec in specs.items():
-            manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, height,
-                                                             width, log)
+            manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, sizes, log)
         manifest["export_peak_rss_bytes"] = process_peak_bytes()
         manifest["weights_bytes"] = _weights_bytes(ckpt, components)
         shutil.copytree(ckpt.path / "tokenizer", tmp / "tokenizer")

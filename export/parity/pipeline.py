@@ -43,6 +43,7 @@ class PipelineCase:
     negative_prompt: str | None = None  # with guidance; None: the reference's default ""
     sampler: str | None = None  # Base / Mid: unipc | euler (None: the checkpoint's scheduler_type)
     cfg_zero_star: bool | None = None  # Mid: None keeps the checkpoint's is_cfg_zero_star
+    size: tuple[int, int] | None = None  # (height, width), one of the exported sizes; None: the default (first)
 
     @property
     def chunks(self) -> int:
@@ -78,9 +79,13 @@ MID_CASES = (
 VARIANT_CASES = {"distilled": CASES, "base": BASE_CASES, "mid": MID_CASES}
 
 
-def with_chunks(cases, chunks: int | None):
-    """The cases over ``chunks`` chunks of 33 frames (None: as they are)."""
-    return tuple(cases) if chunks is None else tuple(replace(c, frames=chunks * CHUNK_FRAMES) for c in cases)
+def with_chunks(cases, chunks: int | None, sizes=()):
+    """The cases over ``chunks`` chunks of 33 frames (None: as they are), and with several exported ``sizes``
+    each case at every size (named ``case@HxW``)."""
+    cases = tuple(cases) if chunks is None else tuple(replace(c, frames=chunks * CHUNK_FRAMES) for c in cases)
+    if len(sizes) < 2:
+        return cases
+    return tuple(replace(c, name=f"{c.name}@{h}x{w}", size=(h, w)) for h, w in sizes for c in cases if c.size is None)
 
 
 def conditioning_inputs(height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -195,8 +200,9 @@ def runtime_video(pipe, case: PipelineCase, seed: int = 0) -> np.ndarray:
     """Our runtime's video for ``case`` (a prompt schedule {chunk: prompt} when it is interactive)."""
     prompts = case.prompts()
     prompt = prompts[0] if len(set(prompts)) == 1 else dict(enumerate(prompts))
-    inputs = conditioning_inputs(pipe.height, pipe.width, seed)
-    return pipe.generate(prompt, num_frames=case.frames, seed=seed, output="float",
+    height, width = case.size or (pipe.height, pipe.width)
+    inputs = conditioning_inputs(height, width, seed)
+    return pipe.generate(prompt, num_frames=case.frames, seed=seed, output="float", height=height, width=width,
                          **_runtime_kwargs(case, inputs, pipe.variant.name))
 
 
@@ -205,7 +211,8 @@ def _videos(checkpoint, pipe, cases, seed: int):
     variant = pipe.variant.name
     ref = reference_pipeline(checkpoint, variant)
     for case in cases:
-        expected = reference_video(ref, case, variant, pipe.height, pipe.width, pipe.text_length, seed)
+        expected = reference_video(ref, case, variant, *(case.size or (pipe.height, pipe.width)), pipe.text_length,
+                                   seed)
         yield case, expected, runtime_video(pipe, case, seed)
 
 
@@ -226,8 +233,8 @@ def compare_fp32(case: PipelineCase, expected: np.ndarray, got: np.ndarray) -> d
 
 def run_pipeline_parity(checkpoint, pipe, cases=None, seed: int = 0, chunks: int | None = None) -> dict:
     """``pipe`` is a helios_deploy.runtime.Pipeline over artifacts of ``checkpoint``; ``cases`` default to
-    its variant's (VARIANT_CASES); ``chunks`` overrides their length (2 chunks)."""
-    cases = with_chunks(VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks)
+    its variant's (VARIANT_CASES), at every exported size; ``chunks`` overrides their length (2 chunks)."""
+    cases = with_chunks(VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks, pipe.sizes)
     results = [compare_fp32(case, expected, got) for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
     return {"threshold_max_abs_err": PIXEL_THRESHOLD, "variant": pipe.variant.name,
             "passed": all(r["passed"] for r in results), "cases": results}
@@ -282,7 +289,7 @@ def run_pipeline_psnr(checkpoint, pipe, cases=None, seed: int = 0, threshold: fl
                       chunks: int | None = None) -> dict:
     """PSNR of our (FP8) runtime's video against the fp32 reference pipeline, per chunk of 33 frames, and
     its trend over the stream (``cases`` default to the variant's FP8_VARIANT_CASES)."""
-    cases = with_chunks(FP8_VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks)
+    cases = with_chunks(FP8_VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks, pipe.sizes)
     results = [compare_psnr(case, expected, got, threshold)
                for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
     return {"metric": "psnr", "threshold_psnr_db": threshold, "max_drift_db": DRIFT_DB, "variant": pipe.variant.name,

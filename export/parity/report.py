@@ -11,6 +11,7 @@ import numpy as np
 from ...artifacts import Artifacts
 from ...checkpoint import Checkpoint, revision_for
 from ...errors import UserError
+from ...sizes import video_sizes
 from .reference import reference_module
 from .audit import format_table, open_sessions, parity_rows
 from .compare import compare_component
@@ -44,7 +45,8 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
             raise UserError("--pipeline runs the runtime, which cannot run bf16 graphs on CPU",
                             fix="check bf16 engines with `helios-deploy verify` on the GPU")
         return bf16_report(ckpt.path, arts.root, components, seed=seed)
-    report: dict = {"passed": True, "components": {}, "problems": []}
+    report: dict = {"passed": True, "sizes": [list(v) for v in video_sizes(arts.manifest)], "components": {},
+                    "problems": []}
     rows: list[tuple] = []
     for name in components or arts.components:
         spec = arts.spec(name)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ...artifacts import Artifacts, write_manifest
+from ...sizes import point_size, size_name, video_sizes
 from .builder import build_engine
 from .engines import (BuildSettings, engine_file_problem, engine_filename, engine_record, key_digest, key_fields,
                       profiles, source_entry)
@@ -48,9 +49,48 @@ def plan(artifacts, components: Iterable[str] | None = None, settings: BuildSett
                                                                      for n, s in prof.items()}}
                              for p, prof in zip(graph.operating_points, profs)],
                 "engine": engine_filename(graph.file, digest), "key": digest, "key_fields": fields,
+                **profile_cost(graph, video_sizes(arts.manifest), info.get("data_bytes")),
             }
         out["components"][component] = graphs
+    out["sizes"] = [size_name(s) for s in video_sizes(arts.manifest)]
+    out["profiles"] = sum(len(g["profiles"]) for c in out["components"].values() for g in c.values())
+    out["split_advice"] = SPLIT_ADVICE
     return out
+
+
+SPLIT_ADVICE = (
+    "One engine per graph holds every size's profiles: the weights are stored once and one shared activation "
+    "buffer (sized by the largest profile) serves them all, so a GPU that serves every size needs one engine. "
+    "Split into one engine per size (export each size to its own artifacts) when different GPUs serve different "
+    "sizes (each then holds only its size's profiles and an activation buffer sized for its own largest point), "
+    "when the build time, which grows about linearly with the profile count, is more than you accept, or when a "
+    "size is added often (adding one rebuilds every profile of the shared engine). Never load two per-size engines "
+    "of the same graph on one GPU: that stores its weights twice.")
+
+
+def profile_cost(graph, sizes, weights_bytes: int | None) -> dict:
+    """Profiles per size and what they cost, ESTIMATED from the profile count alone (nothing has been
+    measured on a GPU): TensorRT times tactics for each profile, so the build takes about ``profiles`` times a
+    one-profile build (an upper bound: the timing cache reuses layers of equal shape); the engine stores
+    the weights once whatever the profile count, plus kernels per profile (not estimated); one engine per
+    size would store the weights once per size."""
+    per_size: dict[str, int] = {}
+    for p in graph.operating_points:
+        name = size_name(point_size(p.name, sizes)) if _sized(graph, p) else "any size"
+        per_size[name] = per_size.get(name, 0) + 1
+    n = len(graph.operating_points)
+    return {"profiles_per_size": per_size, "estimate": {
+        "basis": "estimate from the profile count only; no GPU measurement exists",
+        "build_time_vs_one_profile": n,  # upper bound: the timing cache shares layers of equal shape
+        "engine_weights_bytes": weights_bytes,
+        "engine_weights_bytes_one_engine_per_size": None if weights_bytes is None or len(per_size) < 2
+        else weights_bytes * len(per_size),
+        "kernel_sets": n}}  # one set of tuned kernels per profile; their bytes are not estimated
+
+
+def _sized(graph, point) -> bool:
+    """Whether the point belongs to a video size (the text encoder's do not)."""
+    return any(s in point.dims for s in ("latent_height", "stage_height"))
 
 
 def build(artifacts, components: Iterable[str] | None = None, settings: BuildSettings = BuildSettings(),

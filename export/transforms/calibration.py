@@ -1,7 +1,7 @@
 """FP8 calibration: the ranges a component's linear layers really see in the sampler loop.
 
 The runtime Pipeline runs over the exported fp32 graphs on the calibration prompts, two chunks each (so the
-second chunk has real history), with each calibrated component's graph extended by ReduceMax(Abs(x)) and
+second chunk has real history), at every exported video size, with each calibrated component's graph extended by ReduceMax(Abs(x)) and
 Size(x) outputs for every activation that feeds an FP8 layer: every call (every step of all three pyramid
 stages, each at its own shape) updates the running max of |x|, and nothing else is kept. The sessions read
 the exported weights where they are (one copy in memory, no prepacked duplicate) on ONNX Runtime's CPU or
@@ -116,13 +116,17 @@ class RangeRunner(OnnxRuntimeRunner):
 
 def run_calibration(pipe, runners: Mapping[str, RangeRunner], prompts: Sequence[str], chunks: int, seed: int,
                     pyramid_steps=(1, 1, 1)) -> None:
-    """The real sampler loop over every prompt, with ``runners`` (component -> RangeRunner) in place of the
-    pipeline's runners for those components."""
+    """The real sampler loop over every prompt at every exported size (activation ranges grow with the token
+    count: attention spreads over more tokens, and the VAE and norms see other statistics, so one size's
+    ranges may clip another's), with ``runners`` (component -> RangeRunner) in place of the pipeline's
+    runners for those components."""
     for component, runner in runners.items():
         pipe.set_runner(component, "model", runner.activate())
     try:
-        for i, prompt in enumerate(prompts):
-            for _ in pipe.stream(prompt, num_frames=33 * chunks, seed=seed + i, pyramid_steps=pyramid_steps):
-                pass
+        for height, width in pipe.sizes:
+            for i, prompt in enumerate(prompts):
+                for _ in pipe.stream(prompt, num_frames=33 * chunks, seed=seed + i, pyramid_steps=pyramid_steps,
+                                     height=height, width=width):
+                    pass
     finally:
         pipe.close()

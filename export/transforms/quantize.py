@@ -33,6 +33,7 @@ from ...artifacts import Artifacts, file_record, install
 from ...errors import UserError
 from ...fsutil import staging
 from ...memory import measure_peak, release_memory
+from ...sizes import video_sizes
 from ..graphio import Graph
 from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
 from .lowering import write_lowered
@@ -212,7 +213,9 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
     with contextlib.ExitStack() as stack:
         work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components}
         plans = [plan_component(arts, c, keep if c == "transformer" else None, log) for c in components]
-        log(f"calibrating: {len(prompts)} prompts x {chunks} chunks through the fp32 pipeline on {device} ...")
+        sizes = len(video_sizes(arts.manifest))  # every prompt at every exported size
+        log(f"calibrating: {len(prompts)} prompts x {chunks} chunks x {sizes} size(s) through the fp32 pipeline "
+            f"on {device} ...")
         with measure_peak() as calibration_memory:
             runners = calibrate(arts, plans, prompts, chunks, seed, device, work)
         release_memory()  # the sessions are closed: the rewrite starts from the process's own baseline

@@ -152,7 +152,7 @@ def write_chunk_decoder(first: Graph, step: Graph, out_path: Path, graph) -> int
     return len(composed.proto.graph.node)
 
 
-def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height: int, width: int) -> dict:
+def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, sizes) -> dict:
     """Export the decoder's first and step graphs (in a scratch folder) and compose ``graph.file`` from
     them; returns the export info of the composed graph."""
     import shutil
@@ -163,7 +163,7 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, height:
 
     t0 = time.perf_counter()
     parts = out_dir / ".parts"
-    first, step = vae_step_graphs("decode", int(ckpt.configs["vae"]["z_dim"]), 3, layout, height, width)
+    first, step = vae_step_graphs("decode", int(ckpt.configs["vae"]["z_dim"]), 3, layout, sizes)
     try:
         infos = [export_graph(ckpt, "vae_decoder", g, parts, opset) for g in (first, step)]
         traced = time.perf_counter()

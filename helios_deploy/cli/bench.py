@@ -4,7 +4,7 @@ from pathlib import Path
 import click
 
 from .generate import backend_option, sampler_options
-from .options import request_settings
+from .options import request_settings, request_size_options
 
 
 @click.command("bench")
@@ -15,6 +15,7 @@ from .options import request_settings
                    "inputs and settings, same run.")
 @click.option("--frames", type=int, default=66, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@request_size_options
 @click.option("--steps", default=None, help="Mid / Distilled: steps per pyramid stage (default: the variant's).")
 @click.option("--num-inference-steps", type=int, default=None, help="Base: denoising steps (default 50).")
 @click.option("--guidance-scale", type=float, default=None, help="Base / Mid: guidance scale (default 5.0; 1 = off).")
@@ -25,8 +26,8 @@ from .options import request_settings
 @backend_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--gpu", default="H100 SXM", show_default=True, help="GPU of the cost model's prediction.")
-def command(artifacts, json_path, reference, frames, seed, repeats, backend, device, gpu, sampler, cfg_zero_star,
-            **request):
+def command(artifacts, json_path, reference, frames, seed, height, width, repeats, backend, device, gpu, sampler,
+            cfg_zero_star, **request):
     """Time generation: total, first-chunk latency, steady-state FPS, per component and pyramid stage,
     host overhead per chunk, peak memory; with --against-reference, speedup over diffusers.
 
@@ -35,16 +36,18 @@ def command(artifacts, json_path, reference, frames, seed, repeats, backend, dev
       helios-deploy bench engines/demo/artifacts --against-reference engines/demo/checkpoint --json bench.json
       helios-deploy bench BASE_ARTIFACTS --against-reference BASE_CHECKPOINT --num-inference-steps 4
       helios-deploy bench MID_ARTIFACTS --against-reference MID_CHECKPOINT --steps 2,2,2
+      helios-deploy bench ARTIFACTS --height 640 --width 384     # another exported size
     """
     from ..bench import run_bench
 
     r = run_bench(artifacts, frames=frames, seed=seed, backend=backend, device=device, repeats=repeats,
+                  height=height, width=width,
                   reference=reference, gpu=gpu, **request_settings(**request, sampler=sampler, cfg_zero_star=cfg_zero_star))
     click.echo(f"{r['variant']}: sampler {r['sampler']}, steps {','.join(map(str, r['steps']))}, guidance "
                f"{r['guidance_scale']:g} ({r['transformer_calls_per_chunk']} transformer calls per chunk at batch "
                f"{r['transformer_batch']})")
     steady = f"{r['steady_state_fps']:.1f}" if r["steady_state_fps"] else "n/a (one chunk)"
-    click.echo(f"{r['frames']} frames in {r['chunks']} chunks: total {r['total_s']:.3f}s, first chunk "
+    click.echo(f"{r['frames']} frames at {r['video']['height']}x{r['video']['width']} in {r['chunks']} chunks: total {r['total_s']:.3f}s, first chunk "
                f"{r['first_chunk_latency_s']:.3f}s, {r['fps']:.1f} FPS, steady state {steady} FPS")
     click.echo(f"host overhead {r['host_overhead_per_chunk_ms']:.2f} ms per chunk; peak RSS {r['peak_rss_mb']:.0f} MB")
     pred = r.get("predicted")

@@ -1,24 +1,26 @@
 import click
 
-from .options import request_options, request_settings
+from .options import request_options, request_settings, request_size_options
 
 
 @click.command("client")
 @click.argument("url")
 @request_options
+@request_size_options
 @click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video (resized to the served size).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (resized to the served size).")
 @click.option("--model", default="helios", show_default=True, help="Model name in the repository.")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for each chunk (default: no limit).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
-def command(url, prompt, image, video, frames, seed, model, fps, timeout, out, **request):
+def command(url, prompt, image, video, frames, seed, model, fps, timeout, out, height, width, **request):
     """Stream a generation from a Triton server over gRPC and write the mp4 as chunks arrive.
 
     \b
     Examples:
       helios-deploy client localhost:8001 --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
       helios-deploy client localhost:8001 --prompt "the same scene at night" --image first.png -o i2v.mp4
+      helios-deploy client localhost:8001 --prompt "a cat" --height 640 --width 384 -o portrait.mp4  # a served size
       helios-deploy client localhost:8001 --prompt "a cat" --negative-prompt "blurry" --num-inference-steps 30 -o b.mp4
     """
     from ..errors import UserError
@@ -30,8 +32,10 @@ def command(url, prompt, image, video, frames, seed, model, fps, timeout, out, *
     settings = request_settings(**request)
     with HeliosClient(url, model=model, timeout=timeout) as client:
         client.check_ready()
-        image_arr, video_arr = load_conditioning(image, video, *client.video_size()) if image or video else (None, None)
-        stream = client.stream(prompt, image=image_arr, video=video_arr, num_frames=frames, seed=seed, **settings)
+        height, width = client.video_size(height, width)  # a size the server does not take: refused here
+        image_arr, video_arr = load_conditioning(image, video, height, width) if image or video else (None, None)
+        stream = client.stream(prompt, image=image_arr, video=video_arr, height=height, width=width,
+                               num_frames=frames, seed=seed, **settings)
         last = [0.0]
 
         def progress(chunks):

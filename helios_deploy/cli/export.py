@@ -1,6 +1,7 @@
 import click
 
-from .options import components_option, force_option, parse_components, revision_option, size_options
+from .options import (components_option, force_option, parse_components, resolve_sizes, revision_option, size_options,
+                      sizes_option)
 
 
 def _gb(n: int) -> str:
@@ -12,6 +13,7 @@ def _gb(n: int) -> str:
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Artifact folder.")
 @revision_option
 @size_options
+@sizes_option
 @components_option
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18-23).")
 @click.option("--max-text-length", type=int, default=512, show_default=True,
@@ -23,7 +25,7 @@ def _gb(n: int) -> str:
                    "moving the artifacts into place. Parity loads the reference weights in memory.")
 @click.option("--report-memory", is_flag=True, help="Print the export's peak RSS against the weights size.")
 @force_option
-def command(checkpoint, out, revision, height, width, components, opset, max_text_length, text_length, audit,
+def command(checkpoint, out, revision, height, width, sizes, components, opset, max_text_length, text_length, audit,
             report_memory, force):
     """Export a Helios checkpoint (diffusers layout: a local folder or a Hugging Face Hub id) to verified ONNX.
 
@@ -38,13 +40,14 @@ def command(checkpoint, out, revision, height, width, components, opset, max_tex
     \b
     Examples:
       helios-deploy export engines/tiny -o engines/tiny-onnx --height 64 --width 128
+      helios-deploy export engines/tiny -o engines/tiny-2 --sizes 64x128,128x64   # landscape and portrait
       helios-deploy export ~/models/Helios-Distilled -o engines/helios --no-audit --report-memory
       helios-deploy export BestWishYsh/Helios-Distilled -o engines/helios --no-audit --revision main
     """
     from ..export.exporter.run import export_checkpoint
 
     manifest = export_checkpoint(
-        checkpoint, out, height=height, width=width, components=parse_components(components), opset=opset,
+        checkpoint, out, height=height, width=width, sizes=resolve_sizes(height, width, sizes), components=parse_components(components), opset=opset,
         text_length=text_length or max_text_length, max_text_length=max_text_length, force=force,
         run_audit=audit, revision=revision, log=lambda m: click.echo(m, err=True),
     )
@@ -60,4 +63,5 @@ def command(checkpoint, out, revision, height, width, components, opset, max_tex
     hub = manifest["checkpoint"].get("hub")
     if hub:
         click.echo(f"checkpoint: {hub['repo_id']} at commit {hub['commit']} (revision {hub['revision']})")
+    click.echo(f"sizes: {', '.join(f'{h}x{w}' for h, w in manifest['video']['sizes'])} (default first)")
     click.echo(f"artifacts: {out}")

@@ -2,7 +2,7 @@ import time
 
 import click
 
-from .options import parse_steps, request_options, request_settings
+from .options import parse_steps, request_options, request_settings, request_size_options
 
 __all__ = ["backend_option", "command", "parse_steps"]
 
@@ -24,6 +24,7 @@ def sampler_options(f):
 @click.command("generate")
 @click.argument("artifacts", type=click.Path())
 @request_options
+@request_size_options
 @sampler_options
 @click.option("--image", type=click.Path(dir_okay=False), help="Image for image-to-video.")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video for video-to-video (at least 33 frames).")
@@ -34,13 +35,14 @@ def sampler_options(f):
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
 def command(artifacts, prompt, image, video, frames, seed, backend, device, precision, fps, out, sampler,
-            cfg_zero_star, **request):
+            cfg_zero_star, height, width, **request):
     """Generate a video from exported artifacts and write it as H.264 mp4, chunk by chunk. The sampler is the
     checkpoint's own (Base: one stage, UniPC or Euler, CFG; Mid: pyramid, CFG-Zero*; Distilled: pyramid, DMD).
 
     \b
     Examples:
       helios-deploy generate engines/demo/artifacts --prompt "a cat in a kitchen" --frames 66 -o cat.mp4
+      helios-deploy generate ARTIFACTS --prompt "a cat" --height 640 --width 384 -o portrait.mp4  # an exported size
       helios-deploy generate ARTIFACTS --prompt "the same scene at night" --image first.png -o i2v.mp4
       helios-deploy generate BASE_ARTIFACTS --prompt "a cat" --negative-prompt "blurry" --num-inference-steps 30 -o b.mp4
       helios-deploy generate MID_ARTIFACTS --prompt "a cat" --steps 5,5,5 --guidance-scale 4 -o mid.mp4
@@ -55,6 +57,7 @@ def command(artifacts, prompt, image, video, frames, seed, backend, device, prec
         raise UserError("pass --image or --video, not both")
     settings = request_settings(**request, sampler=sampler, cfg_zero_star=cfg_zero_star)
     pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device, precision=precision)
+    height, width = pipe.check_size(height, width)  # one of the exported sizes, before anything runs
     chunks = max(1, (frames + 32) // 33) if frames > 0 else 0
     total = pipe.sampling(**settings).transformer_calls(chunks)  # also checks the settings before anything runs
     t0 = time.perf_counter()
@@ -63,6 +66,6 @@ def command(artifacts, prompt, image, video, frames, seed, backend, device, prec
             bar.update(1)
 
         stream = pipe.stream(prompt, num_frames=frames, seed=seed, image=image, video=video, on_step=on_step,
-                             **settings)
+                             height=height, width=width, **settings)
         n = write_mp4(out, (c.frames for c in stream), fps=fps)
-    click.echo(f"wrote {out}: {n} frames in {time.perf_counter() - t0:.1f}s")
+    click.echo(f"wrote {out}: {n} frames at {height}x{width} in {time.perf_counter() - t0:.1f}s")

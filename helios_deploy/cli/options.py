@@ -21,6 +21,27 @@ def size_options(f):
     return click.option("--height", type=int, default=384, show_default=True, help="Video height in pixels.")(f)
 
 
+def request_size_options(f):
+    """The video size of one request (generate, bench, client): one of the sizes the artifacts were exported
+    for; unset, the first exported size."""
+    f = click.option("--width", type=int, default=None, help="Video width (default: the first exported size's).")(f)
+    return click.option("--height", type=int, default=None,
+                        help="Video height, one of the exported sizes (default: the first exported size's).")(f)
+
+
+def sizes_option(f):
+    return click.option("--sizes", default=None, metavar="HxW,...",
+                        help="Several video sizes, e.g. 384x640,640x384,512x832 (replaces --height/--width; "
+                             "the first is the default).")(f)
+
+
+def resolve_sizes(height: int, width: int, sizes: str | None):
+    """The --sizes list, or the one --height x --width."""
+    from ..sizes import parse_sizes, sizes_or_one
+
+    return sizes_or_one(height, width, parse_sizes(sizes) if sizes else None)
+
+
 def parse_components(value: str | None) -> tuple[str, ...]:
     if not value:
         return COMPONENTS

@@ -41,8 +41,10 @@ def command(artifacts, components, device, pipeline, json_path, seed):
                            f"{'ok' if c['passed'] else 'FAIL'}")
     if "pipeline" in report:
         p = report["pipeline"]
-        click.echo(f"pipeline ({p['precision']}): PSNR per chunk "
-                   f"{', '.join(f'{x:.1f}' for x in p['psnr_db_per_chunk'])} dB "
+        sizes = p.get("per_size") or {"": p["psnr_db_per_chunk"]}
+        per_chunk = "; ".join(f"{size + ' ' if len(sizes) > 1 else ''}{', '.join(f'{x:.1f}' for x in c)}"
+                              for size, c in sizes.items())
+        click.echo(f"pipeline ({p['precision']}): PSNR per chunk {per_chunk} dB "
                    f"(>= {p['threshold_psnr_db']}): {'PASS' if p['passed'] else 'FAIL'}")
     if not report["passed"]:
         raise UserError("verify failed", found="see the cases marked FAIL above",

@@ -42,7 +42,7 @@ def _tensors(tensors, shapes) -> dict:
 
 
 def transformer_calls(configs: ModelConfigs, wl: Workload) -> list[Call]:
-    spec = transformer_spec(configs.transformer, wl.height, wl.width, wl.text_length, wl.text_length, wl.variant)
+    spec = transformer_spec(configs.transformer, [(wl.height, wl.width)], wl.text_length, wl.text_length, wl.variant)
     graph = spec.graphs[0]
     points = [p for p in graph.operating_points if p.dims["batch"] == (2 if wl.guided else 1)]
     calls = []

@@ -107,6 +107,22 @@ def format_report(est: CostEstimate) -> str:
     return "\n".join(lines)
 
 
+def format_sizes(ests: list[CostEstimate]) -> str:
+    """Each size's report, then one table of time per chunk and FPS per size, GPU and precision."""
+    if len(ests) == 1:
+        return format_report(ests[0])
+    lines = [format_report(e) + "\n" for e in ests]
+    lines.append(f"Per video size (roofline at peak; chunk s and FPS; real time = {ests[0].realtime_chunk_s:.3f} s "
+                 "per chunk)")
+    lines.append(f"{'size':<10} {'GPU':<10} " + " ".join(f"{p + ' chunk s':>13} {p + ' FPS':>9}" for p in PRECISIONS))
+    for e in ests:
+        for gpu in e.gpus:
+            r = e.roofline[gpu["name"]]
+            lines.append(f"{f'{e.height}x{e.width}':<10} {gpu['name']:<10} "
+                         + " ".join(f"{r[p]['chunk_s']:13.3f} {r[p]['fps']:9.1f}" for p in PRECISIONS))
+    return "\n".join(lines)
+
+
 def check_writable(path: str | Path) -> Path:
     """The output path, if its folder exists (checked before the work, so a typo costs nothing)."""
     path = Path(path)
@@ -116,9 +132,12 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def write_json(est: CostEstimate, path: str | Path) -> Path:
+def write_json(est: CostEstimate | list[CostEstimate], path: str | Path) -> Path:
+    """One estimate's numbers, or with several sizes {"sizes": [each size's numbers]}."""
     path = check_writable(path)
-    path.write_text(json.dumps(est.to_dict(), indent=2) + "\n")
+    ests = est if isinstance(est, list) else [est]
+    data = ests[0].to_dict() if len(ests) == 1 else {"sizes": [e.to_dict() for e in ests]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 

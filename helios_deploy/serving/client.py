@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..sizes import check_size_exported, parse_sizes
 from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS
 
 _NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
@@ -34,13 +35,15 @@ class StreamChunk:
     seconds: float  # since the request was sent
 
 
-def request_arrays(prompt: str, *, image=None, video=None, num_frames: int | None = None, seed: int | None = None,
+def request_arrays(prompt: str, *, image=None, video=None, height: int | None = None, width: int | None = None,
+                   num_frames: int | None = None, seed: int | None = None,
                    pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None,
                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
                    negative_prompt: str | None = None) -> dict:
     """The request's tensors as arrays of the dtypes the model declares (absent ones left out: the served
     checkpoint variant's defaults apply)."""
-    values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "num_frames": num_frames,
+    values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "height": height, "width": width,
+              "num_frames": num_frames,
               "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "negative_prompt": None if negative_prompt is None else [negative_prompt.encode("utf-8")]}
@@ -82,11 +85,22 @@ class HeliosClient:
         if not ready:
             raise UserError(f"model {self.model!r} is not ready on {self.url}", fix="check the server's log")
 
-    def video_size(self) -> tuple[int, int]:
-        """(height, width) the served model takes, from its config's image dims."""
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) sizes the served model takes, the default first: its config's ``sizes``
+        parameter (a repository from before several sizes: the image dims)."""
         config = self._client.get_model_config(self.model, as_json=True)["config"]
+        listed = (config.get("parameters") or {}).get("sizes", {}).get("string_value")
+        if listed:
+            return parse_sizes(listed)
         dims = next(i["dims"] for i in config["input"] if i["name"] == "image")
-        return int(dims[0]), int(dims[1])
+        return ((int(dims[0]), int(dims[1])),)
+
+    def video_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The request's (height, width): one the served model takes (None: its default), else one UserError."""
+        sizes = self.sizes()
+        if height is None and width is None:
+            return sizes[0]
+        return check_size_exported(height, width, sizes)
 
     def stream(self, prompt: str, **request) -> Iterator[StreamChunk]:
         """Yield the chunks of one generation as they arrive (keywords as request_arrays)."""

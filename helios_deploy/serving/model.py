@@ -41,7 +41,7 @@ def _check_tensor(name: str, value: np.ndarray, height: int, width: int) -> None
     if value.ndim != len(dims) or any(d != -1 and s != d for s, d in zip(value.shape, dims)):
         raise UserError(f"input {name!r} has shape {list(value.shape)}",
                         expected=f"{list(dims)} ({spec.doc}; -1: any size)",
-                        fix=f"the artifacts were exported for {height}x{width}; resize to that size"
+                        fix=f"the request is for {height}x{width}; resize to that size"
                         if name in ("image", "video") else None)
 
 
@@ -79,14 +79,25 @@ def _sampler_settings(values: Mapping[str, np.ndarray | None]) -> dict:
                                                                                     "negative_prompt")}
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], height: int, width: int, max_frames: int) -> dict:
+def _size(values: Mapping[str, np.ndarray | None], check_size: Callable) -> tuple[int, int]:
+    """The request's (height, width) through ``check_size`` (Pipeline.check_size: one of the exported sizes)."""
+    for name in ("height", "width"):
+        if values[name] is not None:
+            _check_tensor(name, values[name], -1, -1)
+    h, w = (None if values[n] is None else int(values[n].reshape(-1)[0]) for n in ("height", "width"))
+    return check_size(h, w)
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], check_size: Callable, max_frames: int) -> dict:
     """Pipeline.stream keyword arguments from a request's tensors (``get(name)`` -> array or None);
-    a UserError for anything the pipeline would reject or that does not fit the exported size."""
+    a UserError for anything the pipeline would reject, at a size not exported (``check_size``:
+    Pipeline.check_size) or that does not fit the request's size."""
     values = {t.name: get(t.name) for t in HELIOS_INPUTS}
+    height, width = _size(values, check_size)
     for name, value in values.items():
         if value is not None:
             _check_tensor(name, value, height, width)
-    out = {"prompt": _prompt(values["prompt"])}
+    out = {"prompt": _prompt(values["prompt"]), "height": height, "width": width}
     out.update({k: values[k] for k in ("image", "video")})
     if out["image"] is not None and out["video"] is not None:
         raise UserError("the request has both 'image' and 'video'", expected="at most one (I2V or V2V)")
@@ -133,8 +144,9 @@ class TritonPythonModel:
         self._warm_up()
         import torch
 
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.pipe.sizes)
         pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')} {params.get('precision')}, "
-                                 f"{self.pipe.height}x{self.pipe.width}, torch threads {torch.get_num_threads()}), "
+                                 f"{sizes}, torch threads {torch.get_num_threads()}), "
                                  f"runners ready in {time.perf_counter() - t0:.1f}s")
 
     def _warm_up(self) -> None:
@@ -154,7 +166,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             get = lambda name: _as_numpy(pb_utils.get_input_tensor_by_name(request, name))  # noqa: E731
-            kwargs = parse_request(get, self.pipe.height, self.pipe.width, self.max_frames)
+            kwargs = parse_request(get, self.pipe.check_size, self.max_frames)
             self._stream(sender, kwargs)
             sender.send(flags=final)
         except _Cancelled:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..artifacts import Artifacts
 from ..variants import Variant
-from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS, served_dims
+from ..sizes import size_name, video_sizes
+from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS, served_dims, size_dims
 
 # tritonserver 2.51 is the container release 24.10 (and the server bundled in nvidia-pytriton 0.7.0,
 # which the CPU tests run against)
@@ -36,7 +37,8 @@ def _variant_line(v: Variant) -> str:
 
 
 def repository_readme(arts: Artifacts, opts, report) -> str:
-    h, w = arts.manifest["video"]["height"], arts.manifest["video"]["width"]
+    sizes = video_sizes(arts.manifest)
+    h, w = sizes[0]
     plans = "\n".join(f"- `{m}`: tensorrt_plan (profiles listed at the top of its config.pbtxt)" for m in report.models[1:])
     skipped = "\n".join(f"- {s}" for s in report.skipped) or "- none"
     placement = ("per GPU " + ",".join(map(str, opts.gpus)) if opts.gpus
@@ -49,7 +51,8 @@ def repository_readme(arts: Artifacts, opts, report) -> str:
 
 {_variant_line(Variant.from_manifest(arts.manifest))}
 
-Video size {h}x{w}; the `helios` model runs helios-deploy's runtime with the `{opts.backend}` backend
+Video size {' or '.join(map(size_name, sizes))} per request (inputs `height` / `width`; default {h}x{w}; any
+other size is refused naming these); the `helios` model runs helios-deploy's runtime with the `{opts.backend}` backend
 ({opts.precision}), {opts.instances} instance(s) {placement}, at most {opts.max_frames} frames per request.
 The artifacts are {where}.
 
@@ -65,7 +68,7 @@ Not written:
 
 `helios` tensors:
 
-{_tensor_table(h, w)}
+{_tensor_table(*size_dims(sizes))}
 
 {_run_sections(opts.backend, h, w)}"""
 

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..export.tensorrt.engines import profiles
 from ..fsutil import staged_dir
 from ..specs import GraphSpec
+from ..sizes import size_name, video_sizes
 from .configs import Placement, helios_config, parse_config, plan_config
 from .readme import repository_readme
 
@@ -129,8 +130,9 @@ def _helios_model(arts: Artifacts, root: Path, opts: RepoOptions) -> str:
     gpus = opts.gpus or ((0,) if opts.backend == "tensorrt" else ())
     params = {"artifacts": where, "backend": opts.backend, "precision": opts.precision, "device": opts.device,
               "max_frames": str(opts.max_frames)}
-    video = arts.manifest["video"]
-    _write_config(folder, helios_config(video["height"], video["width"], Placement(opts.instances, gpus), params))
+    sizes = video_sizes(arts.manifest)
+    params["sizes"] = ",".join(map(size_name, sizes))  # what clients may ask for (HeliosClient.sizes)
+    _write_config(folder, helios_config(sizes, Placement(opts.instances, gpus), params))
     (folder / "1" / "model.py").write_text(SHIM)
     return how
 
