@@ -187,6 +187,18 @@ def test_generate_cli_writes_mp4(artifacts, tmp_path, capsys):
     assert code == 1 and "1,x" in err and not (tmp_path / "b.mp4").exists()
 
 
+def test_generate_low_memory_makes_the_same_video(artifacts, tmp_path, capsys):
+    """--low-memory turns ONNX Runtime's weight prepacking off (one copy of the weights): another GEMM path,
+    the same video up to float rounding (compared on the float output, and the mp4 is written)."""
+    low = Pipeline.from_artifacts(artifacts, low_memory=True)
+    ref = Pipeline.from_artifacts(artifacts)
+    a, b = (p.generate(PROMPT, num_frames=33, seed=0, output="float") for p in (low, ref))
+    assert a.shape == b.shape and float(np.abs(a - b).max()) < 1e-4
+    code, _, err = run_cli(["generate", artifacts, "--prompt", PROMPT, "--frames", 33, "--low-memory", "-o",
+                            tmp_path / "low.mp4"], capsys)
+    assert code == 0 and (tmp_path / "low.mp4").stat().st_size > 0, err
+
+
 def test_runtime_does_not_import_diffusers_or_transformers(artifacts):
     import subprocess
     import sys

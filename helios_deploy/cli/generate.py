@@ -32,10 +32,13 @@ def sampler_options(f):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
               help="fp8: the transformer graph from `quantize` (ONNX Runtime backend).")
+@click.option("--low-memory", is_flag=True,
+              help="ONNX Runtime sessions without prepacked weights: one copy of the weights in RAM instead of "
+                   "about 1.7x (slower matmuls on CPU); for graphs near the host's RAM.")
 @click.option("--fps", type=int, default=24, show_default=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 file.")
-def command(artifacts, prompt, image, video, frames, seed, backend, device, precision, fps, out, sampler,
-            cfg_zero_star, height, width, **request):
+def command(artifacts, prompt, image, video, frames, seed, backend, device, precision, low_memory, fps, out,
+            sampler, cfg_zero_star, height, width, **request):
     """Generate a video from exported artifacts and write it as H.264 mp4, chunk by chunk. The sampler is the
     checkpoint's own (Base: one stage, UniPC or Euler, CFG; Mid: pyramid, CFG-Zero*; Distilled: pyramid, DMD).
 
@@ -56,7 +59,8 @@ def command(artifacts, prompt, image, video, frames, seed, backend, device, prec
     if image and video:
         raise UserError("pass --image or --video, not both")
     settings = request_settings(**request, sampler=sampler, cfg_zero_star=cfg_zero_star)
-    pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device, precision=precision)
+    pipe = Pipeline.from_artifacts(artifacts, backend=backend, device=device, precision=precision,
+                                   low_memory=low_memory)
     height, width = pipe.check_size(height, width)  # one of the exported sizes, before anything runs
     chunks = max(1, (frames + 32) // 33) if frames > 0 else 0
     total = pipe.sampling(**settings).transformer_calls(chunks)  # also checks the settings before anything runs
