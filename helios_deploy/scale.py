@@ -109,24 +109,68 @@ def sizes(ckpt: Checkpoint) -> dict:
                               for c in ("transformer", "text_encoder", "vae_decoder")}}
 
 
-def fit(rows: list[dict], key: str) -> dict | None:
+def fit(rows: list[dict], key: str, over: str = "both") -> dict | None:
     """Least-squares ``value = fixed + per_block * blocks (+ per_te_layer * text encoder layers)`` over the
-    checkpoints where the step passed, and its value at Helios-14B. The text-encoder term is fitted only
-    when the checkpoints vary in text-encoder layers."""
+    checkpoints where the step passed, and its value at Helios-14B. ``over`` names what the value can grow
+    with: "both" (a whole step), "blocks" (a transformer phase), "te" (a text-encoder phase) or "none" (the
+    VAE: its largest value). The text-encoder term is fitted only when the checkpoints vary in text-encoder
+    layers. Memory, time and bytes do not shrink as a model grows: a negative coefficient is noise (a flat
+    step measured on a shared host), so its term is dropped and the rest refitted."""
     pts = [(r["blocks"], r["text_encoder_layers"], r[key]) for r in rows if r.get(key) is not None and r["passed"]]
     if len({(b, t) for b, t, _ in pts}) < 2:
         return None
-    with_te = len({t for _, t, _ in pts}) > 1 and len({(b, t) for b, t, _ in pts}) >= 3
-    design = np.array([[1.0, b, t] if with_te else [1.0, b] for b, t, _ in pts])
-    coef, *_ = np.linalg.lstsq(design, np.array([v for *_, v in pts], dtype=float), rcond=None)
-    out = {"fixed": float(coef[0]), "per_block": float(coef[1]),
-           "per_text_encoder_layer": float(coef[2]) if with_te else None}
-    te_layers = HELIOS_14B["text_encoder_layers"] if with_te else None
-    out["helios_14b"] = out["fixed"] + out["per_block"] * HELIOS_14B["blocks"] + \
-        ((out["per_text_encoder_layer"] or 0.0) * te_layers if with_te else 0.0)
+    terms = {"both": ["blocks", "te"], "blocks": ["blocks"], "te": ["te"], "none": []}[over]
+    if len({t for _, t, _ in pts}) < 2 or len({(b, t) for b, t, _ in pts}) < 3:
+        terms = [t for t in terms if t != "te"]
+    values = np.array([v for *_, v in pts], dtype=float)
+    while True:
+        design = np.array([[1.0] + [b if t == "blocks" else te for t in terms] for b, te, _ in pts])
+        coef, *_ = np.linalg.lstsq(design, values, rcond=None)
+        negative = [t for t, c in zip(terms, coef[1:]) if c < 0]
+        if not negative:
+            break
+        terms = [t for t in terms if t not in negative]
+    per = dict(zip(terms, (float(c) for c in coef[1:])))
+    fixed = float(coef[0]) if terms else float(values.max())
+    out = {"fixed": fixed, "per_block": per.get("blocks", 0.0), "per_text_encoder_layer": per.get("te"),
+           "terms": terms}
+    with_te = "te" in terms
+    out["helios_14b"] = fixed + out["per_block"] * HELIOS_14B["blocks"] + \
+        (per["te"] * HELIOS_14B["text_encoder_layers"] if with_te else 0.0)
     out["helios_14b_note"] = ("40 blocks, 24 text-encoder layers" if with_te else
-                              "40 blocks, text encoder as measured (its layers did not vary)")
+                              "40 blocks, text encoder as measured" if "blocks" in terms else "as measured (flat)")
     return out
+
+
+def phase_dependence(phase: str) -> str:
+    """What a phase's memory can grow with: its component's size only (calibration runs the whole pipeline)."""
+    if "calibration" in phase:
+        return "both"
+    if "text_encoder" in phase:
+        return "te"
+    if "transformer" in phase:
+        return "blocks"
+    if "vae" in phase:
+        return "none"
+    return "both"
+
+
+def fits_of(result: dict) -> dict:
+    """The fits of a report's runs (the chain's steps and the phases inside them), recomputed from its JSON."""
+    rows = [{"blocks": r["blocks"], "text_encoder_layers": r["text_encoder_layers"], **s}
+            for r in result["runs"] for s in r["steps"]]
+    steps = list(dict.fromkeys(r["step"] for r in rows))
+    result["fits"] = {s: {k: fit([r for r in rows if r["step"] == s], k)
+                          for k in ("peak_rss_bytes", "seconds", "written_bytes", "artifacts_growth_bytes")}
+                      for s in steps}
+    names = sorted({p for r in rows for p in r.get("phases", {})})
+    result["phase_fits"] = {p: fit([{**r, "value": r["phases"].get(p)} for r in rows if "phases" in r], "value",
+                                   phase_dependence(p)) for p in names}
+    for step, fits in result["fits"].items():  # phases run one after another: the step's peak is its largest
+        inside = [f["helios_14b"] for p, f in result["phase_fits"].items() if p.startswith(step + " ") and f]
+        if inside and fits["peak_rss_bytes"]:
+            fits["peak_rss_bytes"].update(helios_14b=max(inside), helios_14b_note="the largest of its phases at 14B")
+    return result
 
 
 def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128, width: int = 128,
@@ -136,7 +180,7 @@ def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = [Checkpoint(c) for c in checkpoints]
-    rows, runs = [], []
+    runs = []
     for ckpt in ckpts:
         info = sizes(ckpt)
         name = f"{ckpt.path.name}"
@@ -151,19 +195,13 @@ def report(checkpoints: Sequence[str | Path], out: str | Path, height: int = 128
                 break
         runs.append({"checkpoint": str(ckpt.path), **info, "steps": results,
                      "artifacts_bytes": folder_bytes(arts)})
-        rows += [{"blocks": info["blocks"], "text_encoder_layers": info["text_encoder_layers"], **r} for r in results]
         if not keep_artifacts:
             import shutil
 
             shutil.rmtree(arts, ignore_errors=True)
-    fits = {s.name: {k: fit([r for r in rows if r["step"] == s.name], k)
-                     for k in ("peak_rss_bytes", "seconds", "written_bytes", "artifacts_growth_bytes")}
-            for s in chain(height, width, keep, prompts)}
-    names = sorted({p for r in rows for p in r.get("phases", {})})
-    phase_fits = {p: fit([{**r, "value": r["phases"].get(p)} for r in rows if "phases" in r], "value") for p in names}
-    result = {"video": {"height": height, "width": width}, "helios_14b": HELIOS_14B, "runs": runs, "fits": fits,
-              "phase_fits": phase_fits,
-              "host": {"cpus": os.cpu_count(), "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
+    result = fits_of({"video": {"height": height, "width": width}, "helios_14b": HELIOS_14B, "runs": runs,
+                      "host": {"cpus": os.cpu_count(),
+                               "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}})
     (out / "scale_report.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -12,7 +12,9 @@ import click
                    "proj_out, so every block of a few-block checkpoint is FP8).")
 @click.option("--calibration-prompts", type=click.Path(dir_okay=False), help="Passed to quantize (default: built-in).")
 @click.option("--keep-artifacts", is_flag=True, help="Keep each checkpoint's artifacts (default: removed after its chain).")
-def command(checkpoints, out, height, width, keep, calibration_prompts, keep_artifacts):
+@click.option("--refit", is_flag=True,
+              help="Run nothing: recompute the fits and the table of the report already in --out.")
+def command(checkpoints, out, height, width, keep, calibration_prompts, keep_artifacts, refit):
     """Run the deploy chain (export, parity, quantize fp8, parity fp8, quantize bf16, build --dry-run,
     generate fp8) on each checkpoint, each step in its own process; record peak RSS, wall time and disk
     written per step; fit the growth per transformer block (and per text-encoder layer when the checkpoints
@@ -23,14 +25,27 @@ def command(checkpoints, out, height, width, keep, calibration_prompts, keep_art
       for n in 1 2 4; do helios-deploy tiny-checkpoint engines/w$n --real-width-layers $n; done
       helios-deploy tiny-checkpoint engines/w1t2 --real-width-layers 1 --text-encoder-layers 2
       helios-deploy scale-report engines/w1 engines/w2 engines/w4 engines/w1t2 -o engines/scale
+      helios-deploy scale-report --refit -o engines/scale      # the table again from scale_report.json
     """
+    import json
     from pathlib import Path
 
-    from ..scale import KEEP_ALL_BLOCKS, check_checkpoints, report, table
+    from ..errors import UserError
+    from ..scale import KEEP_ALL_BLOCKS, check_checkpoints, fits_of, report, table
 
-    check_checkpoints(checkpoints)
-    result = report(checkpoints, out, height, width, keep=list(keep) or KEEP_ALL_BLOCKS, prompts=calibration_prompts,
-                    keep_artifacts=keep_artifacts, log=lambda m: click.echo(m, err=True))
+    if refit:
+        saved = Path(out) / "scale_report.json"
+        try:
+            result = fits_of(json.loads(saved.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read the scale report {saved}", found=str(e),
+                            fix="run scale-report on checkpoints first (or pass the right -o)") from None
+        saved.write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        check_checkpoints(checkpoints)
+        result = report(checkpoints, out, height, width, keep=list(keep) or KEEP_ALL_BLOCKS,
+                        prompts=calibration_prompts,
+                        keep_artifacts=keep_artifacts, log=lambda m: click.echo(m, err=True))
     text = table(result)
     (Path(out) / "table.txt").write_text(text + "\n")
     click.echo(text)
