@@ -104,8 +104,9 @@ def test_manifest_records_recipe_and_calibration(quantized, fp8_graphs):
     cal = entry["calibration"]
     # 2 prompts x 2 chunks x 3 stages, one call each, at three different shapes
     assert cal["calls"] == 12 and len(cal["shapes"]) == 3 and set(cal["shapes"].values()) == {4}
-    settings = {k: cal[k] for k in ("chunks", "seed", "pyramid_steps", "method", "video", "text_length", "checkpoint",
-                                    "device")}
+    assert cal["variant"] == "distilled" and cal["sampling"]["pyramid_steps"] == [1, 1, 1]
+    settings = {k: cal[k] for k in ("chunks", "seed", "variant", "sampling", "method", "video", "text_length",
+                                    "checkpoint", "device")}
     assert cal["sha256"] == calibration_hash(PROMPTS, settings)
     assert cal["sha256"] != calibration_hash(PROMPTS[:1], settings)
     for key in ("file", "data"):

@@ -6,6 +6,7 @@ variant does not have."""
 
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,19 @@ def test_bench_against_helios_pipeline(base_artifacts, base_ckpt, tmp_path, caps
     assert r["speedup_vs_reference"] == pytest.approx(r["reference_total_s"] / r["total_s"])
     assert set(r["predicted"]["bf16_s"]) >= {"transformer/full", "vae_decoder/chunk"}
     assert "reference (diffusers, base)" in stdout
+
+
+def test_fp8_calibration_runs_the_variants_own_loop(base_artifacts, tmp_path):
+    """Base calibrates on its own sampler with its defaults: 50 UniPC steps per chunk, each one transformer
+    call at batch 2 (conditional and unconditional), not the distilled pyramid (whose settings Base refuses)."""
+    import shutil
+
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+
+    root = Path(shutil.copytree(base_artifacts, tmp_path / "arts"))
+    quantize_artifacts(root, ["transformer"], prompts=["a cat in a kitchen"], chunks=1, seed=0,
+                       keep=[r"^patch_", r"^condition_embedder\.", r"^proj_out/"], log=lambda m: None)
+    calibration = json.loads((root / "manifest.json").read_text())["components"]["transformer"]["fp8"]["calibration"]
+    assert calibration["calls"] == 50 and calibration["variant"] == "base"
+    assert calibration["sampling"]["num_inference_steps"] == 50
+    assert all(shape.startswith("2x") for shape in calibration["shapes"]), calibration["shapes"]

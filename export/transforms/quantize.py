@@ -33,6 +33,7 @@ from ...artifacts import Artifacts, file_record, install
 from ...errors import UserError
 from ...fsutil import staging
 from ...memory import measure_peak, release_memory
+from ...variants import Variant
 from ...sizes import video_sizes
 from ..graphio import Graph
 from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
@@ -206,7 +207,10 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
     components = list(components)
     _check_request(arts, components, chunks, device)
     prompts = list(prompts) if prompts is not None else read_prompts(prompts_file)
-    settings = {"chunks": chunks, "seed": seed, "pyramid_steps": [1, 1, 1], "method": CALIBRATION_METHOD,
+    variant = Variant.from_manifest(arts.manifest)  # calibration runs its sampler with its default settings
+    settings = {"chunks": chunks, "seed": seed, "variant": variant.name,
+                "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.defaults.items()},
+                "method": CALIBRATION_METHOD,
                 "video": arts.manifest["video"], "text_length": arts.manifest["text_length"],
                 "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
     manifest = json.loads(json.dumps(arts.manifest))
