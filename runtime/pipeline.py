@@ -118,6 +118,12 @@ class Pipeline:
             raise ValueError(f"runner for {component}/{graph} has another graph spec")
         self._runners[(component, graph)] = runner
 
+    def release(self, component: str) -> None:
+        """Release one component's runners (made again when next used): a pass that needs that component
+        only first frees its weights for the next."""
+        for key in [k for k in self._runners if k[0] == component]:
+            self._runners.pop(key).deactivate()
+
     def close(self) -> None:
         """Release every runner (sessions, engines, device memory)."""
         for runner in self._runners.values():

@@ -260,3 +260,23 @@ def test_fp8_build_plan_uses_the_lowered_fp8_graph(quantized, capsys):
     code, _, err = run_cli(["build", quantized, "--dry-run", "--precision", "fp8", "--components", "vae_decoder"],
                            capsys)
     assert code == 1 and "quantize ARTIFACTS --precision bf16" in err
+
+
+def test_calibration_closes_the_text_encoder_before_the_transformer_runs(artifacts):
+    """UMT5 encodes the calibration prompts first and its session is closed: no transformer call runs while
+    the text encoder's weights are loaded (at 14B: 23 GB of fp32 UMT5 beside 57 GB of transformer)."""
+    from helios_deploy.export.transforms.calibration import run_calibration
+    from helios_deploy.runtime import Pipeline
+
+    pipe = Pipeline.from_artifacts(artifacts, low_memory=True)
+    loaded, transformer = [], pipe._transformer
+
+    def spy(feeds):
+        loaded.append(sorted({c for c, _ in pipe._runners}))
+        return transformer(feeds)
+
+    pipe._transformer = spy
+    run_calibration(pipe, {}, PROMPTS, chunks=1, seed=0)
+    assert len(loaded) == len(PROMPTS) * 3  # one chunk of three pyramid stages per prompt
+    assert all("text_encoder" not in components and "transformer" in components for components in loaded[1:])
+    assert "text_encoder" not in loaded[0]

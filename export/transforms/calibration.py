@@ -21,6 +21,8 @@ from onnx import TensorProto, helper
 
 from ...errors import UserError
 from ...fsutil import sha256_bytes
+from ...memory import release_memory
+from ...runtime.pipeline import PROMPT_CACHE_SIZE
 from ...runtime.runners.onnxruntime import OnnxRuntimeRunner
 from ..graphio import Graph, link_data
 from .prepare import name_nodes_by_module
@@ -124,11 +126,24 @@ def run_calibration(pipe, runners: Mapping[str, RangeRunner], prompts: Sequence[
     ``settings`` (request settings such as pyramid_steps) where given."""
     for component, runner in runners.items():
         pipe.set_runner(component, "model", runner.activate())
+    # UMT5 runs over a group of prompts (and a guided variant's negative prompt) first and its session is
+    # closed before the transformer runs, so the two models' weights are never in memory together (unless
+    # UMT5 itself is being calibrated); a group fits the pipeline's prompt cache.
+    encode_first = "text_encoder" not in runners
+    sampling = pipe.sampling(**settings)
+    negative = [sampling.negative_prompt] if sampling.guidance is not None else []
+    group = max(1, PROMPT_CACHE_SIZE - len(negative))
     try:
-        for height, width in pipe.sizes:
-            for i, prompt in enumerate(prompts):
-                for _ in pipe.stream(prompt, num_frames=33 * chunks, seed=seed + i, height=height, width=width,
-                                     **settings):
-                    pass
+        for start in range(0, len(prompts), group):
+            if encode_first:
+                for prompt in (*prompts[start:start + group], *negative):
+                    pipe.encode_prompt(prompt)
+                pipe.release("text_encoder")
+                release_memory()
+            for height, width in pipe.sizes:
+                for i, prompt in enumerate(prompts[start:start + group], start):
+                    for _ in pipe.stream(prompt, num_frames=33 * chunks, seed=seed + i, height=height, width=width,
+                                         **settings):
+                        pass
     finally:
         pipe.close()
