@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= engines/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gpu-check
 
 setup: $(STAMP)
 
@@ -21,11 +21,27 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/helios-deploy demo -o $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# Debian's chromium for the API page test (tests/test_api_page.py drives it headless). Installed when missing
+# and running as root (CI); a developer without root gets that test skipped with the reason, not a failure.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing and this is not root: tests/test_api_page.py will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) engines/demo
+
+# GPU smoke run (one NVIDIA GPU, TensorRT >= 10.1 installed in .venv: pip install 'tensorrt>=10.1'): tiny checkpoint,
+# export, tiny engines, the gpu-marked tests and `verify`; one JSON of results. Without a GPU or TensorRT it stops at
+# once with one message (exit 1).
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check: $(STAMP)
+	$(BIN)/python -m helios_deploy.export.tensorrt.gpucheck -o $(GPU_CHECK_OUT)
 
 # The Triton server environment (helios_deploy/serving, tests/test_triton.py): tritonserver from the
 # nvidia-pytriton wheel runs the `helios` Python-backend model, whose stub needs numpy<2 (PLATFORM.md),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import PARTIAL, clean_stale_partials, deferred_signals, sha256_file
-from .specs import ComponentSpec, spec_from_json
+from .model.specs import ComponentSpec, spec_from_json
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # 3: every graph record has its files' sizes; 2: the VAE decoder is one chunk graph
@@ -70,7 +70,7 @@ class Artifacts:
     def check_sizes(self) -> None:
         """Every file the manifest lists that is present has the size recorded when it was written: a truncated
         or replaced file is refused before anything reads it. A missing one is refused where it is used
-        (``require_present``): a deployment may delete graphs it no longer needs (README, Deploy on an H100)."""
+        (``require_present``): a deployment may delete graphs it no longer needs (docs/scale.md)."""
         problems = [p for c, r, by in self.records() for p in self._file_problems(c, r, by, hashes=False,
                                                                                   missing_ok=True)]
         self._refuse(problems)

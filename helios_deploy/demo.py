@@ -1,53 +1,117 @@
 """The embedded default job, on CPU: a tiny random-weight checkpoint made locally, exported to audited
-ONNX, a two-chunk video generated from it by the runtime and written as mp4, and the whole pipeline
-checked against diffusers' HeliosPyramidPipeline. Re-running reuses the checkpoint and replaces the rest."""
+ONNX, a two-chunk video generated from it by the runtime and written as mp4 with a strip of a few of its
+frames as PNG, and the whole pipeline checked against diffusers' HeliosPyramidPipeline. The weights are
+random, so the video is noise: the demo shows the chain runs and matches the reference, and says so.
+Third-party warnings and progress bars go to ``demo.log`` beside the video, not to the terminal.
+Re-running reuses the checkpoint and replaces the rest."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
-from .tiny import ensure_tiny_checkpoint
+from .quiet import third_party_to_log
+from .checkpoints.tiny import ensure_tiny_checkpoint
 
 DEMO_PROMPT = "A red car drives along a coastal road at sunset; waves crash on the rocks below."
+STRIP_FRAMES = 6  # frames shown side by side in demo-strip.png
+STRIP_GAP = 2  # white pixel columns between them
+LOG_NAME = "demo.log"  # the libraries' output
+
+NOTICE = ("helios-deploy demo: the checkpoint is a tiny Helios-Distilled with RANDOM weights, made here (nothing\n"
+          "is downloaded). Its video is noise, not a picture: the demo shows that the chain runs (export, audit,\n"
+          "runtime, mp4) and matches diffusers, not what Helios generates. A real checkpoint: docs/export.md.")
 
 
-def run_demo(out: str | Path, height: int = 64, width: int = 128, log=print) -> dict:
-    from .export.parity.pipeline import run_pipeline_parity
+def strip_layout(num_frames: int, count: int = STRIP_FRAMES) -> list[int]:
+    """The frame indices the strip shows: ``count`` frames evenly spaced from the first to the last."""
+    return np.linspace(0, num_frames - 1, min(count, num_frames)).round().astype(int).tolist()
+
+
+def write_strip(path: Path, frames: np.ndarray, count: int = STRIP_FRAMES, gap: int = STRIP_GAP) -> list[int]:
+    """A PNG of frames (uint8 [T, H, W, 3]) side by side, ``gap`` white columns apart, written atomically;
+    returns the frame indices it shows (``strip_layout``)."""
+    from PIL import Image
+
+    indices = strip_layout(len(frames), count)
+    h, w = frames.shape[1:3]
+    strip = np.full((h, len(indices) * (w + gap) - gap, 3), 255, np.uint8)
+    for i, f in enumerate(indices):
+        strip[:, i * (w + gap):i * (w + gap) + w] = frames[f]
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    try:
+        Image.fromarray(strip).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return indices
+
+
+def run_demo(out: str | Path, height: int = 64, width: int = 128) -> dict:
+    """The demo; its own lines go to the terminal, everything the libraries print to ``out/demo.log``."""
+    out = Path(out)
+    log_path = out / LOG_NAME
+    log_path.unlink(missing_ok=True)
+    with third_party_to_log(log_path) as say:
+        say(NOTICE)
+        say(f"third-party warnings and progress bars go to {log_path}")
+        try:
+            return _run(out, height, width, say)
+        except Exception:
+            say(f"the demo failed; the libraries' output is in {log_path}")
+            raise
+
+
+def _run(out: Path, height: int, width: int, say) -> dict:
     from .export.exporter.run import export_checkpoint
+    from .export.parity.pipeline import run_pipeline_parity
     from .runtime import Pipeline
     from .runtime.video_io import write_mp4
 
-    out = Path(out)
     timings = {}
     t = time.perf_counter()
     ckpt = ensure_tiny_checkpoint(out / "checkpoint")
     timings["checkpoint_s"] = time.perf_counter() - t
-    log(f"tiny checkpoint: {ckpt}")
+    say(f"tiny checkpoint (random weights): {ckpt}")
     t = time.perf_counter()
     arts = out / "artifacts"
     manifest = export_checkpoint(ckpt, arts, height=height, width=width, text_length=64, max_text_length=128,
-                                 force=True, log=log)  # audited: checker, session, parity per component
+                                 force=True, log=say)  # audited: checker, session, parity per component
     timings["export_and_audit_s"] = time.perf_counter() - t
     for name, result in manifest["audit"].items():
-        log(f"  {name:13s} audit passed, worst rel_l2 {max(c['rel_l2'] for c in result['cases']):.2e}")
+        say(f"  {name:13s} audit passed, worst rel_l2 {max(c['rel_l2'] for c in result['cases']):.2e}")
     pipe = Pipeline.from_artifacts(arts)
     t = time.perf_counter()
-    video = out / "demo.mp4"
-    frames = write_mp4(video, (c.frames for c in pipe.stream(DEMO_PROMPT, num_frames=66, seed=0)))
+    video, chunks = out / "demo.mp4", []
+    frames = write_mp4(video, _kept(pipe.stream(DEMO_PROMPT, num_frames=66, seed=0), chunks))
     timings["generate_s"] = time.perf_counter() - t
-    log(f"generated {frames} frames (two chunks) in {timings['generate_s']:.2f}s -> {video}")
+    strip = out / "demo-strip.png"
+    shown = write_strip(strip, np.concatenate(chunks))
+    say(f"generated {frames} frames (two chunks) in {timings['generate_s']:.2f}s -> {video} (noise: random weights)")
+    say(f"strip of frames {', '.join(map(str, shown))} side by side -> {strip}")
     t = time.perf_counter()
-    report = {"pipeline": run_pipeline_parity(ckpt, pipe), "timings": timings}
+    report = {"pipeline": run_pipeline_parity(ckpt, pipe), "timings": timings,
+              "strip": {"path": str(strip), "frames": shown}}
     timings["pipeline_parity_s"] = time.perf_counter() - t
     for c in report["pipeline"]["cases"]:
-        log(f"  pipeline {c['name']:16s} max_abs_err {c['max_abs_err']:.2e} {'ok' if c['passed'] else 'FAIL'}")
+        say(f"  pipeline {c['name']:16s} max_abs_err {c['max_abs_err']:.2e} {'ok' if c['passed'] else 'FAIL'}")
     report_path = out / "parity.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if not report["pipeline"]["passed"]:
         raise UserError("demo pipeline parity failed", found=f"see {report_path}")
-    log(f"video:     {video}\nartifacts: {arts}\nmanifest:  {arts / 'manifest.json'}\nparity:    {report_path}")
-    log("timings:   " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    say(f"video:     {video} (noise: the weights are random)\nstrip:     {strip}\nartifacts: {arts}\n"
+        f"manifest:  {arts / 'manifest.json'}\nparity:    {report_path}\nlog:       {out / LOG_NAME}")
+    say("timings:   " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return report
+
+
+def _kept(stream, chunks: list):
+    """Each chunk's frames, passed on to the mp4 writer and kept for the strip (two tiny chunks)."""
+    for chunk in stream:
+        chunks.append(chunk.frames)
+        yield chunk.frames

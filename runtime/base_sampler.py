@@ -12,7 +12,7 @@ import math
 import torch
 
 from .flow_scheduler import FlowScheduler
-from .guidance import predict_noise
+from .guidance import drive, predict_noise_steps
 from .sampler import ChunkRequest, ChunkState, generate_chunk_noise, slice_history, step_inputs
 from .scheduler import calculate_shift
 
@@ -29,6 +29,14 @@ def denoise_chunk_base(transformer, scheduler: FlowScheduler, block_noise, state
                        frame_indices: dict[str, torch.Tensor], on_step=None) -> torch.Tensor:
     """One chunk of HeliosPipeline; returns its 9 clean latent frames [B, C, 9, h, w]. Same signature as the
     pyramid sampler's denoise_chunk (``block_noise`` and ``request.amplify`` are pyramid settings, unused)."""
+    return drive(denoise_chunk_base_steps(scheduler, block_noise, state, request, generator, is_first_chunk,
+                                          patch_size, frame_indices, on_step), transformer)
+
+
+def denoise_chunk_base_steps(scheduler: FlowScheduler, block_noise, state: ChunkState, request: ChunkRequest,
+                             generator: torch.Generator, is_first_chunk: bool, patch_size,
+                             frame_indices: dict[str, torch.Tensor], on_step=None):
+    """denoise_chunk_base as a generator of transformer feeds (see sampler.denoise_chunk_steps)."""
     fixed = step_inputs(request, frame_indices, slice_history(state, is_first_chunk))
     b, c, _, h, w = state.history.shape
     latents = generate_chunk_noise(generator, (b, c, 9, h, w))  # prepare_latents
@@ -37,7 +45,7 @@ def denoise_chunk_base(transformer, scheduler: FlowScheduler, block_noise, state
     solver = scheduler.solver(schedule, request.sampler)
     # HeliosPipeline passes the float timestep (it does not truncate it as the pyramid pipeline does)
     for i, timestep in enumerate(solver.model_timesteps(latents.device, b * request.batch_factor, torch.float32)):
-        noise_pred = predict_noise(transformer, latents, timestep, fixed, request.guidance, 0, i)
+        noise_pred = yield from predict_noise_steps(latents, timestep, fixed, request.guidance, 0, i)
         latents = solver.step(noise_pred, latents)
         if on_step is not None:
             on_step(0, i)

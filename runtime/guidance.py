@@ -49,12 +49,26 @@ def optimized_scale(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     return (dot / squared_norm).view(b, *([1] * (cond.dim() - 1))).to(cond.dtype)
 
 
-def predict_noise(transformer: Transformer, latents: torch.Tensor, timestep: torch.Tensor,
-                  fixed: Mapping[str, torch.Tensor], guidance: Guidance | None, stage: int, i: int) -> torch.Tensor:
-    """The model's prediction at ``latents`` [B, C, T, h, w]: one call at batch B, or with guidance one call
-    at batch 2B (``fixed`` and ``timestep`` already at 2B) and the two halves combined."""
+def predict_noise_steps(latents: torch.Tensor, timestep: torch.Tensor, fixed: Mapping[str, torch.Tensor],
+                        guidance: Guidance | None, stage: int, i: int):
+    """The model's prediction at ``latents`` [B, C, T, h, w] as a generator: it yields the transformer's feeds
+    (batch B, or 2B with guidance: ``fixed`` and ``timestep`` already at 2B), is sent the transformer's output
+    and returns the prediction (the two halves combined with guidance). A scheduler that runs several streams
+    can so gather their feeds into one call (runtime/live.py); ``drive`` makes the calls one by one."""
     if guidance is None:
-        return transformer({"hidden_states": latents, "timestep": timestep, **fixed})
+        return (yield {"hidden_states": latents, "timestep": timestep, **fixed})
     b = latents.shape[0]
-    out = transformer({"hidden_states": torch.cat([latents, latents]), "timestep": timestep, **fixed})
+    out = yield {"hidden_states": torch.cat([latents, latents]), "timestep": timestep, **fixed}
     return guidance.combine(out[:b], out[b:], stage, i)
+
+
+def drive(steps, transformer: Transformer):
+    """Run a generator of transformer feeds (predict_noise_steps, a sampler's chunk steps) to its end, one
+    transformer call per feeds; returns the generator's value."""
+    try:
+        feeds = next(steps)
+        while True:
+            feeds = steps.send(transformer(feeds))
+    except StopIteration as stop:
+        return stop.value
+

@@ -13,16 +13,18 @@ import torch
 
 from ..artifacts import Artifacts
 from ..errors import UserError
-from ..sizes import check_size_exported, video_sizes
-from ..variants import Variant
-from .base_sampler import denoise_chunk_base
+from ..model.sizes import check_size_exported, video_sizes
+from ..model.variants import Variant
+from .base_sampler import denoise_chunk_base_steps
 from .conditioning import Normaliser, encoder_fn, image_conditioning, video_conditioning
 from .flow_scheduler import FlowScheduler
+from .guidance import drive
 from .runners import make_runner
 from .runners.base import BACKENDS, graph_record
-from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk, update_history
+from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk_steps, update_history
 from .scheduler import DMDScheduler
 from .settings import Sampling, resolve_sampling
+from .stream_state import CHUNK_FRAMES, StreamState
 from .text import PromptTokenizer
 from .vae import to_unit
 
@@ -77,7 +79,7 @@ class Pipeline:
         # which Helios checkpoint: its loop (pyramid or one stage) and its scheduler (DMD or HeliosScheduler)
         self.variant = Variant.from_manifest(m)
         self.scheduler = (DMDScheduler if self.variant.is_distilled else FlowScheduler)(m["scheduler_config"])
-        self._denoise_chunk = denoise_chunk if self.variant.pyramid else denoise_chunk_base
+        self._denoise_steps = denoise_chunk_steps if self.variant.pyramid else denoise_chunk_base_steps
         patch = artifacts.spec("transformer").attrs["patch_size"]  # (t, h, w): the blocks are (h, w)
         self.block_noise = BlockNoise(self.scheduler.gamma, tuple(patch[1:]))
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
@@ -148,59 +150,77 @@ class Pipeline:
     def _transformer(self, feeds):
         return self.runner("transformer").infer(feeds)["noise_pred"]
 
+    def transformer_batched(self, feeds_list: list[dict]) -> list[torch.Tensor]:
+        """One transformer call for several streams' feeds of equal shapes (concatenated along the batch);
+        each stream's prediction back. The graphs have a dynamic batch (TensorRT: profiles built with
+        ``build --max-batch``)."""
+        if len(feeds_list) == 1:
+            return [self._transformer(feeds_list[0])]
+        sizes = [f["hidden_states"].shape[0] for f in feeds_list]
+        out = self._transformer({k: torch.cat([f[k] for f in feeds_list]) for k in feeds_list[0]})
+        return list(out.split(sizes))
+
     # -- generation ------------------------------------------------------------------------------
     def stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None, pyramid_steps=None,
                amplify_first_chunk: bool | None = None, height: int | None = None, width: int | None = None,
-               output: str = "uint8", on_step=None, *, negative_prompt: str | None = None,
-               guidance_scale: float | None = None, num_inference_steps: int | None = None,
-               cfg_zero_star: bool | None = None, use_zero_init: bool | None = None, zero_steps: int | None = None,
-               sampler: str | None = None) -> Iterator[Chunk]:
+               output: str = "uint8", on_step=None, **settings) -> Iterator[Chunk]:
         """Yield each 33-frame chunk as soon as it is decoded. ``prompt`` may be a string or a schedule
-        {chunk index: prompt} (the prompt in force changes at those chunks). Sampler settings left at None
-        take the checkpoint variant's reference defaults (helios_deploy.variants); a setting the variant
-        does not have is a UserError. ``height`` x ``width`` is one of the exported sizes (default the first);
-        the runners pick that size's operating points (TensorRT: its profiles) from the input shapes. The
-        request is checked before anything runs."""
+        {chunk index: prompt} (the prompt in force changes at those chunks). Sampler settings (``settings``:
+        negative_prompt, guidance_scale, num_inference_steps, cfg_zero_star, use_zero_init, zero_steps,
+        sampler) left at None take the checkpoint variant's reference defaults (helios_deploy.model.variants); a
+        setting the variant does not have is a UserError. ``height`` x ``width`` is one of the exported sizes
+        (default the first); the runners pick that size's operating points (TensorRT: its profiles) from the
+        input shapes. The request is checked before anything runs."""
+        state = self.open_stream(prompt, num_frames, seed, image, video, pyramid_steps=pyramid_steps,
+                                 amplify_first_chunk=amplify_first_chunk, height=height, width=width, output=output,
+                                 **settings)
+        return self._chunks(state, on_step)
+
+    def _chunks(self, state: StreamState, on_step) -> Iterator[Chunk]:
+        while not state.done:
+            yield drive(self.chunk_job(state, on_step), self._transformer)
+
+    def open_stream(self, prompt, num_frames: int = 33, seed: int = 0, image=None, video=None, *,
+                    height: int | None = None, width: int | None = None, output: str = "uint8",
+                    **settings) -> StreamState:
+        """A stream's state before its first chunk (the request checked, I2V / V2V conditioning encoded): run
+        its chunks with chunk_job, in any order with other streams' (runtime/live.py)."""
         schedule = self._prompt_schedule(prompt)
         size = self._check_request(num_frames, height, width, image, video)
-        sampling = self.sampling(pyramid_steps=pyramid_steps, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                 amplify_first_chunk=amplify_first_chunk, cfg_zero_star=cfg_zero_star,
-                                 use_zero_init=use_zero_init, zero_steps=zero_steps, sampler=sampler)
-        return self._stream(schedule, num_frames, seed, image, video, sampling, output, on_step, size)
+        sampling = self.sampling(**settings)
+        spec = self.artifacts.spec("transformer")
+        # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
+        # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
+        generator = torch.Generator(self.device).manual_seed(seed)
+        chunk_state = self._initial_state(spec.attrs["in_channels"], image, video, generator, *size)
+        indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
+                   for k, v in spec.attrs["frame_indices"].items()}
+        return StreamState(schedule, sampling, size, num_frames, output, generator, chunk_state, indices)
 
     def sampling(self, **settings) -> Sampling:
         """The sampler settings of a request (see runtime/settings.py), checked against the variant."""
         return resolve_sampling(self.variant, self.scheduler.config.get("scheduler_type", "unipc"), **settings)
 
-    def _stream(self, schedule, num_frames, seed, image, video, sampling: Sampling, output, on_step,
-                size) -> Iterator[Chunk]:
-        spec = self.artifacts.spec("transformer")
-        # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
-        # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
-        generator = torch.Generator(self.device).manual_seed(seed)
-        state = self._initial_state(spec.attrs["in_channels"], image, video, generator, *size)
-        indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
-                   for k, v in spec.attrs["frame_indices"].items()}
-        num_chunks = max(1, (num_frames + 32) // 33)
-        total_frames = ((num_chunks * 33) - 1) // 4 * 4 + 1
-        prompt_now = schedule[0]
+    def chunk_job(self, s: StreamState, on_step=None):
+        """The stream's next chunk as a generator: yields each transformer call's feeds, is sent its output
+        ("noise_pred"; ``drive`` makes the calls one by one), returns the decoded Chunk and advances ``s``."""
+        k, sampling = s.next_index, s.sampling
+        s.prompt_now = s.schedule.get(k, s.prompt_now)
         negative = None if sampling.guidance is None else self.encode_prompt(sampling.negative_prompt)
-        for k in range(num_chunks):
-            prompt_now = schedule.get(k, prompt_now)
-            request = ChunkRequest(self.encode_prompt(prompt_now), sampling.steps,
-                                   sampling.amplify_first_chunk and k == 0, sampling.guidance, negative,
-                                   sampling.sampler)
-            latents = self._denoise_chunk(self._transformer, self.scheduler, self.block_noise, state, request,
-                                          generator, k == 0, spec.attrs["patch_size"], indices, on_step)
-            update_history(state, latents, k == 0)
-            decoded = self.runner("vae_decoder").infer({"latents": self.latent_norm.denormalise(latents)})
-            keep = min(decoded["frames"].shape[1], total_frames - 33 * k)
-            if output == "float":
-                frames = to_unit(decoded["video"][0, :, :keep]).permute(1, 2, 3, 0)
-            else:  # uint8 [T, H, W, 3], converted on the device by the chunk graph
-                frames = decoded["frames"][0, :keep]
-            yield Chunk(k, to_host(frames))
+        request = ChunkRequest(self.encode_prompt(s.prompt_now), sampling.steps, sampling.amplify_first_chunk and k == 0,
+                               sampling.guidance, negative, sampling.sampler)
+        patch = self.artifacts.spec("transformer").attrs["patch_size"]
+        latents = yield from self._denoise_steps(self.scheduler, self.block_noise, s.chunk_state, request, s.generator,
+                                                 k == 0, patch, s.indices, on_step)
+        update_history(s.chunk_state, latents, k == 0)
+        decoded = self.runner("vae_decoder").infer({"latents": self.latent_norm.denormalise(latents)})
+        keep = min(decoded["frames"].shape[1], s.total_frames - CHUNK_FRAMES * k)
+        if s.output == "float":
+            frames = to_unit(decoded["video"][0, :, :keep]).permute(1, 2, 3, 0)
+        else:  # uint8 [T, H, W, 3], converted on the device by the chunk graph
+            frames = decoded["frames"][0, :keep]
+        s.next_index = k + 1
+        return Chunk(k, to_host(frames))
 
     def _initial_state(self, channels: int, image, video, generator: torch.Generator, height: int,
                        width: int) -> ChunkState:

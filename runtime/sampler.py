@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .guidance import Guidance, predict_noise
+from .guidance import Guidance, drive, predict_noise_steps
 from .scheduler import calculate_shift
 
 HISTORY_SIZES = (16, 2, 1)  # long, mid, short (the short history also carries the 1-frame prefix)
@@ -151,6 +151,15 @@ def denoise_chunk(transformer, scheduler, block_noise: BlockNoise, state: ChunkS
                   on_step=None) -> torch.Tensor:
     """All pyramid stages of one chunk; returns its 9 clean latent frames [B, C, 9, h, w]. ``scheduler`` is a
     DMDScheduler (distilled) or a FlowScheduler (HeliosScheduler, Mid)."""
+    return drive(denoise_chunk_steps(scheduler, block_noise, state, request, generator, is_first_chunk, patch_size,
+                                     frame_indices, on_step), transformer)
+
+
+def denoise_chunk_steps(scheduler, block_noise: BlockNoise, state: ChunkState, request: ChunkRequest,
+                        generator: torch.Generator, is_first_chunk: bool, patch_size,
+                        frame_indices: dict[str, torch.Tensor], on_step=None):
+    """denoise_chunk as a generator: yields each step's transformer feeds, is sent the output, returns the
+    chunk's latents (see guidance.predict_noise_steps)."""
     fixed = step_inputs(request, frame_indices, slice_history(state, is_first_chunk))
     b, c, _, h, w = state.history.shape
     latents = downsample_to_stage0(generate_chunk_noise(generator, (b, c, 9, h, w)), len(request.steps))
@@ -162,7 +171,7 @@ def denoise_chunk(transformer, scheduler, block_noise: BlockNoise, state: ChunkS
             latents = upsample_and_renoise(latents, stage, scheduler, block_noise, generator)
             start_points.append(latents)
         for i, timestep in enumerate(solver.model_timesteps(latents.device, b * request.batch_factor)):
-            noise_pred = predict_noise(transformer, latents, timestep, fixed, request.guidance, stage, i)
+            noise_pred = yield from predict_noise_steps(latents, timestep, fixed, request.guidance, stage, i)
             latents = solver.step(noise_pred, latents, start_points[stage])
             if on_step is not None:
                 on_step(stage, i)

@@ -1,5 +1,5 @@
 """A request's sampler settings, resolved against the checkpoint's variant: unset settings take the
-variant's reference defaults (helios_deploy.variants.DEFAULTS); a setting the variant does not have
+variant's reference defaults (helios_deploy.model.variants.DEFAULTS); a setting the variant does not have
 (guidance on Distilled, pyramid steps on Base, amplify_first_chunk on Base or Mid, ...) is a UserError,
 never silently ignored."""
 
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..variants import PYRAMID_STAGES, Variant
+from ..model.variants import PYRAMID_STAGES, Variant
 from .guidance import Guidance
 
 _NAMES = {"base": "Helios-Base", "mid": "Helios-Mid", "distilled": "Helios-Distilled"}

@@ -19,7 +19,7 @@ TEXT_LENGTH, MAX_TEXT_LENGTH = 16, 32
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
@@ -59,7 +59,7 @@ def export_variant(ckpt: Path, out: Path, donor_ckpt: Path, donor_artifacts: Pat
     import shutil
 
     from helios_deploy.artifacts import Artifacts, write_manifest
-    from helios_deploy.checkpoint import COMPONENT_FOLDER, Checkpoint
+    from helios_deploy.checkpoints.checkpoint import COMPONENT_FOLDER, Checkpoint
     from helios_deploy.export.exporter.run import export_checkpoint
 
     ours, donor = Checkpoint(ckpt).identity, Checkpoint(donor_ckpt).identity
@@ -82,7 +82,7 @@ def export_variant(ckpt: Path, out: Path, donor_ckpt: Path, donor_artifacts: Pat
 @pytest.fixture(scope="session")
 def base_ckpt(tmp_path_factory) -> Path:
     """Helios-Base: HeliosPipeline, HeliosScheduler (one stage, UniPC), the same weights as tiny_ckpt."""
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", seed=0, variant="base")
 
@@ -97,7 +97,7 @@ def base_artifacts(base_ckpt, tiny_ckpt, artifacts, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mid_ckpt(tmp_path_factory) -> Path:
     """Helios-Mid: HeliosPyramidPipeline with is_cfg_zero_star, HeliosScheduler over three stages."""
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "mid", seed=0, variant="mid")
 
@@ -167,3 +167,16 @@ def server_env():
     except UserError as e:
         problem = e.render()
     pytest.fail(f"the Triton server environment is missing (make test builds it):\n{problem}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _server_log_on_failure(request):
+    """Print the Triton server's log (tail) under the report of a failed test that used a ``server`` fixture."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "server" in request.fixturenames:
+        server = request.getfixturevalue("server")
+        if not callable(getattr(server, "log", None)):  # another kind of server fixture
+            return
+        log = server.log()
+        print("---- tritonserver log (last 80 lines) ----\n" + "\n".join(log.splitlines()[-80:]))

@@ -44,6 +44,7 @@ class FakeCuda:
         self.current = {i: FakeStream(self, 0, i) for i in range(devices)}  # the legacy default streams
         self.tensors: dict[int, torch.Tensor] = {}
         self.capturing = None
+        self.last_error: str | None = None  # the CUDA runtime's sticky-until-read last error
 
     def available(self) -> bool:
         return True
@@ -80,6 +81,8 @@ class FakeCuda:
 
     @contextlib.contextmanager
     def capture(self, graph, stream):
+        """Like torch.cuda.graph: a capture something invalidated raises when it ends (and the graph is unusable:
+        replaying it raises)."""
         if stream.handle == 0:
             raise RuntimeError("CUDA graphs cannot be captured on the legacy default stream")
         self.trt.calls.append(("cuda", "capture", stream.handle))
@@ -88,6 +91,20 @@ class FakeCuda:
             yield
         finally:
             self.capturing = None
+        if self.last_error is not None:
+            graph.kernels = [self._broken]
+            raise RuntimeError(f"CUDA error: {self.last_error} (capture_end)")
+
+    def _broken(self):
+        raise AssertionError("a CUDA graph whose capture failed was replayed")
+
+    def invalidate_capture(self, error: str) -> None:
+        self.last_error = error
+
+    def clear_error(self) -> str:
+        error, self.last_error = self.last_error, None
+        self.trt.calls.append(("cuda", "clear_error", error))
+        return str(error)
 
     def empty(self, shape, dtype, device):
         return self.register(torch.empty(shape, dtype=dtype))

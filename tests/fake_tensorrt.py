@@ -12,7 +12,15 @@ the sum of the inputs plus the profile index), so a replayed CUDA graph can be t
 - a CUDA graph replays the context state it captured: replaying it after any change to that context (profile,
   shapes, addresses, device memory) raises (capture on the legacy default stream raises in fake_cuda);
 - ``set_timing_cache(None, ...)`` raises (pybind11 rejects None); ``create_timing_cache`` returns None for a
-  truncated cache.
+  truncated cache;
+- like pybind11 objects, every class has a fixed set of attributes: assigning an unknown (misspelled) name
+  raises AttributeError instead of creating it;
+- the members TensorRT 10.1 added (``weight_streaming_budget_v2``, ``device_memory_size_v2``,
+  ``get_device_memory_size_for_profile_v2``, ``streamable_weights_size``, ``set_device_memory``) exist only in a
+  fake of version >= 10.1, ``EngineStat`` / ``get_engine_stat`` only from 10.14 (the runner's gate);
+- ``set_optimization_profile_async`` raises RuntimeError on failure, as the binding does (it never returns
+  False);
+- every tracked object records its destruction (``__del__``) with the device that is current then.
 It is not a simulator: kernels, streams and devices are bookkeeping only.
 """
 
@@ -26,7 +34,7 @@ import weakref
 import torch
 
 from helios_deploy.export.tensorrt import engines as E
-from helios_deploy.specs import bind_symbols, shapes_at
+from helios_deploy.model.specs import bind_symbols, shapes_at
 
 
 class DataType(enum.IntEnum):
@@ -61,34 +69,63 @@ class Logger:
         self.severity = severity
 
 
+V2_SINCE, ENGINE_STAT_SINCE = (10, 1), (10, 14)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2])
+
+
 class _Obj:
-    """Tracked (``trt.alive``) and labelled; ``_call`` records a call."""
+    """Tracked (``trt.alive``) and labelled; ``_call`` records a call. Attributes are fixed per class, as on a
+    pybind11 object: ``_state`` names the fake's own bookkeeping, ``_api`` the writable TensorRT attributes; a
+    property is set through its setter (or refused without one); any other name raises AttributeError.
+    Members in ``_v2`` exist only when the fake's version is at least 10.1."""
+
+    _state = frozenset({"trt", "label"})
+    _api: frozenset = frozenset()
+    _v2: frozenset = frozenset()
 
     def __init__(self, trt, kind: str):
         self.trt, self.label = trt, f"{kind}#{next(trt.counter)}"
         trt.alive.add(self)
 
+    def __setattr__(self, name, value):
+        if isinstance(getattr(type(self), name, None), property) or any(
+                name in getattr(k, "_state", ()) or name in getattr(k, "_api", ()) for k in type(self).__mro__):
+            return object.__setattr__(self, name, value)
+        raise AttributeError(f"'tensorrt.{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getattribute__(self, name):
+        if name in type(self)._v2 and _version(object.__getattribute__(self, "trt").__version__) < V2_SINCE:
+            raise AttributeError(f"'tensorrt.{type(self).__name__}' object has no attribute '{name}' "
+                                 "(TensorRT 10.1+)")
+        return object.__getattribute__(self, name)
+
     def _call(self, method: str, *details):
         self.trt.calls.append((self.label, method, *details))
+
+    def __del__(self):
+        cuda = self.trt.cuda
+        self.trt.calls.append((self.label, "__del__", cuda.current_device_index if cuda else None))
 
 
 class FakeTensorRT(types.ModuleType):
     """``sys.modules["tensorrt"]`` for a test. ``graph`` is the GraphSpec every engine stands for;
     ``engine_options`` go to FakeEngine."""
 
-    def __init__(self, graph, version: str = "10.9.0", gpu: str = "NVIDIA H100", engine_stat: bool = True,
-                 **engine_options):
+    def __init__(self, graph, version: str = "10.14.1", gpu: str = "NVIDIA H100", **engine_options):
         super().__init__("tensorrt")
         self.__version__, self.gpu, self.graph, self.engine_options = version, gpu, graph, engine_options
         self.calls: list[tuple] = []
         self.alive = weakref.WeakSet()
         self.counter = itertools.count()
         self.cuda = None  # tests/fake_cuda.FakeCuda, set by it
-        self.engines: list[FakeEngine] = []
+        self.engines: list = []  # weak proxies: a test never keeps an engine alive
         for e in (DataType, TensorIOMode, ExecutionContextAllocationStrategy, BuilderFlag, MemoryPoolType,
                   NetworkDefinitionCreationFlag, Logger):
             setattr(self, e.__name__, e)
-        if engine_stat:
+        if _version(version) >= ENGINE_STAT_SINCE:
             self.EngineStat = EngineStat
         self.Builder = lambda logger: FakeBuilder(self)
         self.Runtime = lambda logger: FakeRuntime(self)
@@ -116,6 +153,8 @@ class FakeHostMemory(bytearray):
 
 
 class FakeNetwork(_Obj):
+    _state = frozenset({"flags", "inputs"})
+
     def __init__(self, trt, flags: int):
         super().__init__(trt, "network")
         self.flags, self.inputs = flags, []
@@ -129,6 +168,8 @@ class FakeNetwork(_Obj):
 
 
 class FakeParser(_Obj):
+    _state = frozenset({"network", "num_errors"})
+
     def __init__(self, trt, network: FakeNetwork):
         super().__init__(trt, "parser")
         self.network, self.num_errors = network, 0  # keeps its network alive, as the binding does
@@ -144,6 +185,8 @@ class FakeParser(_Obj):
 
 
 class FakeTimingCache(_Obj):
+    _state = frozenset({"device", "entries"})
+
     def __init__(self, trt, device: str, entries: int = 0):
         super().__init__(trt, "timing_cache")
         self.device, self.entries = device, entries
@@ -153,6 +196,9 @@ class FakeTimingCache(_Obj):
 
 
 class FakeConfig(_Obj):
+    _state = frozenset({"flags", "profiles", "pools", "cache"})
+    _api = frozenset({"builder_optimization_level", "max_aux_streams", "profiling_verbosity"})
+
     def __init__(self, trt):
         super().__init__(trt, "config")
         self.flags, self.profiles, self.pools, self.cache = set(), [], {}, None
@@ -192,6 +238,8 @@ class FakeConfig(_Obj):
 
 
 class FakeProfile(_Obj):
+    _state = frozenset({"shapes"})
+
     def __init__(self, trt):
         super().__init__(trt, "profile")
         self.shapes = {}
@@ -232,26 +280,35 @@ class FakeRuntime(_Obj):
         device = self.trt.cuda.current_device_index if self.trt.cuda else None
         self._call("deserialize_cuda_engine", memoryview(data).nbytes, sorted(self.trt.alive_kinds()), device)
         engine = FakeEngine(self.trt, self.trt.graph, **self.trt.engine_options)
-        self.trt.engines.append(engine)
+        self.trt.engines.append(weakref.proxy(engine))
         return engine
 
 
 class FakeEngine(_Obj):
-    """An engine built from ``graph`` with one exact profile per operating point."""
+    """An engine built from ``graph`` with one exact profile per operating point. It keeps weak references to
+    its contexts (a context keeps its engine alive, as in the binding) and their labels."""
+
+    _state = frozenset({"graph", "wrong_outputs", "profiles", "dtypes", "memory", "total_weights", "streamable",
+                        "contexts", "context_labels", "_budget", "inputs", "names", "shape_memory",
+                        "uncapturable"})
+    _v2 = frozenset({"weight_streaming_budget_v2", "device_memory_size_v2", "get_device_memory_size_for_profile_v2",
+                     "streamable_weights_size"})
 
     def __init__(self, trt, graph, dtypes=None, wrong_outputs=None, memory=None, total_weights=10_000,
-                 streamable=8_000):
+                 streamable=8_000, shape_memory=None, uncapturable=()):
         super().__init__(trt, "engine")
+        self.uncapturable = set(uncapturable)  # profiles with a layer that cannot be captured into a CUDA graph
+        self.shape_memory = dict(shape_memory or {})  # profile -> what update_device_memory_size_for_shapes says
         self.graph, self.wrong_outputs = graph, dict(wrong_outputs or {})
         self.profiles = E.profiles(graph)
         self.dtypes = {t.name: TO_TRT[t.dtype] for t in graph.tensors} | dict(dtypes or {})
         self.memory = list(memory or [4096 * (i + 1) for i in range(len(self.profiles))])
-        self.total_weights, self.contexts, self._budget = total_weights, [], None
-        if streamable is not None:
-            self.streamable_weights_size = streamable
+        self.total_weights, self.streamable, self._budget = total_weights, streamable, None
+        self.contexts, self.context_labels = weakref.WeakSet(), []
         self.inputs = [t.name for t in graph.inputs]
         self.names = self.inputs + [t.name for t in graph.outputs]
 
+    streamable_weights_size = property(lambda self: self.streamable)
     num_io_tensors = property(lambda self: len(self.names))
     num_optimization_profiles = property(lambda self: len(self.profiles))
     device_memory_size_v2 = property(lambda self: max(self.memory))
@@ -272,6 +329,8 @@ class FakeEngine(_Obj):
         return self.memory[i]
 
     def get_engine_stat(self, stat):
+        if _version(self.trt.__version__) < ENGINE_STAT_SINCE:
+            raise AttributeError("'tensorrt.ICudaEngine' object has no attribute 'get_engine_stat'")
         assert stat == EngineStat.TOTAL_WEIGHTS_SIZE
         return self.total_weights
 
@@ -289,7 +348,8 @@ class FakeEngine(_Obj):
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
         self._call("create_execution_context", strategy)
         context = FakeContext(self.trt, self, strategy)
-        self.contexts.append(context)
+        self.contexts.add(context)
+        self.context_labels.append(context.label)
         return context
 
     def output_shapes(self, shapes):
@@ -298,6 +358,10 @@ class FakeEngine(_Obj):
 
 
 class FakeContext(_Obj):
+    _state = frozenset({"engine", "strategy", "profile", "shapes", "addresses", "memory", "version"})
+    _api = frozenset({"debug_sync", "name", "nvtx_verbosity"})
+    _v2 = frozenset({"set_device_memory"})
+
     def __init__(self, trt, engine: FakeEngine, strategy):
         super().__init__(trt, "context")
         self.engine, self.strategy = engine, strategy
@@ -309,8 +373,10 @@ class FakeContext(_Obj):
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         self._change("set_optimization_profile_async", index, stream)
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            raise RuntimeError("Error in set optimization profile.")  # what the binding raises; never False
         self.profile, self.shapes = index, {}  # a profile switch invalidates the input shapes
-        return 0 <= index < self.engine.num_optimization_profiles
+        return True
 
     def set_input_shape(self, name, shape) -> bool:
         self._change("set_input_shape", name, tuple(shape))
@@ -330,8 +396,9 @@ class FakeContext(_Obj):
 
     def update_device_memory_size_for_shapes(self) -> int:
         self._call("update_device_memory_size_for_shapes")
-        assert set(self.shapes) == set(self.engine.inputs), "input shapes not all set"
-        return self.engine.memory[self.profile]
+        if set(self.shapes) != set(self.engine.inputs):
+            return 0  # how the call reports a failure
+        return self.engine.shape_memory.get(self.profile, self.engine.memory[self.profile])
 
     def set_device_memory(self, ptr: int, size: int):
         self._change("set_device_memory", ptr, size)
@@ -352,6 +419,9 @@ class FakeContext(_Obj):
             assert self.memory is not None, f"{self.label}: USER_MANAGED context without device memory"
             assert self.memory[1] >= self.engine.memory[self.profile], f"{self.label}: device memory too small"
         state = (self.version, dict(self.addresses), self.profile)
+        if captured and self.profile in self.engine.uncapturable:
+            cuda.invalidate_capture("cudaErrorStreamCaptureUnsupported")
+            return False  # enqueue fails; the capture is invalidated
         if captured:
             cuda.capturing[0].kernels.append(lambda: self._replay(state))
         else:

@@ -89,7 +89,7 @@ def test_existing_output_needs_force(tiny_ckpt, tmp_path, capsys):
 
 
 def test_parity_refuses_artifacts_of_another_checkpoint(tiny_ckpt, artifacts, tmp_path, capsys):
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     other = write_tiny_checkpoint(tmp_path / "other", seed=7)
     code, _, err = run_cli(["parity", other, artifacts], capsys)

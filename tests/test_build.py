@@ -29,7 +29,7 @@ def test_dry_run_plans_one_profile_per_operating_point(artifacts, capsys):
             assert [x["operating_point"] for x in p["profiles"]] == [op.name for op in g.operating_points]
             for prof, op in zip(p["profiles"], g.operating_points):
                 assert list(prof["inputs"]) == [t.name for t in g.inputs]
-                from helios_deploy.specs import resolve_shape
+                from helios_deploy.model.specs import resolve_shape
                 for t in g.inputs:
                     shape = list(resolve_shape(t, op.dims))
                     assert prof["inputs"][t.name] == {"min": shape, "opt": shape, "max": shape}

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from helios_deploy.cost import PRECISIONS, estimate, estimate_configs, model_configs
-from helios_deploy.tiny import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
+from helios_deploy.checkpoints.tiny import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
 from .conftest import run_cli
 

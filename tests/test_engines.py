@@ -9,15 +9,15 @@ from helios_deploy.artifacts import FORMAT
 from helios_deploy.errors import UserError
 from helios_deploy.export.tensorrt import engines as E
 from helios_deploy.export.tensorrt import probe
-from helios_deploy.specs import resolve_shape, spec_to_json
+from helios_deploy.model.specs import resolve_shape, spec_to_json
 
 from .conftest import HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH
 
 
 @pytest.fixture(scope="module")
 def specs(tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
-    from helios_deploy.specs import build_specs
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.model.specs import build_specs
 
     return build_specs(Checkpoint(tiny_ckpt).configs, HEIGHT, WIDTH, TEXT_LENGTH, MAX_TEXT_LENGTH,
                        ["transformer", "text_encoder"])

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from helios_deploy.artifacts import Artifacts
-from helios_deploy.specs import COMPONENTS
+from helios_deploy.model.specs import COMPONENTS
 
 from .conftest import run_cli
 
@@ -33,7 +33,7 @@ def test_parity_against_reference(parity, artifacts, component):
 
 
 def test_manifest_describes_artifacts(artifacts, tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
     from helios_deploy.fsutil import sha256_file
 
     arts = Artifacts.open(artifacts)

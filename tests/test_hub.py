@@ -38,7 +38,7 @@ def place_in_hub_cache(cache: Path, repo_id: str, src: Path, commit: str, refs=(
 
 @pytest.fixture(scope="module")
 def other_ckpt(tmp_path_factory) -> Path:
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-b") / "tiny", seed=1)
 
@@ -81,7 +81,7 @@ def hub_artifacts(hub_cache, tmp_path_factory) -> Path:
 
 
 def test_export_by_hub_id_offline_records_repo_and_commit(hub_artifacts, hub_cache, other_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
 
     out = hub_artifacts
     recorded = json.loads((out / "manifest.json").read_text())["checkpoint"]
@@ -94,7 +94,7 @@ def test_export_by_hub_id_offline_records_repo_and_commit(hub_artifacts, hub_cac
 
 
 def test_hub_id_resolves_main_by_default(offline, tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
 
     ckpt = Checkpoint(REPO)
     assert ckpt.hub == {"repo_id": REPO, "revision": "main", "commit": COMMIT_A}
@@ -165,7 +165,7 @@ def test_download_patterns_select_exactly_what_a_checkpoint_needs(tiny_ckpt, tmp
     weight formats, dtype variants and media are not."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from helios_deploy.checkpoint import Checkpoint, hub_file_patterns
+    from helios_deploy.checkpoints.checkpoint import Checkpoint, hub_file_patterns
     from helios_deploy.runtime.text import PromptTokenizer
 
     files = [f.relative_to(tiny_ckpt).as_posix() for f in tiny_ckpt.rglob("*") if f.is_file()]

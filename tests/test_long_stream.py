@@ -121,7 +121,7 @@ def chunk_kb(pipe) -> float:
 
 
 def test_api_stream_memory_stays_flat(ours):
-    from helios_deploy.longstream import rss_bytes
+    from helios_deploy.measure.longstream import rss_bytes
 
     list(ours.stream("a quiet lake at dawn", num_frames=33, seed=3))  # warm-up: sessions, buffers, prompt
     rss, tensors = [], []
@@ -143,8 +143,8 @@ def test_triton_stream_memory_stays_flat(artifacts, ours):
     tritonserver 2.51 itself (nvidia-pytriton 0.7.0) is not: its gRPC frontend keeps every response of a
     streamed request allocated until the request ends (a response queue that grows by one response per
     chunk; later releases bound it with --grpc-max-response-pool-size), so its RSS grows by about one
-    chunk's frames per chunk. That is printed, not asserted: it is Triton's, and the README says so."""
-    from helios_deploy.longstream import format_summary, triton_stream
+    chunk's frames per chunk. That is printed, not asserted: it is Triton's, and docs/serving.md says so."""
+    from helios_deploy.measure.longstream import format_summary, triton_stream
 
     r = triton_stream(artifacts, 20, early=5)
     print(format_summary(r))

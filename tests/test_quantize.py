@@ -224,7 +224,7 @@ def test_fp8_graph_is_lowered_to_bf16_for_tensorrt(tiny_ckpt, quantized, fp8_gra
     typed network takes its precision from the graph). Run in onnx.reference (ONNX Runtime's CPU provider
     has no bf16 Conv), it meets the FP8 targets against the diffusers module at every parity case."""
     from helios_deploy.artifacts import Artifacts
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
     from helios_deploy.export.parity.bf16 import ReferenceGraph
     from helios_deploy.export.exporter.modules import build_module
     from helios_deploy.export.parity.compare import compare_component

@@ -1,7 +1,7 @@
 """The deploy chain on a checkpoint at the real Helios-14B width: one transformer block (2.4 GB of fp32 weights
 in one graph, over protobuf's 2 GB limit), UMT5 at UMT5-XXL width with the real 256384-token vocabulary (its
 embedding table alone is 4.2 GB in fp32) and one layer, the tiny VAE, at 64x64. Each step runs in its own
-process (helios_deploy.scale.run_step) with its peak memory measured, and the bounds below are ones an
+process (helios_deploy.measure.scale.run_step) with its peak memory measured, and the bounds below are ones an
 implementation holding a model, or even its largest tensor, in memory could not meet."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helios_deploy.scale import chain, run_step
+from helios_deploy.measure.scale import chain, run_step
 
 pytestmark = pytest.mark.slow
 GB = 1e9
@@ -21,7 +21,7 @@ STEPS = ("export", "parity", "quantize_fp8", "quantize_bf16", "build_dry_run", "
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory) -> Path:
-    from helios_deploy.synthetic import write_wide_checkpoint
+    from helios_deploy.checkpoints.synthetic import write_wide_checkpoint
 
     info = write_wide_checkpoint(tmp_path_factory.mktemp("wide") / "w1", layers=1)
     assert info["transformer"]["weights_bytes"] > 1.2e9 and info["text_encoder"]["weights_bytes"] > 2.4e9

@@ -232,7 +232,7 @@ def test_torch_backend_refuses_a_changed_checkpoint(tiny_ckpt, artifacts, tmp_pa
     import shutil
 
     from helios_deploy.errors import UserError
-    from helios_deploy.tiny import write_tiny_checkpoint
+    from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
     arts = tmp_path / "arts"
     shutil.copytree(artifacts, arts)

@@ -10,7 +10,7 @@ import torch
 
 from helios_deploy.runtime.flow_scheduler import FlowScheduler
 from helios_deploy.runtime.scheduler import calculate_shift
-from helios_deploy.tiny import BASE_SCHEDULER_CONFIG, MID_SCHEDULER_CONFIG
+from helios_deploy.checkpoints.tiny import BASE_SCHEDULER_CONFIG, MID_SCHEDULER_CONFIG
 
 SHAPE = (1, 4, 3, 4, 6)  # [B, C, T, H, W]
 

@@ -32,7 +32,7 @@ def saved(tmp_path):
 
 
 def test_fits_per_component_and_flat_steps(saved):
-    from helios_deploy.scale import fits_of
+    from helios_deploy.measure.scale import fits_of
 
     result = fits_of(json.loads((saved / "scale_report.json").read_text()))
     tr, te = result["phase_fits"]["parity transformer"], result["phase_fits"]["parity text_encoder"]

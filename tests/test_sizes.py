@@ -24,8 +24,8 @@ def _names(points) -> list[str]:
 
 
 def test_specs_have_every_sizes_points_and_ranges_reach_the_largest(tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
-    from helios_deploy.specs import build_specs
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.model.specs import build_specs
 
     configs = Checkpoint(tiny_ckpt).configs
     sizes = ((64, 128), (128, 64), (128, 192))

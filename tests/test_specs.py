@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from helios_deploy import specs
+from helios_deploy.model import specs
 from helios_deploy.errors import UserError
 
 
 def _configs(tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
 
     return Checkpoint(tiny_ckpt).configs
 

@@ -47,7 +47,7 @@ def _same_bytes(a: dict[str, onnx.TensorProto], b: dict[str, onnx.TensorProto]) 
 @pytest.mark.parametrize("component", ["transformer", "text_encoder", "vae_decoder"])
 def test_export_streams_exactly_the_checkpoint_weights(tiny_ckpt, artifacts, component):
     """Every initializer the export streamed from the shards equals the parameter from_pretrained(fp32) loads."""
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
     from helios_deploy.export.exporter.modules import build_module
 
     state = build_module(Checkpoint(tiny_ckpt), component).state_dict()
@@ -231,7 +231,7 @@ def test_streamed_reference_equals_from_pretrained(tiny_ckpt, artifacts):
     """The parity reference with weights loaded per module gives from_pretrained's outputs (float32 rounding:
     torch's kernels depend on the weights' memory alignment)."""
     from helios_deploy.artifacts import Artifacts
-    from helios_deploy.checkpoint import Checkpoint
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
     from helios_deploy.export.exporter.modules import build_module
     from helios_deploy.export.parity.compare import cases, chunk_input, example_inputs, reference_output
     from helios_deploy.export.parity.reference import reference_module

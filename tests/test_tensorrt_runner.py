@@ -17,20 +17,20 @@ from helios_deploy.artifacts import FORMAT
 from helios_deploy.errors import UserError
 from helios_deploy.export.tensorrt import engines as E
 from helios_deploy.runtime.runners import tensorrt as R
-from helios_deploy.specs import resolve_shape, spec_to_json
+from helios_deploy.model.specs import resolve_shape, spec_to_json
 
 from .conftest import HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH
 from .fake_cuda import FakeCuda
 from .fake_tensorrt import DataType, ExecutionContextAllocationStrategy, FakeTensorRT
 
-PLATFORM = {"tensorrt": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "error": None}
+PLATFORM = {"tensorrt": "10.14.1", "gpu": "NVIDIA H100", "compute_capability": "9.0", "error": None}
 MUTATING = {"set_optimization_profile_async", "set_input_shape", "set_tensor_address", "set_device_memory"}
 
 
 @pytest.fixture(scope="module")
 def specs(tiny_ckpt):
-    from helios_deploy.checkpoint import Checkpoint
-    from helios_deploy.specs import build_specs
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.model.specs import build_specs
 
     return build_specs(Checkpoint(tiny_ckpt).configs, HEIGHT, WIDTH, TEXT_LENGTH, MAX_TEXT_LENGTH, ["transformer"])
 
@@ -144,7 +144,7 @@ def test_cuda_graph_context_is_never_touched_after_capture(setup):
     assert graphed.captures == points  # one capture per point, however the points interleave
     assert len(s.trt.named("capture")) == points
     assert len(s.trt.named("replay")) == 2 * len(_every_order(points)) - points
-    graphed = {ctx.label for ctx in s.trt.engines[0].contexts}
+    graphed = set(s.trt.engines[0].context_labels)
     for label, calls in s.context_calls().items():
         if label in graphed:
             captured = [i for i, c in calls if c[1] == "execute_async_v3" and c[4] == "captured"]
@@ -271,7 +271,7 @@ def test_a_budget_below_the_non_streamable_weights_is_a_user_error(setup):
 
 
 def test_without_total_weights_the_budget_is_a_streamable_budget_with_a_warning(setup):
-    s = setup(memory_budget=6_000, fake_trt_options={"engine_stat": False})
+    s = setup(memory_budget=6_000, fake_trt_options={"version": "10.9.0"})
     with pytest.warns(UserWarning, match="streamable weights only"):
         runner = s.runner().activate()
     assert runner.weight_streaming_budget == 6_000
@@ -325,8 +325,8 @@ def test_engine_dtypes_are_read_by_name(setup):
 def test_guided_variants_run_each_point_on_its_own_profile(tmp_path, monkeypatch, tiny_ckpt, variant):
     """Base (float timestep) and Mid engines: one exact profile per operating point, the batch-2 points of
     guidance first, and each call runs on the profile of its batch and size."""
-    from helios_deploy.checkpoint import Checkpoint
-    from helios_deploy.specs import build_specs
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.model.specs import build_specs
 
     specs = build_specs(Checkpoint(tiny_ckpt).configs, HEIGHT, WIDTH, TEXT_LENGTH, MAX_TEXT_LENGTH, ["transformer"],
                         variant=variant)
@@ -340,3 +340,101 @@ def test_guided_variants_run_each_point_on_its_own_profile(tmp_path, monkeypatch
         out = runner.infer(feeds)["noise_pred"]
         assert out.shape[0] == batches[i]
         assert torch.allclose(out, torch.full_like(out, _expected(feeds, i))), (step, i)
+
+
+# -- 11. the fake is as strict as the binding; what the stricter fake and issue 20 found -----------------------
+
+
+def test_the_fake_refuses_unknown_attributes_and_pre_10_1_members(graph):
+    from .fake_tensorrt import FakeEngine
+
+    new = FakeTensorRT(graph, version="10.14.1")
+    engine = FakeEngine(new, graph)
+    engine.weight_streaming_budget_v2 = 10  # a real (property) attribute
+    with pytest.raises(AttributeError, match="weight_streaming_budget_v3"):
+        engine.weight_streaming_budget_v3 = 10  # misspelled: a pybind11 object refuses it
+    context = engine.create_execution_context()
+    with pytest.raises(AttributeError, match="device_memroy"):
+        context.device_memroy = 0
+    old = FakeTensorRT(graph, version="10.0.1")
+    engine = FakeEngine(old, graph)
+    for name in ("weight_streaming_budget_v2", "device_memory_size_v2", "get_device_memory_size_for_profile_v2",
+                 "streamable_weights_size"):
+        assert not hasattr(engine, name), name
+    assert not hasattr(engine.create_execution_context(), "set_device_memory")
+    assert not hasattr(old, "EngineStat") and not hasattr(FakeTensorRT(graph, version="10.9.0"), "EngineStat")
+    with pytest.raises(RuntimeError, match="Error in set optimization profile"):
+        FakeEngine(new, graph).create_execution_context().set_optimization_profile_async(99, 1)
+
+
+def test_a_refused_profile_switch_names_the_profile(setup, monkeypatch):
+    from .fake_tensorrt import FakeContext
+
+    s = setup()
+
+    def refuse(self, index, stream):
+        raise RuntimeError("Error in set optimization profile.")
+
+    monkeypatch.setattr(FakeContext, "set_optimization_profile_async", refuse)
+    runner = s.runner().activate()
+    point = s.graph.operating_points[1].name
+    with pytest.raises(RuntimeError, match=rf"refused optimization profile 1 \({point}\).*Error in set optimization"):
+        runner.infer(s.feeds(1, seed=0))
+
+
+def test_no_activation_memory_reported_for_a_profile_that_needs_some_is_an_error(setup):
+    s = setup(fake_trt_options={"shape_memory": {1: 0}})
+    runner = s.runner().activate()
+    runner.infer(s.feeds(0, seed=0))  # profile 0 reports its need
+    with pytest.raises(RuntimeError, match="no activation memory for profile 1 .* needs 8192 bytes"):
+        runner.infer(s.feeds(1, seed=0))
+    assert len(s.trt.named("execute_async_v3")) == 1  # profile 1 never ran
+
+
+def test_a_failed_capture_warns_once_clears_the_error_and_runs_that_point_without_a_graph(setup):
+    s = setup(fake_trt_options={"uncapturable": {0}})
+    graphed = s.runner(cuda_graph=True).activate()
+    plain = s.runner(cuda_graph=False).activate()
+    points = len(s.graph.operating_points)
+    with pytest.warns(UserWarning, match="capture failed") as caught:
+        for step, i in enumerate(_every_order(points) * 2):
+            feeds = s.feeds(i, seed=200 + step)
+            assert torch.equal(graphed.infer(feeds)["noise_pred"], plain.infer(feeds)["noise_pred"]), (step, i)
+    failed = [str(w.message) for w in caught if "capture failed" in str(w.message)]
+    assert len(failed) == 1 and "cudaErrorStreamCaptureUnsupported" in failed[0] and " at stage" in failed[0]
+    assert [c[2] for c in s.trt.named("clear_error")] == ["cudaErrorStreamCaptureUnsupported"]
+    assert s.cuda.last_error is None
+    assert graphed.captures == points - 1  # the other points keep their graphs
+    assert graphed._points[0].graph is None and graphed._points[0].no_graph
+    replays = len(s.trt.named("replay"))
+    calls_at_other_points = sum(1 for i in _every_order(points) * 2 if i != 0)
+    assert replays == calls_at_other_points - (points - 1)  # each graphed point's first call captures
+
+
+def test_deactivation_releases_contexts_then_the_engine_with_the_runners_device_current(setup):
+    import gc
+
+    s = setup()
+    runner = s.runner("cuda:1", cuda_graph=True).activate()
+    for i in range(len(s.graph.operating_points)):
+        runner.infer(s.feeds(i, seed=i))
+    contexts = set(s.trt.engines[0].context_labels)
+    runner.deactivate()
+    gc.collect()
+    released = [(c[0], c[2]) for c in s.trt.named("__del__") if c[0].split("#")[0] in ("context", "engine")]
+    assert {label for label, _ in released} == contexts | {next(l for l, _ in released if l.startswith("engine"))}
+    assert all(device == 1 for _, device in released), released
+    assert released[-1][0].startswith("engine")  # the engine after every context
+    assert s.cuda.current_device() == 0
+
+
+def test_require_gpu_tensorrt_refuses_tensorrt_older_than_10_1(monkeypatch):
+    from helios_deploy.export.tensorrt import probe
+
+    old = {"tensorrt": "10.0.1.6", "gpu": "NVIDIA H100", "compute_capability": "9.0", "error": None}
+    monkeypatch.setattr(probe, "current_platform", lambda index=0: old)
+    with pytest.raises(UserError, match="TensorRT 10.0.1.6 here is too old") as e:
+        probe.require_gpu_tensorrt()
+    assert "10.1 or newer" in str(e.value) and "set_device_memory" in str(e.value)
+    monkeypatch.setattr(probe, "current_platform", lambda index=0: {**old, "tensorrt": "10.1.0"})
+    assert probe.require_gpu_tensorrt()["tensorrt"] == "10.1.0"

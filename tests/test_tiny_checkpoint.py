@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helios_deploy.tiny import write_tiny_checkpoint
+from helios_deploy.checkpoints.tiny import write_tiny_checkpoint
 
 from .conftest import HEIGHT, WIDTH
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,10 @@ def repo(sizes_artifacts, tmp_path_factory) -> Path:
     from helios_deploy.serving.repository import RepoOptions, write_repository
 
     base = tmp_path_factory.mktemp("triton")
-    report = write_repository(sizes_artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660))
-    assert report.models == ["helios"] and len(report.skipped) == 5  # no engines: every plan model skipped
+    report = write_repository(sizes_artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660,
+                                                                           chunk_seconds=0.05))
+    assert report.models == ["helios", "helios_control"] and report.skipped == []  # plan models are opt-in
+    assert not (base / "written" / "load_models.txt").exists()  # every model loads at start
     (base / "moved").mkdir()
     return (base / "written").rename(base / "moved" / "repo")
 
@@ -47,16 +50,6 @@ def server(server_env, repo):
     srv = LocalServer(server_env, repo, log_path=repo.parent / "tritonserver.log").start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _server_log_on_failure(request):
-    """Print the server's log (tail) under a failed test's report."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed and "server" in request.fixturenames:
-        log = request.getfixturevalue("server").log()
-        print("---- tritonserver log (last 80 lines) ----\n" + "\n".join(log.splitlines()[-80:]))
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +199,10 @@ def test_client_leaving_mid_stream_does_not_wedge_the_model(server, client):
     stream = client.stream(PROMPT, num_frames=660, seed=2)  # 20 chunks
     assert next(stream).index == 0
     stream.close()  # leave after the first chunk: the client cancels the request
-    good_request_completes(client)  # one instance: a wedged model would never answer this
+    good_request_completes(client)  # a wedged model would never answer this
+    end = time.time() + 60  # the stream is dropped at its next denoising step, beside the other stream
+    while "request cancelled by the client; stopped" not in server.log() and time.time() < end:
+        time.sleep(0.2)
     assert "request cancelled by the client; stopped" in server.log()
 
 
@@ -294,7 +290,7 @@ def test_every_config_parses_and_the_server_loaded_the_declared_tensors(repo, cl
     from helios_deploy.serving.configs import HELIOS_INPUTS, parse_config
 
     configs = sorted(repo.rglob("config.pbtxt"))
-    assert [p.parent.name for p in configs] == ["helios"]
+    assert [p.parent.name for p in configs] == ["helios", "helios_control"]
     cfg = parse_config(configs[0].read_text())
     assert cfg.model_transaction_policy.decoupled and cfg.backend == "python"
     assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_CPU]
@@ -336,7 +332,7 @@ def test_triton_cli_bad_inputs_exit_1_and_write_nothing(artifacts, tmp_path, cap
 def test_triton_cli_reference_mode(artifacts, tmp_path, capsys):
     code, out, _ = run_cli(["triton", artifacts, "-o", tmp_path / "repo", "--reference-artifacts", "--instances", 2],
                            capsys)
-    assert code == 0 and "skipped helios_transformer" in out
+    assert code == 0 and "models helios, helios_control " in out and "skipped" not in out  # no plans unless asked
     from helios_deploy.serving.configs import parse_config
 
     cfg = parse_config((tmp_path / "repo" / "helios" / "config.pbtxt").read_text())
@@ -383,7 +379,7 @@ def test_latency_through_triton_vs_in_process(pipe, client):
 # tensorrt_plan models from engine records (fake engine files: no TensorRT here)
 
 
-def _with_fake_engines(artifacts: Path, dest: Path, graphs, precision: str = "fp32") -> Path:
+def _with_fake_engines(artifacts: Path, dest: Path, graphs, precision: str = "fp32", tensorrt="10.13.3.9") -> Path:
     from helios_deploy.artifacts import Artifacts, write_manifest
     from helios_deploy.export.tensorrt import engines as E
 
@@ -391,8 +387,9 @@ def _with_fake_engines(artifacts: Path, dest: Path, graphs, precision: str = "fp
     arts = Artifacts.open(dest)
     for component, graph_name in graphs:
         graph = arts.spec(component).graph(graph_name)
+        version = tensorrt(component) if callable(tensorrt) else tensorrt
         fields = E.key_fields("g" * 64, "w" * 64, E.profiles(graph), E.BuildSettings(precision=precision),
-                              "10.13", "NVIDIA H100", "9.0")
+                              version, "NVIDIA H100", "9.0")
         name = E.engine_filename(graph.file, E.key_digest(fields))
         (dest / component / name).write_bytes(f"fake engine {component}/{graph_name}".encode())
         arts.manifest["components"][component].setdefault("engines", {})[graph_name] = E.engine_record(name, fields)
@@ -408,8 +405,11 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     from helios_deploy.serving.repository import RepoOptions, write_repository
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
-    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", gpus=(0, 1), reference=True))
-    assert report.models == ["helios", "helios_transformer", "helios_text_encoder", "helios_vae_decoder"]
+    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", gpus=(0, 1), reference=True,
+                                                                   plan_models=True))
+    assert report.models == ["helios", "helios_control", "helios_transformer", "helios_text_encoder",
+                             "helios_vae_decoder"]
+    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\nhelios_control\n"  # plans on request only
     assert report.skipped == [f"helios_vae_encoder_{g}: no TensorRT engine in the manifest (run helios-deploy build)"
                               for g in ("first", "step")]
     cfg = {m: parse_config((tmp_path / "repo" / m / "config.pbtxt").read_text()) for m in report.models}
@@ -424,6 +424,8 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     group = tr.instance_group[0]
     assert list(group.gpus) == [0, 1] and group.kind == group.KIND_GPU
     assert list(group.profile) == ["0", "1", "2"]  # one profile per pyramid stage
+    # TensorRT 10.13.3.9 -> the newest listed release that ships it, 26.02: its backend reads the strategy
+    assert tr.parameters["execution_context_allocation_strategy"].string_value == "ON_PROFILE_CHANGE"
     text = (tmp_path / "repo" / "helios_transformer" / "config.pbtxt").read_text()
     # stage 0 at 64x128: latent 8x16 quartered -> 2x4; stage 2: the full 8x16
     assert f"hidden_states: [1, {channels}, 9, 2, 4] / [1, {channels}, 9, 2, 4]" in text
@@ -439,6 +441,109 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     helios = cfg["helios"]
     assert helios.parameters["backend"].string_value == "tensorrt"
     assert list(helios.instance_group[0].gpus) == [0, 1] and helios.instance_group[0].kind == group.KIND_GPU
+
+
+def _readme_command(repo: Path) -> str:
+    text = (repo / "README.md").read_text()
+    return text[text.index("docker run"):text.index("```", text.index("docker run"))]
+
+
+def test_tensorrt_repository_pins_the_engines_tensorrt_and_names_a_container_that_ships_it(artifacts, tmp_path):
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+
+    arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
+    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True))
+    assert report.models == ["helios", "helios_control"]
+    assert not (tmp_path / "repo" / "load_models.txt").exists()  # no plan models
+    command = _readme_command(tmp_path / "repo")
+    assert 'pip install torch "numpy<2" tensorrt==10.13.3.9 /opt/helios-deploy' in command
+    assert "nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3" in command  # its Python has TensorRT 10.13.3.9
+    assert "check-libnvinfer" not in command and "--model-control-mode" not in command
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "25.11, 25.12, 26.01, 26.02 ship it" in readme
+
+
+def test_plan_models_check_libnvinfer_and_start_with_explicit_model_control(artifacts, tmp_path):
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+    from helios_deploy.serving.server import startup_args
+
+    arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS, tensorrt="10.8.0.43")
+    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True, plan_models=True))
+    command = _readme_command(tmp_path / "repo")
+    assert "nvcr.io/nvidia/tritonserver:25.02-py3" in command  # the plain image: it has the tensorrt backend
+    assert "check-libnvinfer 10.8.0.43 && tritonserver --model-repository /models --model-control-mode explicit " \
+           "--load-model helios --load-model helios_control" in command
+    assert startup_args(tmp_path / "repo") == ["--model-control-mode", "explicit", "--load-model", "helios",
+                                               "--load-model", "helios_control"]
+    config = (tmp_path / "repo" / "helios_transformer" / "config.pbtxt").read_text()
+    assert "execution_context_allocation_strategy" not in config  # 25.02's backend has no such parameter
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert "not loaded at start" in readme and "weights twice on the GPU" in readme and "STATIC" in readme
+    assert report.deployment.release == "25.02"
+
+
+@pytest.mark.parametrize("tensorrt, options, needle", [
+    (lambda c: "10.13.3.9" if c == "transformer" else "10.8.0.43", {}, "different TensorRT versions"),
+    ("10.0.1.6", {}, "TensorRT 10.0.1.6, which helios-deploy cannot run"),
+    ("10.13.3.9", {"--triton-release": "25.02"}, "Triton 25.02 cannot load these engines: it ships TensorRT 10.8.0.43"),
+    ("10.13.3.9", {"--triton-release": "99.01"}, "unknown Triton release '99.01'"),
+    ("10.5.0.18", {"--plan-models": None}, "no listed Triton release ships TensorRT 10.5.0.18"),
+])
+def test_combinations_that_cannot_load_are_refused(artifacts, tmp_path, capsys, tensorrt, options, needle):
+    arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS, tensorrt=tensorrt)
+    extra = [a for k, v in options.items() for a in ((k,) if v is None else (k, v))]
+    code, _, err = run_cli(["triton", arts, "-o", tmp_path / "r", "--backend", "tensorrt", *extra], capsys)
+    assert code == 1 and needle in err, err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["arts"]
+
+
+def test_without_plan_models_an_unlisted_tensorrt_is_pinned_on_the_default_container(artifacts, tmp_path):
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+
+    arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS, tensorrt="10.5.0.18")
+    write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True))
+    command = _readme_command(tmp_path / "repo")
+    assert "tensorrt==10.5.0.18" in command and "nvcr.io/nvidia/tritonserver:24.10-py3" in command
+    assert "no Triton release in helios-deploy's table ships it" in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_check_libnvinfer_compares_the_containers_library_with_the_engines_tensorrt(capsys):
+    from helios_deploy.serving import containers as C
+
+    assert C.check_libnvinfer("10.8.0.43", loaded=100800) == "10.8.0"  # getInferLibVersion of TensorRT 10.8.0
+    with pytest.raises(UserError, match="TensorRT 10.9.0 cannot load engines built with TensorRT 10.8.0.43"):
+        C.check_libnvinfer("10.8.0.43", loaded=100900)
+    assert C.main(["check-libnvinfer", "10.8.0.43"]) == 1  # no libnvinfer on this machine: one message
+    err = capsys.readouterr().err
+    assert "no libnvinfer.so.10" in err and "Traceback" not in err
+
+
+def _model_states(server) -> dict[str, str]:
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return {m["name"]: m.get("state", "") for m in json.loads(r.read())}
+
+
+def test_a_real_tritonserver_loads_only_helios_from_a_repository_with_plan_models(artifacts, server_env, tmp_path):
+    """The pytriton tritonserver has no tensorrt backend: it starts only because explicit model control (the
+    repository's load_models.txt) keeps the tensorrt_plan models unloaded; without it the server fails to start."""
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+    from helios_deploy.serving.server import LocalServer
+
+    arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
+    repo = tmp_path / "repo"
+    write_repository(arts, repo, RepoOptions(backend="onnxruntime", reference=True, plan_models=True))
+    with LocalServer(server_env, repo, tmp_path / "server.log") as srv:
+        states = _model_states(srv)
+    assert states["helios"] == "READY" and states["helios_control"] == "READY"
+    assert {m: states[m] for m in ("helios_transformer", "helios_text_encoder", "helios_vae_decoder")} == \
+        {"helios_transformer": "", "helios_text_encoder": "", "helios_vae_decoder": ""}  # listed, never loaded
+    (repo / "load_models.txt").unlink()
+    with pytest.raises(RuntimeError, match="tritonserver exited") as e:
+        LocalServer(server_env, repo, tmp_path / "server2.log").start(timeout=120)
+    assert "tensorrt" in str(e.value)
 
 
 def model_type_name(value: int) -> str:

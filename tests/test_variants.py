@@ -13,7 +13,7 @@ import pytest
 
 from helios_deploy.errors import UserError
 from helios_deploy.runtime import Pipeline
-from helios_deploy.variants import Variant, variant_of
+from helios_deploy.model.variants import Variant, variant_of
 
 from .conftest import run_cli
 
@@ -57,7 +57,7 @@ def test_tiny_checkpoint_of_each_variant_is_what_diffusers_saves(request, which,
 
 
 def test_tiny_checkpoint_cli_variant_options(tmp_path, capsys):
-    from helios_deploy.tiny import build_pipeline
+    from helios_deploy.checkpoints.tiny import build_pipeline
 
     assert build_pipeline(variant="mid", cfg_zero_star=False).config.is_cfg_zero_star is False
     code, _, err = run_cli(["tiny-checkpoint", tmp_path / "x", "--variant", "base", "--cfg-zero-star"], capsys)

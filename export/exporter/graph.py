@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...checkpoint import Checkpoint
+from ...checkpoints.checkpoint import Checkpoint
 from ...errors import UserError
-from ...specs import GraphSpec, parse_dim, resolve_shape
+from ...model.specs import GraphSpec, parse_dim, resolve_shape
 from .modules import build_module, graph_module
 from .patches import export_patches
 from ..graphio import IN_FLIGHT_BYTES, INLINE_BYTES, ArraySource, cast, safetensors_source
@@ -81,11 +81,13 @@ def weight_sources(ckpt: Checkpoint, component: str, module) -> tuple[dict, dict
     return keys, buffers
 
 
-def _bind_weights(model, ckpt: Checkpoint, component: str, keys: dict, buffers: dict, prefix: str) -> list[str]:
+def _bind_weights(model, ckpt: Checkpoint, component: str, keys: dict, buffers: dict, prefix: str,
+                  fusion=None) -> list[str]:
     """Replace each initializer's (meta) value with a source that streams it from the checkpoint (or the
-    module's buffers) when the external data is written. Returns the names that could not be bound."""
+    module's buffers) when the external data is written, with ``fusion``'s LoRA deltas added to the weights
+    it targets (export/exporter/lora.py). Returns the names that could not be bound."""
     index = ckpt.index_for(component)
-    missing = []
+    missing, fused = [], set()
     for name, value in model.graph.initializers.items():
         local = name[len(prefix):] if name.startswith(prefix) else name
         dtype, shape = value.const_value.dtype, tuple(value.const_value.shape)
@@ -99,8 +101,12 @@ def _bind_weights(model, ckpt: Checkpoint, component: str, keys: dict, buffers: 
             if stored.dims != shape:
                 raise UserError(f"checkpoint weight {keys[local]} has shape {stored.dims}, the config implies {shape}",
                                 fix="the config.json and the weights of this checkpoint do not belong together")
+            if fusion is not None and local in fusion.deltas:
+                stored, _ = fusion.fused(local, stored), fused.add(local)
             value.const_value = cast(stored, dtype)  # bf16 -> fp32 block by block as it is written
             value.const_value.name = name
+    if fusion is not None and set(fusion.deltas) - fused:
+        raise RuntimeError(f"LoRA targets not bound to an initializer: {sorted(set(fusion.deltas) - fused)[:4]}")
     return missing
 
 
@@ -127,8 +133,9 @@ def _strip_debug_metadata(model) -> None:
             node.metadata_props.pop(key, None)
 
 
-def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Path, opset: int) -> dict:
-    """Export one graph to ``out_dir/graph.file`` with its weights in external data beside it."""
+def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Path, opset: int, fusion=None) -> dict:
+    """Export one graph to ``out_dir/graph.file`` with its weights in external data beside it (with LoRA
+    adapters fused in, given a ``fusion`` from export/exporter/lora.py)."""
     import onnx_ir as ir
 
     t0 = time.perf_counter()
@@ -148,7 +155,7 @@ def export_graph(ckpt: Checkpoint, component: str, graph: GraphSpec, out_dir: Pa
             dynamic_shapes=dynamic_shapes(graph), optimize=False, verbose=False,
         )
     model = program.model
-    missing = _bind_weights(model, ckpt, component, keys, buffers, prefix)
+    missing = _bind_weights(model, ckpt, component, keys, buffers, prefix, fusion)
     if missing:
         raise UserError(f"checkpoint lacks weights the {component} needs",
                         found=f"{len(missing)} missing, e.g. {', '.join(missing[:4])}",

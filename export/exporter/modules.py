@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ...checkpoint import Checkpoint
-from ...specs import GraphSpec
+from ...checkpoints.checkpoint import Checkpoint
+from ...model.specs import GraphSpec
 from .vae_steps import VaeChunkDecoder, VaeFirstStep, VaeStep, cache_layout
 
 

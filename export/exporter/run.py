@@ -11,18 +11,19 @@ from typing import Iterable, Sequence
 
 from ... import __version__
 from ...artifacts import FORMAT, file_record, write_manifest
-from ...checkpoint import Checkpoint
+from ...checkpoints.checkpoint import Checkpoint
 from ...errors import UserError
 from ...fsutil import staged_dir
-from ...memory import measure_peak, process_peak_bytes, release_memory
-from ...sizes import Size, sizes_or_one
-from ...specs import COMPONENTS, build_specs, spec_to_json
+from ...measure.memory import measure_peak, process_peak_bytes, release_memory
+from ...model.sizes import Size, sizes_or_one
+from ...model.specs import COMPONENTS, build_specs, spec_to_json
 from ..parity.audit import audit
 from ..parity.reference import reference_module
 from .modules import build_module
 from .graph import export_graph
 from ..transforms.vae_chunk import export_chunk_decoder
 from .vae_steps import cache_layout
+from .lora import Adapter, fused_reference, plan_fusion
 
 DEFAULT_OPSET = 20
 
@@ -39,7 +40,8 @@ def _weights_bytes(ckpt: Checkpoint, components: Iterable[str]) -> int:
     return sum(p.stat().st_size for p in {p for c in components for p in ckpt.index_for(c).files})
 
 
-def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: int, layouts: dict, sizes, log) -> dict:
+def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: int, layouts: dict, sizes, log,
+                      fusion=None) -> dict:
     """Export every graph of one component into ``folder``; returns its manifest entry, with the peak memory
     of this component's export against the bytes of its checkpoint weights."""
     graphs = {}
@@ -50,11 +52,31 @@ def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: in
             if name == "vae_decoder":  # one chunk graph, composed from the first and step graphs
                 info = export_chunk_decoder(ckpt, g, folder, opset, layouts["decode"], sizes)
             else:
-                info = export_graph(ckpt, name, g, folder, opset)
+                info = export_graph(ckpt, name, g, folder, opset, fusion)
             graphs[g.name] = {**info, **file_record(folder, info["file"], info["data"])}
     weights = _weights_bytes(ckpt, [name])
     memory.update(weights_bytes=weights, ratio=round(memory["peak_rss_bytes"] / weights, 3) if weights else None)
-    return {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs, "export_memory": memory}
+    entry = {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs, "export_memory": memory}
+    if fusion is not None:
+        entry["lora_targets"] = fusion.targets()
+    return entry
+
+
+def lora_fusion(ckpt: Checkpoint, components: Sequence[str], adapters: Sequence[Adapter]):
+    """The transformer's fusion plan for ``adapters`` (None without adapters); every adapter is checked
+    against the transformer's layers before anything is exported."""
+    if not adapters:
+        return None
+    if "transformer" not in components:
+        raise UserError("--lora was given but the transformer is not exported", found=f"--components {','.join(components)}",
+                        fix="add transformer to --components (LoRA adapters are fused into its weights)")
+    return plan_fusion(adapters, build_module(ckpt, "transformer", load_weights=False))
+
+
+def reference_loader(ckpt: Checkpoint, adapters: Sequence[Adapter] = ()):
+    """component -> its reference module: diffusers' transformer with the adapters loaded and fused when
+    there are adapters (parity of a fused export), else the streamed reference."""
+    return lambda c: fused_reference(ckpt, adapters) if adapters and c == "transformer" else reference_module(ckpt, c)
 
 
 def variant_record(ckpt: Checkpoint) -> dict:
@@ -67,10 +89,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
                       components: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET,
                       text_length: int = 512, max_text_length: int = 512, force: bool = False,
                       run_audit: bool = True, revision: str | None = None, sizes: Sequence[Size] | None = None,
-                      log=print) -> dict:
+                      adapters: Sequence[Adapter] = (), log=print) -> dict:
     """Export ``components`` of a checkpoint (a folder, or a Hub id at ``revision``) to ``out``; returns the
     manifest. ``sizes`` (several (height, width); default the one ``height`` x ``width``) gives the graphs
     operating points for every size, and the manifest records them (the first is every request's default).
+    ``adapters``: LoRA adapters fused into the transformer's weights as they are written (the manifest records
+    each file's sha256 and scale under "lora").
 
     Everything is written to a temporary folder beside ``out`` and moved into place only when the
     export and its audit have succeeded.
@@ -81,6 +105,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     if opset < 18:
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
+    fusion = lora_fusion(ckpt, components, adapters)
     layouts = vae_layouts(ckpt, components)
     sizes = sizes_or_one(height, width, sizes)
     specs = build_specs(ckpt.configs, *sizes[0], text_length, max_text_length, components, layouts,
@@ -96,10 +121,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         "text_length": text_length, "max_text_length": max_text_length,
         "scheduler_config": ckpt.configs["scheduler"], "variant": variant_record(ckpt), "components": {},
         "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "lora": [a.record() for a in adapters],
     }
     with staged_dir(Path(out), force=force) as tmp:
         for name, spec in specs.items():
-            manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, sizes, log)
+            manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, sizes, log,
+                                                             fusion if name == "transformer" else None)
         manifest["export_peak_rss_bytes"] = process_peak_bytes()
         manifest["weights_bytes"] = _weights_bytes(ckpt, components)
         shutil.copytree(ckpt.path / "tokenizer", tmp / "tokenizer")
@@ -108,7 +135,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
         if run_audit:
             log("auditing (onnx.checker, ONNX Runtime session, parity against the reference) ...")
             t1 = time.perf_counter()
-            results = audit(tmp, specs, lambda c: reference_module(ckpt, c))
+            results = audit(tmp, specs, reference_loader(ckpt, adapters))
             manifest["audit"] = {c: {"passed": r["passed"], "cases": r["cases"], "memory": r["memory"]}
                                  for c, r in results.items()}
             manifest["timings"]["audit_seconds"] = round(time.perf_counter() - t1, 2)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ...errors import AuditError
-from ...specs import ComponentSpec
-from ...memory import measure_peak
+from ...model.specs import ComponentSpec
+from ...measure.memory import measure_peak
 from .compare import OrtGraph, compare_component
 
 

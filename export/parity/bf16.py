@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from ...errors import UserError
-from ...specs import GraphSpec
+from ...model.specs import GraphSpec
 
 BF16_REL_L2 = 0.05  # parity of a bf16 graph against the fp32 reference (bf16 has an 8-bit mantissa)
 
@@ -34,7 +34,7 @@ def bf16_report(checkpoint, artifacts, components: Iterable[str] | None = None, 
     """Every lowered graph (reference evaluator) against the fp32 reference modules at every parity
     case; the same report shape as the fp32 parity."""
     from ...artifacts import Artifacts
-    from ...checkpoint import Checkpoint
+    from ...checkpoints.checkpoint import Checkpoint
     from .reference import reference_module
     from .compare import compare_component
 

@@ -14,8 +14,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ...memory import release_memory
-from ...specs import ComponentSpec, GraphSpec, resolve_shape
+from ...measure.memory import release_memory
+from ...model.specs import ComponentSpec, GraphSpec, resolve_shape
 from ...runtime.vae import run_chunk
 
 FP32_REL_L2 = 1e-4

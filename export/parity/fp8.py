@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Iterable
 
 from ...artifacts import Artifacts
-from ...checkpoint import Checkpoint
+from ...checkpoints.checkpoint import Checkpoint
 from ...errors import UserError
 from .audit import format_table
-from ...memory import measure_peak
-from .reference import reference_module
+from ...measure.memory import measure_peak
+from ..exporter.run import reference_loader
 from .compare import OrtGraph, compare_component
 
 FP8_REL_L2 = 0.08
@@ -35,7 +35,7 @@ def _rows(component: str, result: dict) -> list[tuple]:
 
 
 def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[str] | None = None, seed: int = 0,
-                      pipeline: bool = False, chunks: int | None = None) -> dict:
+                      pipeline: bool = False, chunks: int | None = None, adapters=()) -> dict:
     names = list(components or [c for c in arts.components if arts.manifest["components"][c].get("fp8")])
     if not names:
         verify_fp8_files(arts, "transformer")  # raises: nothing quantized yet
@@ -48,7 +48,7 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         path = arts.root / name / entry["file"]
         with measure_peak() as memory:
             result = compare_component(name, spec, lambda: {"model": OrtGraph(path, spec.graph("model"))},
-                                       lambda: reference_module(ckpt, name), seed=seed, threshold=FP8_REL_L2,
+                                       lambda: reference_loader(ckpt, adapters)(name), seed=seed, threshold=FP8_REL_L2,
                                        precision="fp8", min_cosine=FP8_COSINE)
         result["memory"] = memory
         report["components"][name] = result
@@ -58,7 +58,7 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         from .pipeline import run_pipeline_psnr
 
         report["pipeline"] = run_pipeline_psnr(ckpt.path, Pipeline.from_artifacts(arts.root, precision="fp8"), seed=seed,
-                                               chunks=chunks)
+                                               chunks=chunks, adapters=adapters)
         rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB (>= "
                   f"{report['pipeline']['threshold_psnr_db']}), last - first chunk {c['drift_db']:+.2f} dB "
                   f"(>= -{report['pipeline']['max_drift_db']})") for c in report["pipeline"]["cases"] if not c["passed"]]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ...checkpoint import Checkpoint
+from ...checkpoints.checkpoint import Checkpoint
 from ..exporter.patches import cholesky_float64, contiguous_transformer_output
 
 PIXEL_THRESHOLD = 1e-3  # max abs error of the final float video, in [0, 1] pixel units
@@ -130,14 +130,15 @@ def _runtime_kwargs(case: PipelineCase, inputs: dict, variant: str) -> dict:
     return kwargs
 
 
-def reference_pipeline(checkpoint, variant: str):
-    """The diffusers pipeline of the checkpoint's variant, float32 on CPU."""
+def reference_pipeline(checkpoint, variant: str, adapters=()):
+    """The diffusers pipeline of the checkpoint's variant, float32 on CPU (with LoRA ``adapters`` fused)."""
+    from ..exporter.lora import fuse_into_pipeline
     from diffusers import HeliosPipeline, HeliosPyramidPipeline
 
     cls = HeliosPipeline if variant == "base" else HeliosPyramidPipeline
     ref = cls.from_pretrained(Checkpoint(checkpoint).path, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    return ref
+    return fuse_into_pipeline(ref, adapters)
 
 
 @contextmanager
@@ -180,9 +181,10 @@ class PromptPerChunk:
 
 
 def reference_video(ref, case: PipelineCase, variant: str, height: int, width: int, text_length: int,
-                    seed: int = 0) -> np.ndarray:
-    """The reference pipeline's video for ``case``: float [T, H, W, 3] in [0, 1]."""
-    prompts = case.prompts()
+                    seed: int = 0, prompts: list[str] | None = None) -> np.ndarray:
+    """The reference pipeline's video for ``case``: float [T, H, W, 3] in [0, 1]; ``prompts``: the prompt in
+    force at each chunk instead of the case's (a live stream's prompt changes)."""
+    prompts = prompts or case.prompts()
     if len(set(prompts)) == 1:
         text = {"prompt": prompts[0]}
     else:  # interactive: each chunk's embeddings, the first ones passed in, the next at each chunk boundary
@@ -206,10 +208,10 @@ def runtime_video(pipe, case: PipelineCase, seed: int = 0) -> np.ndarray:
                          **_runtime_kwargs(case, inputs, pipe.variant.name))
 
 
-def _videos(checkpoint, pipe, cases, seed: int):
+def _videos(checkpoint, pipe, cases, seed: int, adapters=()):
     """(case, reference video, our video) per case: float [T, H, W, 3] in [0, 1], same prompt/seed/inputs."""
     variant = pipe.variant.name
-    ref = reference_pipeline(checkpoint, variant)
+    ref = reference_pipeline(checkpoint, variant, adapters)
     for case in cases:
         expected = reference_video(ref, case, variant, *(case.size or (pipe.height, pipe.width)), pipe.text_length,
                                    seed)
@@ -231,11 +233,11 @@ def compare_fp32(case: PipelineCase, expected: np.ndarray, got: np.ndarray) -> d
             "passed": max(per_chunk) <= PIXEL_THRESHOLD}
 
 
-def run_pipeline_parity(checkpoint, pipe, cases=None, seed: int = 0, chunks: int | None = None) -> dict:
+def run_pipeline_parity(checkpoint, pipe, cases=None, seed: int = 0, chunks: int | None = None, adapters=()) -> dict:
     """``pipe`` is a helios_deploy.runtime.Pipeline over artifacts of ``checkpoint``; ``cases`` default to
     its variant's (VARIANT_CASES), at every exported size; ``chunks`` overrides their length (2 chunks)."""
     cases = with_chunks(VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks, pipe.sizes)
-    results = [compare_fp32(case, expected, got) for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
+    results = [compare_fp32(case, expected, got) for case, expected, got in _videos(checkpoint, pipe, cases, seed, adapters)]
     return {"threshold_max_abs_err": PIXEL_THRESHOLD, "variant": pipe.variant.name,
             "passed": all(r["passed"] for r in results), "cases": results}
 
@@ -246,7 +248,7 @@ def run_pipeline_parity(checkpoint, pipe, cases=None, seed: int = 0, chunks: int
 # the fp32 runtime with another prompt scores 16.9/17.4 dB and with another seed 10.6/10.1 dB. 30 dB
 # leaves 5 dB (about 3x the MSE) below the worst FP8 chunk and is far above a different video.
 # Over a long stream the error must not build up: the last chunk's PSNR within DRIFT_DB of the first's
-# (12 chunks measured: slopes -0.04 to -0.07 dB per chunk, last - first -0.2 to -2.2 dB; README, Long streams).
+# (12 chunks measured: slopes -0.04 to -0.07 dB per chunk, last - first -0.2 to -2.2 dB; docs/reliability.md, Long streams).
 FP8_CASES = (PipelineCase("t2v_111"), PipelineCase("t2v_222_amplify", steps=(2, 2, 2), amplify=True),
              PipelineCase("i2v_111", condition="image"))
 FP8_VARIANT_CASES = {"distilled": FP8_CASES, "base": (BASE_CASES[0], BASE_CASES[1]), "mid": (MID_CASES[0],)}
@@ -286,11 +288,11 @@ def compare_psnr(case: PipelineCase, expected: np.ndarray, got: np.ndarray, thre
 
 
 def run_pipeline_psnr(checkpoint, pipe, cases=None, seed: int = 0, threshold: float = PSNR_THRESHOLD,
-                      chunks: int | None = None) -> dict:
+                      chunks: int | None = None, adapters=()) -> dict:
     """PSNR of our (FP8) runtime's video against the fp32 reference pipeline, per chunk of 33 frames, and
     its trend over the stream (``cases`` default to the variant's FP8_VARIANT_CASES)."""
     cases = with_chunks(FP8_VARIANT_CASES[pipe.variant.name] if cases is None else cases, chunks, pipe.sizes)
     results = [compare_psnr(case, expected, got, threshold)
-               for case, expected, got in _videos(checkpoint, pipe, cases, seed)]
+               for case, expected, got in _videos(checkpoint, pipe, cases, seed, adapters)]
     return {"metric": "psnr", "threshold_psnr_db": threshold, "max_drift_db": DRIFT_DB, "variant": pipe.variant.name,
             "passed": all(r["passed"] for r in results), "cases": results}

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ...checkpoint import Checkpoint
+from ...checkpoints.checkpoint import Checkpoint
 from ...errors import UserError
 from ..exporter.graph import weight_sources
 from ..exporter.modules import build_module

@@ -9,13 +9,14 @@ from typing import Iterable
 import numpy as np
 
 from ...artifacts import Artifacts
-from ...checkpoint import Checkpoint, revision_for
+from ...checkpoints.checkpoint import Checkpoint, revision_for
 from ...errors import UserError
-from ...sizes import video_sizes
-from .reference import reference_module
+from ...model.sizes import video_sizes
+from ..exporter.lora import manifest_adapters
+from ..exporter.run import reference_loader
 from .audit import format_table, open_sessions, parity_rows
 from .compare import compare_component
-from ...memory import measure_peak
+from ...measure.memory import measure_peak
 
 
 def graph_bytes(arts: Artifacts, component: str) -> int:
@@ -34,10 +35,11 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
     arts = Artifacts.open(artifacts)
     ckpt = Checkpoint(checkpoint, revision_for(checkpoint, arts.manifest["checkpoint"], revision))
     arts.check_checkpoint(ckpt.identity)
+    adapters = manifest_adapters(arts.manifest)  # the reference gets the LoRA adapters the export fused
     if precision == "fp8":
         from .fp8 import fp8_parity_report
 
-        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline, chunks=chunks)
+        return fp8_parity_report(ckpt, arts, components, seed=seed, pipeline=pipeline, chunks=chunks, adapters=adapters)
     if precision == "bf16":
         from .bf16 import bf16_report
 
@@ -54,8 +56,7 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
         local: list[tuple] = []
         with measure_peak() as memory:
             report["components"][name] = compare_component(
-                name, spec, lambda: open_sessions(arts.root, spec, local), lambda: reference_module(ckpt, name),
-                seed=seed)
+                name, spec, lambda: open_sessions(arts.root, spec, local), lambda: reference_loader(ckpt, adapters)(name), seed=seed)
         local += parity_rows(name, report["components"][name])
         report["components"][name]["memory"] = {**memory, "graph_bytes": graph_bytes(arts, name)}
         rows += local
@@ -64,7 +65,7 @@ def parity_report(checkpoint: str | Path, artifacts: str | Path, components: Ite
         from .pipeline import run_pipeline_parity
 
         report["pipeline"] = run_pipeline_parity(ckpt.path, Pipeline.from_artifacts(arts.root), seed=seed,
-                                                 chunks=chunks)
+                                                 chunks=chunks, adapters=adapters)
         rows += [("pipeline", c["name"], "parity", f"max_abs_err {c['max_abs_err']:.2e} > 1e-3 (chunk "
                   f"{int(np.argmax(c['max_abs_err_per_chunk']))})")
                  for c in report["pipeline"]["cases"] if not c["passed"]]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ...artifacts import Artifacts, write_manifest
-from ...sizes import point_size, size_name, video_sizes
+from ...model.sizes import point_size, size_name, video_sizes
 from .builder import build_engine
 from .engines import (BuildSettings, engine_file_problem, engine_filename, engine_record, key_digest, key_fields,
                       profiles, source_entry)
@@ -118,6 +118,7 @@ def build(artifacts, components: Iterable[str] | None = None, settings: BuildSet
             log(f"{component}/{graph.name}: building {p['engine']} ({len(p['profiles'])} profiles) ...")
             report = build_engine(arts.root / p["onnx"], graph, path, settings, max_batch, log=log)
             entries[graph.name] = engine_record(p["engine"], p["key_fields"], report, settings.memory_budget)
+            entries[graph.name]["lora"] = arts.manifest.get("lora") or []  # the adapters fused into its weights
             write_manifest(arts.root, arts.manifest)  # after each engine, so a later failure keeps the rest
     return the_plan
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...fsutil import PARTIAL, clean_stale_partials, deferred_signals
-from ...specs import GraphSpec
-from .engines import BuildSettings, profiles, weight_sizes
+from ...model.specs import GraphSpec
+from .engines import BuildSettings, mapped_engine, profiles, weight_sizes
+from .probe import require_supported_tensorrt, tensorrt_version
 
 
 def _stderr(message: str) -> None:
@@ -28,10 +29,9 @@ def _stderr(message: str) -> None:
 
 def _network_flags(trt) -> int:
     """Strongly typed: a flag on TensorRT 10, always on (flag deprecated, ignored) from TensorRT 11."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is None or int(trt.__version__.split(".")[0]) >= 11:
+    if tensorrt_version(trt.__version__)[:1] >= (11,):
         return 0
-    return 1 << int(flag)
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _parse(trt, builder, logger, onnx_path: Path, graph: GraphSpec):
@@ -73,6 +73,21 @@ def _timing_cache(config, path: Path, log):
     return cache
 
 
+def refit_flags(trt, settings: BuildSettings) -> list:
+    """REFIT for --refittable; STRIP_PLAN + REFIT_IDENTICAL for --strip-weights (TensorRT >= 10)."""
+    flags = []
+    if settings.refittable:
+        flags.append(trt.BuilderFlag.REFIT)
+    if settings.strip_weights:
+        names = ("STRIP_PLAN", "REFIT_IDENTICAL")
+        if not all(hasattr(trt.BuilderFlag, n) for n in names):
+            raise UserError(f"TensorRT {trt.__version__} cannot build weight-stripped plans",
+                            expected="TensorRT 10 or newer (BuilderFlag.STRIP_PLAN, REFIT_IDENTICAL)",
+                            fix="drop --strip-weights, or upgrade TensorRT")
+        flags += [getattr(trt.BuilderFlag, n) for n in names]
+    return flags
+
+
 def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batch: int | None, log):
     config = builder.create_builder_config()
     config.builder_optimization_level = settings.opt_level
@@ -80,6 +95,8 @@ def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batc
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace)
     if settings.memory_budget is not None:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    for flag in refit_flags(trt, settings):
+        config.set_flag(flag)
     for prof in profiles(graph, max_batch):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.items():
@@ -131,20 +148,18 @@ def _write_plan(path: Path, plan) -> dict:
 
 
 def _inspect(trt, logger, path: Path, n_profiles: int) -> dict:
-    """Device memory and weight sizes, where this TensorRT version exposes them (the engine read back from
-    disk; the host copy of its bytes is dropped as soon as it is deserialised)."""
+    """Device memory and weight sizes (TensorRT 10.1+ queries; the total weights from 10.14), from the engine read
+    back from disk through a memory map (no private host copy of its bytes besides TensorRT's own)."""
     runtime = trt.Runtime(logger)
-    data = path.read_bytes()
-    engine = runtime.deserialize_cuda_engine(data)
-    del data
+    with mapped_engine(path) as data:
+        engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         return {}
-    by_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None) or \
-        getattr(engine, "get_device_memory_size_for_profile", None)
     total, streamable = weight_sizes(trt, engine)
     return {
-        "device_memory_bytes": getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", None)),
-        "device_memory_bytes_by_profile": [by_profile(i) for i in range(n_profiles)] if by_profile else None,
+        "device_memory_bytes": int(engine.device_memory_size_v2),
+        "device_memory_bytes_by_profile": [int(engine.get_device_memory_size_for_profile_v2(i))
+                                           for i in range(n_profiles)],
         "weights_bytes": total,
         "streamable_weights_bytes": streamable,
     }
@@ -156,6 +171,7 @@ def build_engine(onnx_path: str | Path, graph: GraphSpec, out_path: str | Path, 
     with the engine file's size and sha256 (engine_bytes, engine_sha256) and, with ``inspect``, its memory."""
     import tensorrt as trt
 
+    require_supported_tensorrt(trt.__version__)
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     logger = trt.Logger(trt.Logger.WARNING)
     t0 = time.perf_counter()

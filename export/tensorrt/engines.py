@@ -19,15 +19,17 @@ Manifest section written by ``helios-deploy build`` and read by the TensorRT run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ...errors import UserError
 from ...fsutil import sha256_file
-from ...specs import GraphSpec, resolve_shape
+from ...model.specs import GraphSpec, resolve_shape
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 REBUILD = "helios-deploy build ARTIFACTS --rebuild"
@@ -110,6 +112,8 @@ class BuildSettings:
     # (weight_streaming_budget below). Only on/off is part of the key.
     memory_budget: int | None = None
     timing_cache: str | None = None  # file loaded before and saved after the build (not part of the key)
+    refittable: bool = False  # BuilderFlag.REFIT: `refit` can swap LoRA weights in place (export/tensorrt/refit.py)
+    strip_weights: bool = False  # STRIP_PLAN + REFIT_IDENTICAL: a plan without weights, refitted from the ONNX at load
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -124,7 +128,8 @@ class BuildSettings:
     def key(self) -> dict:
         """The settings that change the engine: the timing cache only changes how long a build takes, and the
         budget's value only what the runner keeps on the device (weight streaming on/off changes the engine)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("timing_cache", "memory_budget")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("timing_cache", "memory_budget")
+               and not (k in ("refittable", "strip_weights") and not v)}  # off: keys of older engines unchanged
         out["weight_streaming"] = self.memory_budget is not None
         return out
 
@@ -293,14 +298,33 @@ def trt_dtype(dtype) -> str:
     return TRT_DTYPES.get(name, name.lower())
 
 
-def weight_sizes(trt, engine) -> tuple[int | None, int | None]:
-    """(all weights, streamable weights) of a deserialised engine, in bytes; None where this TensorRT does not
-    report it (EngineStat.TOTAL_WEIGHTS_SIZE and streamable_weights_size are not in every 10.x)."""
-    stat = getattr(trt, "EngineStat", None)
-    total = int(engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE)) \
-        if stat is not None and hasattr(engine, "get_engine_stat") else None
-    streamable = getattr(engine, "streamable_weights_size", None)
-    return total, None if streamable is None else int(streamable)
+# ICudaEngine.get_engine_stat / EngineStat: absent from the 10.8.0 ICudaEngine member list, present in 10.14.1's
+# (the releases in between were not checked), so it is only used from 10.14 on
+ENGINE_STAT_SINCE = (10, 14)
+
+
+def weight_sizes(trt, engine) -> tuple[int | None, int]:
+    """(all weights or None, streamable weights) of a deserialised engine, in bytes. streamable_weights_size is
+    TensorRT 10.1+ (the minimum the probe accepts); EngineStat.TOTAL_WEIGHTS_SIZE is read from 10.14 on."""
+    from .probe import tensorrt_version
+
+    total = None
+    if tensorrt_version(trt.__version__)[:2] >= ENGINE_STAT_SINCE:
+        total = int(engine.get_engine_stat(trt.EngineStat.TOTAL_WEIGHTS_SIZE))
+    return total, int(engine.streamable_weights_size)
+
+
+@contextlib.contextmanager
+def mapped_engine(path: Path):
+    """The engine file's bytes as a read-only memory map: hashing and deserialising read the page cache, so the
+    host holds no second private copy of a multi-GB engine (the peak is TensorRT's own copy of the engine, plus
+    file pages the kernel may drop at any time)."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data
 
 
 def weight_streaming_budget(memory_budget: int | None, total_bytes: int | None,

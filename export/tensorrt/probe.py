@@ -12,6 +12,35 @@ import sys
 
 from ...errors import UserError
 
+# weight_streaming_budget_v2, set_device_memory(ptr, size), get_device_memory_size_for_profile_v2,
+# device_memory_size_v2 and streamable_weights_size, which the runner and the build use, first exist in 10.1
+MIN_TENSORRT = (10, 1)
+
+
+def tensorrt_version(version: str | None) -> tuple[int, ...]:
+    """``"10.8.0.43"`` -> (10, 8, 0, 43); () for None or a version that does not start with numbers."""
+    parts = []
+    for piece in str(version or "").split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+def supported_tensorrt(version: str | None) -> bool:
+    return tensorrt_version(version)[:2] >= MIN_TENSORRT
+
+
+def require_supported_tensorrt(version: str | None, where: str = "here") -> None:
+    """One UserError for a TensorRT older than 10.1 (or one whose version cannot be read)."""
+    if not supported_tensorrt(version):
+        raise UserError(f"TensorRT {version} {where} is too old for helios-deploy",
+                        found=f"tensorrt {version}",
+                        expected="TensorRT 10.1 or newer (10.x or 11.x): set_device_memory, weight_streaming_budget_v2 "
+                                 "and the per-profile memory queries the runner uses first exist in 10.1",
+                        fix="on the GPU host, `pip install 'tensorrt>=10.1'` (wheels come from NVIDIA's index) and "
+                            "rebuild the engines with it")
+
 
 # Prints "HELIOS_PROBE {json}" after each step, so a crash part-way still tells what was found.
 PROBE_CODE = r'''
@@ -117,7 +146,8 @@ def require_gpu_tensorrt(device_index: int = 0) -> dict:
     if missing:
         raise UserError(f"the tensorrt backend cannot run here: missing {' and '.join(missing)}",
                         found=info["error"] or "nothing",
-                        expected="TensorRT 10.x or 11.x and an NVIDIA GPU (H100 first) with its driver",
-                        fix="on a GPU host, `pip install tensorrt` (wheels come from NVIDIA's index); "
+                        expected="TensorRT 10.1+ or 11.x and an NVIDIA GPU (H100 first) with its driver",
+                        fix="on a GPU host, `pip install 'tensorrt>=10.1'` (wheels come from NVIDIA's index); "
                             "elsewhere use --backend onnxruntime")
+    require_supported_tensorrt(info["tensorrt"])
     return info

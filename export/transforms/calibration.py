@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 
 from ...errors import UserError
 from ...fsutil import sha256_bytes
-from ...memory import release_memory
+from ...measure.memory import release_memory
 from ...runtime.pipeline import PROMPT_CACHE_SIZE
 from ...runtime.runners.onnxruntime import OnnxRuntimeRunner
 from ..graphio import Graph, link_data

@@ -28,8 +28,8 @@ import numpy as np
 
 from ...artifacts import Artifacts, file_record, install
 from ...fsutil import staging
-from ...memory import measure_peak, release_memory
-from ...specs import GraphSpec
+from ...measure.memory import measure_peak, release_memory
+from ...model.specs import GraphSpec
 from ..graphio import Graph, stub, stub_key
 from .prepare import prepare
 

@@ -32,9 +32,9 @@ from typing import Callable, Iterable, Sequence
 from ...artifacts import Artifacts, file_record, install
 from ...errors import UserError
 from ...fsutil import staging
-from ...memory import measure_peak, release_memory
-from ...variants import Variant
-from ...sizes import video_sizes
+from ...measure.memory import measure_peak, release_memory
+from ...model.variants import Variant
+from ...model.sizes import video_sizes
 from ..graphio import Graph
 from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
 from .lowering import write_lowered

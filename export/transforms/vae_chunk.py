@@ -158,7 +158,7 @@ def export_chunk_decoder(ckpt, graph, out_dir: Path, opset: int, layout, sizes) 
     import shutil
     import time
 
-    from ...specs import vae_step_graphs
+    from ...model.specs import vae_step_graphs
     from ..exporter.graph import export_graph
 
     t0 = time.perf_counter()

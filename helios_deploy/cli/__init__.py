@@ -25,13 +25,18 @@ COMMANDS = {
     "generate": "generate",
     "bench": "bench",
     "build": "build",
+    "refit": "refit",
     "cost": "cost",
     "quantize": "quantize",
     "verify": "verify",
     "triton": "triton",
     "client": "client",
+    "stream-control": "stream_control",
+    "streams": "streams",
     "scale-report": "scale_report",
     "long-stream": "long_stream",
+    "api": "api",
+    "doctor": "doctor",
 }
 
 
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
         click.echo(f"error: out of disk space{where}: {os.strerror(e.errno)}\n"
                    "  found: the disk (or the file-size limit) filled up before the step finished; nothing was "
                    "changed (its work folder was removed)\n"
-                   "  fix: free space where the output goes (the README's 'Deploy on an H100' lists what each step "
+                   "  fix: free space where the output goes (docs/scale.md lists what each step "
                    "writes) and run the step again", err=True)
         return 1
     except click.ClickException as e:

@@ -38,7 +38,7 @@ def command(artifacts, json_path, reference, frames, seed, height, width, repeat
       helios-deploy bench MID_ARTIFACTS --against-reference MID_CHECKPOINT --steps 2,2,2
       helios-deploy bench ARTIFACTS --height 640 --width 384     # another exported size
     """
-    from ..bench import run_bench
+    from ..measure.bench import run_bench
 
     r = run_bench(artifacts, frames=frames, seed=seed, backend=backend, device=device, repeats=repeats,
                   height=height, width=width,

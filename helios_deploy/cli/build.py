@@ -22,8 +22,12 @@ from .options import components_option, parse_components
 @click.option("--max-batch", type=int, default=None, help="Largest batch the profiles accept (default: 1).")
 @click.option("--dry-run", is_flag=True, help="Print, as JSON, everything the build would do; needs no GPU.")
 @click.option("--rebuild", is_flag=True, help="Rebuild engines even when their key matches.")
+@click.option("--refittable", is_flag=True, help="Build with BuilderFlag.REFIT, so `helios-deploy refit` can put other "
+              "LoRA weights into the engines without a rebuild (fp32 engines).")
+@click.option("--strip-weights", is_flag=True, help="Weight-stripped plans (STRIP_PLAN + REFIT_IDENTICAL, TensorRT >= 10): "
+              "the engine file holds kernels only and the runner refits it from the ONNX weights at load.")
 def command(artifacts, precision, components, opt_level, timing_cache, workspace, memory_budget, max_batch,
-            dry_run, rebuild):
+            dry_run, rebuild, refittable, strip_weights):
     """Build TensorRT engines from the exported ONNX graphs (one optimization profile per operating point:
     the three pyramid stages, the text length, the VAE chunk).
 
@@ -31,12 +35,14 @@ def command(artifacts, precision, components, opt_level, timing_cache, workspace
     Examples:
       helios-deploy build engines/helios --precision fp8 --timing-cache engines/timing.cache
       helios-deploy build engines/helios --precision fp32 --dry-run
+      helios-deploy build engines/helios --precision fp32 --refittable    # LoRA swaps with `refit`
     """
     from ..export.tensorrt.build import build, plan
     from ..export.tensorrt.engines import BuildSettings
 
     settings = BuildSettings(precision=precision, opt_level=opt_level, workspace=workspace,
-                             memory_budget=memory_budget, timing_cache=timing_cache)
+                             memory_budget=memory_budget, timing_cache=timing_cache, refittable=refittable,
+                             strip_weights=strip_weights)
     comps = parse_components(components) if components else None
     if dry_run:
         click.echo(json.dumps(plan(artifacts, comps, settings, max_batch), indent=2))

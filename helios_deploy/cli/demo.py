@@ -8,10 +8,13 @@ import click
 def command(out, height, width):
     """The embedded default on CPU: tiny checkpoint -> export (audited) -> two-chunk mp4 -> pipeline parity.
 
+    The checkpoint has random weights, so the video is noise; a strip of a few frames is written beside it
+    (demo-strip.png). Third-party warnings and progress bars go to OUTPUT/demo.log, not to the terminal.
+
     \b
     Example:
       helios-deploy demo -o engines/demo
     """
     from ..demo import run_demo
 
-    run_demo(out, height=height, width=width, log=lambda m: click.echo(m))
+    run_demo(out, height=height, width=width)

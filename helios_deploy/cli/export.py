@@ -1,6 +1,6 @@
 import click
 
-from .options import (components_option, force_option, parse_components, resolve_sizes, revision_option, size_options,
+from .options import (components_option, force_option, lora_option, parse_components, parse_loras, resolve_sizes, revision_option, size_options,
                       sizes_option)
 
 
@@ -24,9 +24,10 @@ def _gb(n: int) -> str:
               help="Check each graph (onnx.checker, ONNX Runtime, parity against the reference) before "
                    "moving the artifacts into place. Parity loads the reference weights in memory.")
 @click.option("--report-memory", is_flag=True, help="Print the export's peak RSS against the weights size.")
+@lora_option
 @force_option
 def command(checkpoint, out, revision, height, width, sizes, components, opset, max_text_length, text_length, audit,
-            report_memory, force):
+            report_memory, loras, force):
     """Export a Helios checkpoint (diffusers layout: a local folder or a Hugging Face Hub id) to verified ONNX.
 
     A Hub id (org/name) is resolved in the hub cache (HF_HUB_CACHE, or HF_HOME/hub) with
@@ -43,13 +44,14 @@ def command(checkpoint, out, revision, height, width, sizes, components, opset, 
       helios-deploy export engines/tiny -o engines/tiny-2 --sizes 64x128,128x64   # landscape and portrait
       helios-deploy export ~/models/Helios-Distilled -o engines/helios --no-audit --report-memory
       helios-deploy export BestWishYsh/Helios-Distilled -o engines/helios --no-audit --revision main
+      helios-deploy export engines/tiny -o engines/tiny-lora --height 64 --width 128 --lora style.safetensors:0.8
     """
     from ..export.exporter.run import export_checkpoint
 
     manifest = export_checkpoint(
         checkpoint, out, height=height, width=width, sizes=resolve_sizes(height, width, sizes), components=parse_components(components), opset=opset,
         text_length=text_length or max_text_length, max_text_length=max_text_length, force=force,
-        run_audit=audit, revision=revision, log=lambda m: click.echo(m, err=True),
+        run_audit=audit, revision=revision, adapters=parse_loras(loras), log=lambda m: click.echo(m, err=True),
     )
     for name, comp in manifest["components"].items():
         graphs = ", ".join(f"{g['file']} ({g['nodes']} nodes, {g['export_seconds']:.1f}s)" for g in comp["graphs"].values())
@@ -63,5 +65,8 @@ def command(checkpoint, out, revision, height, width, sizes, components, opset, 
     hub = manifest["checkpoint"].get("hub")
     if hub:
         click.echo(f"checkpoint: {hub['repo_id']} at commit {hub['commit']} (revision {hub['revision']})")
+    for a in manifest["lora"]:
+        click.echo(f"lora: {a['file']} scale {a['scale']} (sha256 {a['sha256'][:12]}) fused into "
+                   f"{len(manifest['components']['transformer']['lora_targets'])} transformer weights")
     click.echo(f"sizes: {', '.join(f'{h}x{w}' for h, w in manifest['video']['sizes'])} (default first)")
     click.echo(f"artifacts: {out}")

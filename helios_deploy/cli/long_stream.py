@@ -26,7 +26,7 @@ def command(artifacts, chunks, via, early, seed, steps, json_path):
       helios-deploy long-stream engines/tiny-onnx --chunks 100 --via triton --json long.json
     """
     from ..errors import UserError
-    from ..longstream import api_stream, format_summary, triton_stream
+    from ..measure.longstream import api_stream, format_summary, triton_stream
 
     paths = [v.strip() for v in via.split(",") if v.strip()]
     if not paths or any(p not in ("api", "triton") for p in paths):

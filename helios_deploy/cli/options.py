@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..specs import COMPONENTS
+from ..model.specs import COMPONENTS
 
 
 def force_option(f):
@@ -14,6 +14,19 @@ def force_option(f):
 def revision_option(f):
     return click.option("--revision", default=None, metavar="REV",
                         help="With a Hub id: the branch, tag or commit to resolve (default: main).")(f)
+
+
+def lora_option(f):
+    return click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                        help="A LoRA adapter (.safetensors: the diffusers/PEFT layout, or a Wan-style layout diffusers "
+                             "converts) fused into the transformer's weights with SCALE (default 1.0); repeat for "
+                             "several, added in order. The manifest records each file's sha256 and scale.")(f)
+
+
+def parse_loras(values) -> list:
+    from ..export.exporter.lora import Adapter
+
+    return [Adapter.parse(v) for v in values]
 
 
 def size_options(f):
@@ -37,7 +50,7 @@ def sizes_option(f):
 
 def resolve_sizes(height: int, width: int, sizes: str | None):
     """The --sizes list, or the one --height x --width."""
-    from ..sizes import parse_sizes, sizes_or_one
+    from ..model.sizes import parse_sizes, sizes_or_one
 
     return sizes_or_one(height, width, parse_sizes(sizes) if sizes else None)
 

@@ -20,7 +20,7 @@ import click
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="fp8: where calibration runs the fp32 sampler loop (ONNX Runtime's CPU provider, or CUDA on a GPU "
                    "host with onnxruntime-gpu). It holds one copy of the fp32 weights of the text encoder, transformer "
-                   "and VAE decoder graphs (the README's 'Deploy on an H100' gives the memory per model size).")
+                   "and VAE decoder graphs (docs/scale.md gives the memory per model size).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed):
     """Quantize exported graphs to FP8 (E4M3 Q/DQ on the linear layers, FP8 weights), calibrated on the real

@@ -31,7 +31,7 @@ def command(checkpoints, out, height, width, keep, calibration_prompts, keep_art
     from pathlib import Path
 
     from ..errors import UserError
-    from ..scale import KEEP_ALL_BLOCKS, check_checkpoints, fits_of, report, table
+    from ..measure.scale import KEEP_ALL_BLOCKS, check_checkpoints, fits_of, report, table
 
     if refit:
         saved = Path(out) / "scale_report.json"

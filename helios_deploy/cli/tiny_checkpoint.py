@@ -37,7 +37,7 @@ def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_l
         if variant != "distilled" or cfg_zero_star is not None:
             raise UserError("--real-width-layers writes a Helios-Distilled checkpoint only",
                             found=f"--variant {variant}", fix="leave --variant out with --real-width-layers")
-        from ..synthetic import write_wide_checkpoint
+        from ..checkpoints.synthetic import write_wide_checkpoint
 
         if real_width_layers < 1 or text_encoder_layers < 1:
             raise UserError("--real-width-layers and --text-encoder-layers must be at least 1",
@@ -50,7 +50,7 @@ def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_l
                        f"{c['weights_bytes'] / 1e9:.2f} GB of bf16 weights")
         click.echo(f"real-width checkpoint written to {info['path']}")
         return
-    from ..tiny import write_tiny_checkpoint
+    from ..checkpoints.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(out_dir, seed=seed, amplify_history=amplify_history, force=force, variant=variant,
                                  cfg_zero_star=cfg_zero_star)

@@ -27,8 +27,22 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
 @click.option("--copy-artifacts/--reference-artifacts", "copy", default=True, show_default=True,
               help="Copy the artifacts into the repository (self-contained, relocatable; hard links where "
                    "possible) or record their absolute path.")
+@click.option("--max-streams", type=int, default=None,
+              help="Live streams per instance at most (default: as many as its measured chunk time allows).")
+@click.option("--chunk-seconds", type=float, default=None,
+              help="A chunk's time for admission (default: measured on a warm-up chunk when the model loads).")
+@click.option("--fps", type=float, default=24.0, show_default=True, help="Playback rate the stream deadlines follow.")
+@click.option("--queue/--refuse", default=False, show_default=True,
+              help="Over capacity: queue new streams, or refuse them at once (UNAVAILABLE).")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Streams whose transformer calls may share one call (TensorRT: engines built with --max-batch).")
+@click.option("--plan-models", is_flag=True, help="Also write a helios_<component> tensorrt_plan model per engine, "
+              "loaded on request only (each holds its engine's weights a second time on the GPU).")
+@click.option("--triton-release", default=None, metavar="YY.MM", help="NVIDIA Triton container release to run; "
+              "refused unless it ships the engines' TensorRT. Default: the newest listed one that does.")
 @force_option
-def command(artifacts, out, backend, precision, instances, gpus, max_frames, copy, force):
+def command(artifacts, out, backend, precision, instances, gpus, max_frames, copy, max_streams, chunk_seconds, fps,
+            queue, max_batch, plan_models, triton_release, force):
     """Write a Triton Inference Server model repository that streams video from ARTIFACTS.
 
     \b
@@ -36,10 +50,16 @@ def command(artifacts, out, backend, precision, instances, gpus, max_frames, cop
       helios-deploy triton engines/tiny-onnx -o model_repo                        # CPU, onnxruntime
       helios-deploy triton engines/helios -o model_repo --backend tensorrt --precision fp8 --gpus 0,1
       helios-deploy triton engines/helios -o model_repo --reference-artifacts     # no copy of the weights
+      helios-deploy triton engines/tiny-onnx -o model_repo --max-streams 4 --queue  # live streams per instance
+      helios-deploy triton engines/helios -o model_repo --backend tensorrt --plan-models --triton-release 26.02
     """
     from ..serving.repository import RepoOptions, write_repository
 
     opts = RepoOptions(backend=backend, precision=precision, instances=instances, gpus=parse_gpus(gpus),
-                       max_frames=max_frames, reference=not copy)
+                       max_frames=max_frames, reference=not copy, max_streams=max_streams,
+                       chunk_seconds=chunk_seconds, fps=fps, queue=queue, max_batch=max_batch,
+                       plan_models=plan_models, triton_release=triton_release)
     report = write_repository(artifacts, out, opts, force=force, log=click.echo)
     click.echo(f"wrote {report.root}: models {', '.join(report.models)} (see {report.root}/README.md)")
+    if report.deployment.tensorrt:
+        click.echo(f"TensorRT {report.deployment.tensorrt}: {report.deployment.image}")

@@ -4,7 +4,7 @@ Per prompt the text encoder runs once. Per 33-frame chunk (9 latent frames) the 
 Distilled) call the transformer ``steps[s]`` times at stage s, Base ``steps[0]`` times at the full size; a
 guided step (Base, Mid with guidance) is one call at batch 2 (conditional and unconditional branches), an
 unguided one a call at batch 1. The VAE decodes the chunk's 9 latents to 33 frames once. Transformer and text encoder shapes come from
-the component specs (helios_deploy.specs), the single source of tensor names and sizes; the VAE call is
+the component specs (helios_deploy.model.specs), the single source of tensor names and sizes; the VAE call is
 ``AutoencoderKLWan.decode`` of one chunk, as the pipeline calls it.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..specs import CHUNK_LATENT_FRAMES, shapes_at, text_encoder_spec, transformer_spec
+from ..model.specs import CHUNK_LATENT_FRAMES, shapes_at, text_encoder_spec, transformer_spec
 from .configs import ModelConfigs, Workload
 
 

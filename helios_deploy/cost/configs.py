@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
-from ..specs import PYRAMID_STAGES, check_video_size, size_multiple
-from ..variants import DEFAULTS, VARIANTS, variant_of
+from ..model.specs import PYRAMID_STAGES, check_video_size, size_multiple
+from ..model.variants import DEFAULTS, VARIANTS, variant_of
 
 BUILTIN = ("helios-14b",)
 MAX_TEXT_LENGTH = 512  # UMT5's longest prompt in the pipeline (its max_sequence_length limit)

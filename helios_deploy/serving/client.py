@@ -5,7 +5,10 @@
             chunk.index, chunk.frames, chunk.seconds   # uint8 [T, H, W, 3], seconds since the request
 
 One stream at a time per HeliosClient (a tritonclient gRPC client holds one stream); use one client
-per concurrent generation. Server errors, time-outs and connection failures become UserErrors. Leaving the loop early (break, an exception,
+per concurrent generation. The server's first response carries the stream's id (``client.stream_id`` from
+then on): ``set_prompt(stream_id, prompt)`` changes its prompt from the next chunk not yet started,
+``stop(stream_id)`` ends it, ``progress(stream_id)`` reads it (the ``helios_control`` model; any client,
+any process, may send these). Server errors, time-outs and connection failures become UserErrors. Leaving the loop early (break, an exception,
 closing the generator) cancels the request on the server, which stops at its next denoising step.
 """
 
@@ -21,8 +24,10 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..sizes import check_size_exported, parse_sizes
-from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS
+from ..model.sizes import check_size_exported, parse_sizes
+from .configs import CONTROL_INPUTS, HELIOS_INPUTS, HELIOS_OUTPUTS
+
+CONTROL_MODEL = "helios_control"
 
 _NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
           "float32": np.float32}
@@ -39,14 +44,15 @@ def request_arrays(prompt: str, *, image=None, video=None, height: int | None = 
                    num_frames: int | None = None, seed: int | None = None,
                    pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None,
                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                   negative_prompt: str | None = None) -> dict:
+                   negative_prompt: str | None = None, realtime: bool | None = None) -> dict:
     """The request's tensors as arrays of the dtypes the model declares (absent ones left out: the served
     checkpoint variant's defaults apply)."""
     values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "height": height, "width": width,
               "num_frames": num_frames,
               "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "negative_prompt": None if negative_prompt is None else [negative_prompt.encode("utf-8")]}
+              "negative_prompt": None if negative_prompt is None else [negative_prompt.encode("utf-8")],
+              "realtime": realtime}
     out = {}
     for t in HELIOS_INPUTS:
         v = values[t.name]
@@ -66,6 +72,7 @@ def _server_error(error, model: str) -> UserError:
 
 
 class HeliosClient:
+    stream_id: str | None = None  # the current (or last) stream's id, from its first response
     def __init__(self, url: str, model: str = "helios", timeout: float | None = None):
         import tritonclient.grpc as grpcclient
 
@@ -135,11 +142,44 @@ class HeliosClient:
                     raise _server_error(error, self.model)
                 response = result.get_response()
                 done = response.parameters["triton_final_response"].bool_param
-                if result.as_numpy("frames") is not None:
-                    yield StreamChunk(int(result.as_numpy("chunk_index")[0]), result.as_numpy("frames"),
-                                      time.perf_counter() - t0)
+                if result.as_numpy("stream_id") is not None:
+                    self.stream_id = result.as_numpy("stream_id").reshape(-1)[0].decode()
+                index = result.as_numpy("chunk_index")
+                if index is not None and int(index[0]) >= 0:  # -1: the first response, the id only
+                    yield StreamChunk(int(index[0]), result.as_numpy("frames"), time.perf_counter() - t0)
         finally:
             self._client.stop_stream(cancel_requests=not done)
+
+    # -- control of a running stream (the helios_control model) ----------------------------------
+    def set_prompt(self, stream_id: str, prompt: str) -> int:
+        """The stream's prompt from its next chunk not yet started; returns that chunk's index."""
+        return self._control(stream_id, "set_prompt", prompt)["from_chunk"]
+
+    def stop(self, stream_id: str) -> None:
+        self._control(stream_id, "stop")
+
+    def progress(self, stream_id: str) -> dict:
+        """{"status", "chunks_done", "num_chunks", "first_chunk_latency_s", "lateness_s", "misses", ...}"""
+        return self._control(stream_id, "progress")
+
+    def _control(self, stream_id: str, action: str, prompt: str | None = None) -> dict:
+        import json
+
+        from tritonclient.utils import InferenceServerException
+
+        values = {"stream_id": stream_id, "action": action, "prompt": prompt}
+        inputs = []
+        for t in CONTROL_INPUTS:
+            if values[t.name] is not None:
+                arr = np.array([values[t.name].encode("utf-8")], dtype=np.object_)
+                inputs.append(self._grpc.InferInput(t.name, [1], "BYTES"))
+                inputs[-1].set_data_from_numpy(arr)
+        try:  # a client of its own: this one's gRPC stream may be open on another thread
+            with self._grpc.InferenceServerClient(self.url) as control:
+                result = control.infer(CONTROL_MODEL, inputs, client_timeout=self.timeout)
+        except InferenceServerException as e:
+            raise _server_error(e, CONTROL_MODEL) from None
+        return json.loads(result.as_numpy("result").reshape(-1)[0])
 
     def close(self) -> None:
         self._client.close()

@@ -1,17 +1,21 @@
 """The ``helios`` Triton model: a decoupled Python-backend model that runs helios_deploy.runtime in-process
-and sends one response per 33-frame chunk as soon as it is decoded, then the final flag.
+and sends one response per 33-frame chunk as soon as it is decoded, then the final flag. Every stream of an
+instance runs on one LiveScheduler (runtime/live.py): many streams per instance, chunk jobs by playback
+deadline, admission by capacity. The first response of a stream carries its ``stream_id`` (chunk_index -1, no
+frames), which ``helios_control`` (serving/control.py) takes to change its prompt, stop it or read its progress.
 
 The repository's ``helios/1/model.py`` is a two-line shim importing TritonPythonModel from here, so the
 model code is the installed helios-deploy's (the Python backend environment needs helios-deploy).
 
 A bad request gets an error response (pb_utils.TritonError, INVALID_ARG) saying what is wrong and the
 model keeps serving; an internal failure is logged with its traceback and answered with an error too. A
-cancelled request (the client went away) is checked between denoising steps and chunks, and stopped.
+cancelled request (the client went away) is checked between denoising steps, and its stream stopped.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import UserError
-from ..specs import COMPONENTS
+from ..model.specs import COMPONENTS
 from .configs import HELIOS_INPUTS, served_dims
 
 try:  # only inside the Python backend stub
@@ -106,6 +110,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], check_size: Callable,
     n = int(values["num_frames"][0]) if values["num_frames"] is not None else DEFAULTS["num_frames"]
     if not 1 <= n <= max_frames:
         raise UserError(f"num_frames {n} is out of range", expected=f"1..{max_frames} (this repository's --max-frames)")
+    out["realtime"] = True if values["realtime"] is None else bool(values["realtime"].reshape(-1)[0])
     out.update(num_frames=n, seed=int(values["seed"][0]) if values["seed"] is not None else DEFAULTS["seed"],
                **_sampler_settings(values))
     return out
@@ -122,13 +127,25 @@ def resolve_device(device: str, instance_kind: str, device_id: str | int) -> str
     return f"cuda:{device_id}" if str(instance_kind).upper() == "GPU" else "cpu"
 
 
-class _Cancelled(Exception):
-    pass
+def live_settings(params: Mapping[str, str]) -> dict:
+    """LiveScheduler settings from the model's config parameters (``helios-deploy triton --max-streams ...``)."""
+    def number(key, cast):
+        value = params.get(key, "")
+        return cast(value) if value not in ("", "auto") else None
+
+    from ..runtime.live import DEFAULT_FPS
+
+    return {"fps": number("fps", float) or DEFAULT_FPS, "chunk_seconds": number("chunk_seconds", float),
+            "max_streams": number("max_streams", int), "queue": params.get("queue", "false") == "true",
+            "max_batch": number("max_batch", int) or 1}
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from ..runtime import Pipeline
+        from ..runtime.live import LiveScheduler
+        from .control import ControlServer, control_dir
+        from .live_metrics import LiveMetrics
 
         config = json.loads(args["model_config"])
         params = model_parameters(config)
@@ -142,12 +159,19 @@ class TritonPythonModel:
         self.max_frames = int(params.get("max_frames", "660"))
         t0 = time.perf_counter()
         self._warm_up()
+        # every stream of this instance runs on one scheduler (its own thread), nearest playback deadline first
+        self.scheduler = LiveScheduler(self.pipe, **live_settings(params)).start()
+        instance = args.get("model_instance_name", "helios_0")
+        self.control = ControlServer(control_dir(args["model_repository"], params.get("control_dir")), instance,
+                                     self.scheduler)
+        self.metrics = LiveMetrics(pb_utils, self.scheduler, {"model": "helios", "instance": instance})
         import torch
 
         sizes = ", ".join(f"{h}x{w}" for h, w in self.pipe.sizes)
         pb_utils.Logger.log_info(f"helios: {root} on {device} ({params.get('backend')} {params.get('precision')}, "
-                                 f"{sizes}, torch threads {torch.get_num_threads()}), "
-                                 f"runners ready in {time.perf_counter() - t0:.1f}s")
+                                 f"{sizes}, torch threads {torch.get_num_threads()}), runners ready in "
+                                 f"{time.perf_counter() - t0:.1f}s; chunk {self.scheduler.chunk_seconds:.3f}s, "
+                                 f"capacity {self.scheduler.capacity} real-time streams")
 
     def _warm_up(self) -> None:
         """Load every runner now, so the first request does not pay for session creation."""
@@ -157,42 +181,75 @@ class TritonPythonModel:
                     self.pipe.runner(component, graph.name)
 
     def execute(self, requests) -> None:
+        """Open each request's stream and return at once: the scheduler makes the chunks, a thread per stream
+        sends them (a decoupled model answers from any thread)."""
         for request in requests:
-            self._serve(request)
+            self._open(request)
         return None
 
-    def _serve(self, request) -> None:
+    def _open(self, request) -> None:
+        from ..runtime.live import StreamError
+
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             get = lambda name: _as_numpy(pb_utils.get_input_tensor_by_name(request, name))  # noqa: E731
             kwargs = parse_request(get, self.pipe.check_size, self.max_frames)
-            self._stream(sender, kwargs)
-            sender.send(flags=final)
-        except _Cancelled:
-            pb_utils.Logger.log_info("helios: request cancelled by the client; stopped")
-            _send_quietly(sender, None, final)
+            lead = None if kwargs.pop("realtime") else float("inf")
+            stream = self.scheduler.open(**kwargs, lead=lead, cancelled=sender.is_cancelled)
+        except StreamError as e:
+            return _send_quietly(sender, _error(e.render(), "UNAVAILABLE" if e.code == "over_capacity"
+                                                else "INVALID_ARG"), final)
         except UserError as e:
-            _send_quietly(sender, _error(e.render(), "INVALID_ARG"), final)
+            return _send_quietly(sender, _error(e.render(), "INVALID_ARG"), final)
         except Exception as e:  # an internal bug: log it, answer the request, keep serving
             pb_utils.Logger.log_error(f"helios: internal error\n{traceback.format_exc()}")
-            _send_quietly(sender, _error(f"internal error in the helios model: {type(e).__name__}: {e}", "INTERNAL"), final)
+            return _send_quietly(sender, _error(f"internal error in the helios model: {type(e).__name__}: {e}",
+                                                "INTERNAL"), final)
+        height, width = kwargs["height"], kwargs["width"]
+        threading.Thread(target=self._forward, args=(stream, sender, (0, height, width, 3)), daemon=True,
+                         name=f"helios-stream-{stream.id}").start()
 
-    def _stream(self, sender, kwargs: dict) -> None:
-        def on_step(stage, i):
-            if sender.is_cancelled():
-                raise _Cancelled()
+    def _forward(self, stream, sender, empty_shape) -> None:
+        """Send the stream's id at once, then a response per chunk as it is decoded, then the final flag."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sid = np.array([stream.id.encode()], dtype=np.object_)
 
-        for chunk in self.pipe.stream(**kwargs, on_step=on_step):
+        def response(frames, index):
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("frames", np.ascontiguousarray(frames)),
+                pb_utils.Tensor("chunk_index", np.array([index], dtype=np.int32)), pb_utils.Tensor("stream_id", sid)])
+
+        try:
+            sender.send(response(np.zeros(empty_shape, np.uint8), -1))
+            for chunk in stream:
+                sender.send(response(chunk.frames, chunk.index))
+            if stream.status == "stopped" and sender.is_cancelled():
+                pb_utils.Logger.log_info(f"helios: stream {stream.id}: request cancelled by the client; stopped")
+        except UserError as e:
+            return _send_quietly(sender, _error(e.render(), "INVALID_ARG"), final)
+        except Exception as e:  # noqa: BLE001 - the stream failed, or the client went away while sending
             if sender.is_cancelled():
-                raise _Cancelled()
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("frames", np.ascontiguousarray(chunk.frames)),
-                pb_utils.Tensor("chunk_index", np.array([chunk.index], dtype=np.int32)),
-            ]))
+                pb_utils.Logger.log_info(f"helios: stream {stream.id}: request cancelled by the client; stopped")
+            else:
+                pb_utils.Logger.log_error(f"helios: stream {stream.id} failed\n{traceback.format_exc()}")
+                return _send_quietly(sender, _error(f"internal error in the helios model: {type(e).__name__}: {e}",
+                                                    "INTERNAL"), final)
+            _stop_quietly(stream)
+        _send_quietly(sender, None, final)
 
     def finalize(self) -> None:
+        for part in ("metrics", "control", "scheduler"):
+            if getattr(self, part, None) is not None:
+                getattr(self, part).close()
         self.pipe = None
+
+
+def _stop_quietly(stream) -> None:
+    try:
+        stream.stop()
+    except UserError:  # already ended
+        pass
 
 
 def _as_numpy(tensor) -> np.ndarray | None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from ..artifacts import Artifacts
-from ..variants import Variant
-from ..sizes import size_name, video_sizes
+from ..model.variants import Variant
+from ..model.sizes import size_name, video_sizes
 from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS, served_dims, size_dims
-
-# tritonserver 2.51 is the container release 24.10 (and the server bundled in nvidia-pytriton 0.7.0,
-# which the CPU tests run against)
-CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"
+from .containers import Deployment, pip_line
 
 
 def _tensor_table(height: int, width: int) -> str:
@@ -22,11 +19,6 @@ def _tensor_table(height: int, width: int) -> str:
     return "\n".join(rows)
 
 
-def _install_line(backend: str) -> str:
-    extra = " tensorrt" if backend == "tensorrt" else " onnxruntime-gpu"
-    return f'pip install torch "numpy<2"{extra} /opt/helios-deploy'
-
-
 def _variant_line(v: Variant) -> str:
     settings = {"base": "`num_inference_steps`, `guidance_scale`, `negative_prompt`",
                 "mid": "`pyramid_steps`, `guidance_scale`, `negative_prompt`",
@@ -36,11 +28,18 @@ def _variant_line(v: Variant) -> str:
             f"{settings}; defaults: {defaults}. The others are refused with an error.")
 
 
+def _lora_line(manifest: dict) -> str:
+    adapters = manifest.get("lora") or []
+    return ", ".join(f"`{a['file']}` at scale {a['scale']} (sha256 {a['sha256'][:12]})" for a in adapters) or "none"
+
+
 def repository_readme(arts: Artifacts, opts, report) -> str:
     sizes = video_sizes(arts.manifest)
     h, w = sizes[0]
-    plans = "\n".join(f"- `{m}`: tensorrt_plan (profiles listed at the top of its config.pbtxt)" for m in report.models[1:])
-    skipped = "\n".join(f"- {s}" for s in report.skipped) or "- none"
+    plans = "\n".join(f"- `{m}`: tensorrt_plan, not loaded at start (profiles listed at the top of its config.pbtxt)"
+                      for m in report.models[2:])
+    skipped = "\n".join(f"- {s}" for s in report.skipped) or ("- none" if opts.plan_models else
+                                                             "- tensorrt_plan models (not asked for: --plan-models)")
     placement = ("per GPU " + ",".join(map(str, opts.gpus)) if opts.gpus
                  else "on GPU 0" if opts.backend == "tensorrt" else "on CPU")
     where = ("copied into `helios/artifacts` (hard links where possible): the repository is self-contained and "
@@ -55,12 +54,20 @@ Video size {' or '.join(map(size_name, sizes))} per request (inputs `height` / `
 other size is refused naming these); the `helios` model runs helios-deploy's runtime with the `{opts.backend}` backend
 ({opts.precision}), {opts.instances} instance(s) {placement}, at most {opts.max_frames} frames per request.
 The artifacts are {where}.
+LoRA adapters fused into the served weights: {_lora_line(arts.manifest)} (the `lora` parameter of
+`helios/config.pbtxt`; switch with `helios-deploy refit ARTIFACTS --lora FILE:SCALE` and a reload of `helios`,
+docs/lora.md).
 
 ## Models
-- `helios`: decoupled Python-backend model. Send one request; it streams one response per 33-frame
-  chunk as soon as the chunk is decoded (`frames`, `chunk_index`), then an empty response with the final
-  flag. Bad requests get an error response (INVALID_ARG) and the model keeps serving; a cancelled
-  request stops at the next denoising step.
+- `helios`: decoupled Python-backend model. Send one request; its first response carries the stream's
+  `stream_id` (`chunk_index` -1, no frames), then it streams one response per 33-frame chunk as soon as the
+  chunk is decoded (`frames`, `chunk_index`), then an empty response with the final flag. Each instance serves
+  many streams at once, the chunk whose playback deadline is nearest first (capacity: {_capacity(opts)}); a
+  stream over capacity is refused with UNAVAILABLE{" (queued: --queue)" if opts.queue else ""}. Bad requests get an
+  error response (INVALID_ARG) and the model keeps serving; a cancelled request stops at the next denoising step.
+- `helios_control`: `stream_id` + `action` (`set_prompt` with `prompt`, `stop`, `progress`) -> `result` (JSON).
+  A new prompt takes effect from the stream's next chunk not yet started (`from_chunk`); `stop` ends the stream
+  at once (its client gets the final response); an unknown id is NOT_FOUND, a finished stream INVALID_ARG.
 {plans or "- no tensorrt_plan models (no engines built)"}
 
 Not written:
@@ -70,10 +77,48 @@ Not written:
 
 {_tensor_table(*size_dims(sizes))}
 
-{_run_sections(opts.backend, h, w)}"""
+{_tensorrt_section(report.deployment, report)}{_run_sections(opts.backend, report.deployment, report, h, w)}"""
 
 
-def _run_sections(backend: str, h: int, w: int) -> str:
+def _capacity(opts) -> str:
+    limit = f", at most {opts.max_streams}" if opts.max_streams else ""
+    if opts.chunk_seconds:
+        return f"{int(33 / opts.fps / opts.chunk_seconds)} streams at {opts.chunk_seconds:g} s per chunk{limit}"
+    return f"33 / {opts.fps:g} fps over the chunk time measured when the model loads{limit}"
+
+
+def _tensorrt_section(dep: Deployment, report) -> str:
+    if dep.tensorrt is None:
+        return ""
+    shipped = (f"Triton release(s) {', '.join(dep.releases)} ship it (their `-trtllm-python-py3` images, per Triton's "
+               "Release Compatibility Matrix)" if dep.releases else
+               "no Triton release in helios-deploy's table ships it, so the Python backend gets it from the pinned wheel")
+    text = (f"## TensorRT\n\nThe engines were built with TensorRT {dep.tensorrt}, and an engine loads only on the "
+            f"TensorRT that built it: the install line below pins `tensorrt=={dep.tensorrt}`; {shipped}. This "
+            f"repository is for `{dep.image}`.\n")
+    if dep.plan_models:
+        strategy = (f"`execution_context_allocation_strategy: {dep.allocation_strategy}` (each context allocates "
+                    "what its own profile needs)" if dep.allocation_strategy else
+                    "the backend's default STATIC allocation (this release's tensorrt backend has no "
+                    "execution_context_allocation_strategy parameter; it came in 25.05): every context holds "
+                    "activation memory for the largest profile")
+        text += f"""
+The tensorrt_plan models are loaded by the container's own libnvinfer, so the command below first checks that it
+is TensorRT {dep.tensorrt} and stops with one message otherwise. They are **not loaded at start**
+(`--model-control-mode explicit`, the models in `load_models.txt`: {', '.join(report.startup)}): each loads its
+engine a second time next to the `helios` model (for the 14B transformer: its weights twice on the GPU), and
+Triton gives every profile of an instance group its own execution context with {strategy}; no weight-streaming
+budget is set. Load one when you need it: `curl -X POST localhost:8000/v2/repository/models/helios_transformer/load`.
+"""
+    return text + "\n"
+
+
+def _run_sections(backend: str, dep: Deployment, report, h: int, w: int) -> str:
+    check = (f"python3 -m helios_deploy.serving.containers check-libnvinfer {dep.tensorrt} && "
+             if dep.plan_models else "")
+    explicit = "".join(f" --load-model {m}" for m in report.startup)
+    server = "tritonserver --model-repository /models" + (f" --model-control-mode explicit{explicit}"
+                                                         if report.startup else "")
     return f"""## Run it with NVIDIA's Triton container (GPU host)
 
 The Python backend needs helios-deploy and its runtime dependencies in the container's Python
@@ -81,12 +126,12 @@ environment. With this repository at `$PWD/model_repo` and the helios-deploy sou
 
 ```bash
 docker run --gpus all --rm --shm-size=2g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-  -v $PWD/model_repo:/models -v $PWD/helios-deploy:/opt/helios-deploy {CONTAINER} \\
-  bash -c '{_install_line(backend)} && tritonserver --model-repository /models'
+  -v $PWD/model_repo:/models -v $PWD/helios-deploy:/opt/helios-deploy {dep.image} \\
+  bash -c '{pip_line(backend, dep.tensorrt)} && {check}{server}'
 ```
 
 `torch` from PyPI is a CUDA build; `numpy<2` because the Python backend stub of tritonserver 2.51 failed with numpy 2.x
-(every response: "output tensor shape does not match size"). (Or build an image `FROM {CONTAINER}` with that `pip install` line, so the server starts at once.)
+(every response: "output tensor shape does not match size"). (Or build an image `FROM {dep.image}` with that `pip install` line, so the server starts at once.)
 Scale with `--instances` / `--gpus` when generating the repository (one instance group per GPU), and
 with more servers behind a load balancer.
 
@@ -108,8 +153,15 @@ helios-deploy client localhost:8001 --prompt "..." --image first.png -o i2v.mp4 
 from helios_deploy.serving.client import HeliosClient
 
 with HeliosClient("localhost:8001") as client:
-    for chunk in client.stream("a cat walking in the snow", num_frames=66, seed=0):
+    for chunk in client.stream("a cat walking in the snow", num_frames=330, seed=0):
         print(chunk.index, chunk.frames.shape, chunk.seconds)   # uint8 [T, {h}, {w}, 3]
+        if chunk.index == 2:
+            client.set_prompt(client.stream_id, "a cat jumping in the snow")   # from the next chunk on
+```
+
+```bash
+helios-deploy client localhost:8001 --prompt "a cat" --frames 330 --prompt-at 3:"a dog" -o pets.mp4
+helios-deploy stream-control localhost:8001 STREAM_ID --set-prompt "a dog"   # or --stop, --progress
 ```
 
 Any gRPC client works: `tritonclient.grpc` `start_stream` + `async_stream_infer(...,

@@ -5,8 +5,17 @@
       helios/config.pbtxt             decoupled Python-backend model streaming 33-frame chunks
       helios/1/model.py               shim: from helios_deploy.serving.model import TritonPythonModel
       helios/artifacts/               the artifact folder (copied: hard links where the file system allows)
-      helios_<component>[_<graph>]/   one tensorrt_plan model per engine in the manifest, if any were built
+      helios_control/                 Python-backend model: a running stream's prompt, stop, progress
+      helios_<component>[_<graph>]/   with plan_models: one tensorrt_plan model per engine in the manifest
         config.pbtxt, 1/model.plan
+      load_models.txt                 with plan_models: the models tritonserver loads at start (explicit model
+                                      control); the plan models are loaded on request only
+
+The plan models are opt-in: each loads its engine a second time next to the ``helios`` model (the 14B
+transformer's weights twice on the GPU) and every profile gets its own context with its own activation memory.
+With ``--backend tensorrt`` (or plan models) the engines' TensorRT decides the container (serving/containers.py):
+the README pins exactly that ``tensorrt`` wheel and names a release that ships it; a combination that cannot
+load is refused.
 
 The repository is written to a staging folder and moved into place only when every config has parsed as
 Triton's ModelConfig, so a failure leaves nothing behind. By default the artifacts are copied into the
@@ -27,17 +36,19 @@ from ..runtime.runners.base import graph_record
 from ..errors import UserError
 from ..export.tensorrt.engines import profiles
 from ..fsutil import staged_dir
-from ..specs import GraphSpec
-from ..sizes import size_name, video_sizes
-from .configs import Placement, helios_config, parse_config, plan_config
+from ..model.specs import GraphSpec
+from ..model.sizes import size_name, video_sizes
+from .configs import Placement, control_config, helios_config, parse_config, plan_config
+from .containers import Deployment, deployment, engines_tensorrt
 from .readme import repository_readme
+from .server import STARTUP_FILE
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp8")
 # what the helios model runs: (component, graph) of a T2V pipeline; the VAE encoder adds I2V/V2V
 REQUIRED = (("text_encoder", "model"), ("transformer", "model"), ("vae_decoder", "model"))
-SHIM = ('"""The helios model: the code is helios-deploy\'s (pip install helios-deploy into the Python backend '
-        'environment)."""\n\nfrom helios_deploy.serving.model import TritonPythonModel  # noqa: F401\n')
+SHIM = ('"""The {name} model: the code is helios-deploy\'s (pip install helios-deploy into the Python backend '
+        'environment)."""\n\nfrom helios_deploy.serving.{module} import TritonPythonModel  # noqa: F401\n')
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,14 @@ class RepoOptions:
     max_frames: int = 660
     reference: bool = False  # record the artifacts' absolute path instead of copying them
     device: str = "auto"  # cuda:<instance GPU> for KIND_GPU instances, else cpu
+    # live streams per instance (runtime/live.py): None -> the scheduler's defaults
+    max_streams: int | None = None  # cap on real-time streams per instance (default: from the measured chunk time)
+    chunk_seconds: float | None = None  # a chunk's time for admission (default: measured when the model loads)
+    fps: float = 24.0  # playback rate the deadlines follow
+    queue: bool = False  # over capacity: queue new streams instead of refusing them
+    max_batch: int = 1  # streams whose transformer calls may share one call
+    plan_models: bool = False  # a helios_<component> tensorrt_plan model per engine (loaded on request only)
+    triton_release: str | None = None  # YY.MM of NVIDIA's container; default: the newest that ships the TensorRT
 
 
 @dataclass
@@ -57,20 +76,34 @@ class RepoReport:
     models: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     artifacts: str = ""
+    deployment: Deployment | None = None
+    startup: list[str] = field(default_factory=list)  # what tritonserver loads at start (all, when empty)
 
 
 def model_name(component: str, graph: str) -> str:
     return f"helios_{component}" if graph == "model" else f"helios_{component}_{graph}"
 
 
-def check_options(arts: Artifacts, opts: RepoOptions) -> None:
+def check_options(arts: Artifacts, opts: RepoOptions) -> Deployment:
+    """Refuse bad options with one UserError; the container and TensorRT the repository is for."""
+    _check_values(arts, opts)
+    uses_engines = opts.backend == "tensorrt" or opts.plan_models
+    version = engines_tensorrt(arts.manifest) if uses_engines else None
+    return deployment(version, opts.plan_models, opts.triton_release)
+
+
+def _check_values(arts: Artifacts, opts: RepoOptions) -> None:
     if opts.backend not in BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r}", expected=" or ".join(BACKENDS))
     if opts.precision not in PRECISIONS:
         raise UserError(f"unknown precision {opts.precision!r}", expected=" or ".join(PRECISIONS))
-    for name, value in (("--instances", opts.instances), ("--max-frames", opts.max_frames)):
+    for name, value in (("--instances", opts.instances), ("--max-frames", opts.max_frames),
+                        ("--max-batch", opts.max_batch), ("--max-streams", 1 if opts.max_streams is None else opts.max_streams)):
         if value < 1:
             raise UserError(f"{name} must be at least 1", found=str(value))
+    for name, value in (("--fps", opts.fps), ("--chunk-seconds", 1.0 if opts.chunk_seconds is None else opts.chunk_seconds)):
+        if not value > 0:
+            raise UserError(f"{name} must be positive", found=str(value))
     if any(g < 0 for g in opts.gpus):
         raise UserError("GPU indices must be >= 0", found=",".join(map(str, opts.gpus)), fix="pass --gpus 0,1")
     missing = [f"{c}/{g}" for c, g in REQUIRED if c not in arts.components or not arts.graph_path(c, g).is_file()]
@@ -102,6 +135,12 @@ def _check_engines(arts: Artifacts, precision: str) -> None:
     if built_as != precision:
         raise UserError(f"the transformer engine was built for {built_as}, not {precision}",
                         fix=f"pass --precision {built_as}, or rebuild: helios-deploy build {arts.root} --precision {precision}")
+    gone = [str(arts.root / c / e["file"]) for c, es in engines.items() for e in es.values()
+            if not (arts.root / c / e["file"]).is_file()]
+    if gone:
+        raise UserError(f"the manifest lists the engine {gone[0]} but the file is missing",
+                        found=f"{len(gone)} engine file(s) missing: {', '.join(gone)}",
+                        fix=f"rebuild it: helios-deploy build {arts.root}")
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -132,12 +171,25 @@ def _helios_model(arts: Artifacts, root: Path, opts: RepoOptions) -> str:
               "max_frames": str(opts.max_frames)}
     sizes = video_sizes(arts.manifest)
     params["sizes"] = ",".join(map(size_name, sizes))  # what clients may ask for (HeliosClient.sizes)
+    live = {"max_streams": opts.max_streams, "chunk_seconds": opts.chunk_seconds, "fps": opts.fps,
+            "queue": str(opts.queue).lower(), "max_batch": opts.max_batch}
+    params.update({k: "auto" if v is None else str(v) for k, v in live.items()})
+    params["lora"] = lora_parameter(arts.manifest)  # the adapters fused into the served weights (docs/lora.md)
     _write_config(folder, helios_config(sizes, Placement(opts.instances, gpus), params))
-    (folder / "1" / "model.py").write_text(SHIM)
+    (folder / "1" / "model.py").write_text(SHIM.format(name="helios", module="model"))
     return how
 
 
-def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, entry: dict, opts: RepoOptions) -> str:
+def _control_model(root: Path) -> None:
+    """helios_control: changes a running stream's prompt, stops it, reads its progress (serving/control.py)."""
+    folder = root / "helios_control"
+    (folder / "1").mkdir(parents=True)
+    _write_config(folder, control_config({}))
+    (folder / "1" / "model.py").write_text(SHIM.format(name="helios_control", module="control"))
+
+
+def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, entry: dict, opts: RepoOptions,
+                strategy: str | None) -> str:
     name = model_name(component, graph.name)
     engine = arts.root / component / entry["file"]
     if not engine.is_file():
@@ -150,38 +202,52 @@ def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, e
                         expected=f"{len(expected)}, one per operating point of the spec",
                         fix=f"rebuild it: helios-deploy build {arts.root} --rebuild")
     placement = Placement(opts.instances, opts.gpus or (0,))  # TensorRT plans run on GPUs only
-    _write_config(root / name, plan_config(name, graph, recorded or expected, placement))
+    _write_config(root / name, plan_config(name, graph, recorded or expected, placement, strategy))
     (root / name / "1").mkdir()
     _link_or_copy(str(engine), str(root / name / "1" / "model.plan"))
     return name
 
 
 def _plan_models(arts: Artifacts, root: Path, opts: RepoOptions, report: RepoReport) -> None:
+    """One tensorrt_plan model per engine, and the startup list that keeps them unloaded until asked for."""
+    strategy = report.deployment.allocation_strategy
+    report.startup = list(report.models)
     for component in arts.components:
         engines = arts.manifest["components"][component].get("engines") or {}
         for graph in arts.spec(component).graphs:
             name = model_name(component, graph.name)
             if graph.name in engines:
-                report.models.append(_plan_model(arts, root, component, graph, engines[graph.name], opts))
+                report.models.append(_plan_model(arts, root, component, graph, engines[graph.name], opts, strategy))
             else:
                 report.skipped.append(f"{name}: no TensorRT engine in the manifest (run helios-deploy build)")
+    (root / STARTUP_FILE).write_text("".join(f"{m}\n" for m in report.startup))
 
 
 def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions = RepoOptions(),
                      force: bool = False, log: Callable[[str], None] = lambda m: None) -> RepoReport:
     """Write the model repository for ``artifacts`` to ``out`` (atomically); see the module docstring."""
     arts = Artifacts.open(artifacts)
-    check_options(arts, opts)
     out = Path(out)
-    report = RepoReport(out)
+    report = RepoReport(out, deployment=check_options(arts, opts))
     with staged_dir(out, force) as tmp:
         report.artifacts = _helios_model(arts, tmp, opts)
         report.models.append("helios")
+        _control_model(tmp)
+        report.models.append("helios_control")
         log(f"helios: decoupled Python-backend model ({opts.backend}, {opts.precision}); artifacts {report.artifacts}")
-        _plan_models(arts, tmp, opts, report)
+        if opts.plan_models:
+            _plan_models(arts, tmp, opts, report)
         (tmp / "README.md").write_text(repository_readme(arts, opts, report))
-    for name in report.models[1:]:
-        log(f"{name}: tensorrt_plan")
+    log("helios_control: Python-backend model: set_prompt / stop / progress of running streams")
+    for name in report.models[2:]:
+        log(f"{name}: tensorrt_plan (loaded on request: {STARTUP_FILE} lists {', '.join(report.startup)})")
     for line in report.skipped:
         log(f"skipped {line}")
     return report
+
+
+def lora_parameter(manifest: dict) -> str:
+    """The adapters the deployment serves, as the helios model's "lora" parameter: ``name:scale:sha256[:12]``
+    per adapter in fusion order, comma-separated; "none" for the checkpoint's own weights."""
+    return ",".join(f"{Path(a['file']).name}:{a['scale']}:{a['sha256'][:12]}" for a in manifest.get("lora") or []) \
+        or "none"

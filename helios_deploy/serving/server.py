@@ -37,6 +37,7 @@ from pathlib import Path
 from ..errors import UserError
 
 ENV_VAR = "HELIOS_TRITON_VENV"
+STARTUP_FILE = "load_models.txt"  # in a repository: the models to load at start (one per line), explicit control
 DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".venv-triton"
 
 _PROBE = r"""
@@ -148,7 +149,8 @@ class LocalServer:
                 "--http-address", a, "--http-port", str(self.http_port),
                 "--grpc-address", a, "--grpc-port", str(self.grpc_port),
                 "--metrics-address", a, "--metrics-port", str(self.metrics_port),
-                "--allow-gpu-metrics", "false", "--exit-timeout-secs", str(self.exit_timeout), *self.extra_args]
+                "--allow-gpu-metrics", "false", "--exit-timeout-secs", str(self.exit_timeout),
+                *startup_args(self.repo), *self.extra_args]
 
     def start(self, timeout: float = 180.0) -> "LocalServer":
         prepare_backend(self.env.root, self.env.python_version)
@@ -176,6 +178,10 @@ class LocalServer:
     def http_url(self) -> str:
         return f"http://{_loopback(self.address)}:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_loopback(self.address)}:{self.metrics_port}/metrics"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else "(no log)"
 
@@ -197,6 +203,16 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def startup_args(repo: Path) -> list[str]:
+    """Explicit model control where the repository says so (its load_models.txt, written with plan models):
+    tritonserver loads only the models listed there at start; the others on request."""
+    listed = Path(repo) / STARTUP_FILE
+    if not listed.is_file():
+        return []
+    names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+    return ["--model-control-mode", "explicit", *(arg for name in names for arg in ("--load-model", name))]
 
 
 def wait_ready(proc: subprocess.Popen, http_port: int, timeout: float, address: str = "127.0.0.1") -> bool:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..procfs import live_processes
+from ..measure.procfs import live_processes
 from .server import LocalServer, ServerEnv, find_env, prepare_backend, wait_ready
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}  # tritonserver's own defaults

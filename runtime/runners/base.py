@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from ...errors import UserError
-from ...specs import GraphSpec, bind_symbols
+from ...model.specs import GraphSpec, bind_symbols
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ...specs import GraphSpec, resolve_shape, bind_symbols
+from ...model.specs import GraphSpec, resolve_shape, bind_symbols
 from .base import Runner
 
 _NP = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}

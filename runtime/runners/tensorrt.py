@@ -11,9 +11,17 @@ so no two contexts ever use it at once).
 Each operating point gets its own context on first use: its profile selected and its input shapes set once,
 the output shapes TensorRT computes checked against the spec's, the shared activation memory attached. With
 ``cuda_graph`` the point's context also gets fixed buffers, one warm-up run and a captured CUDA graph, and is
-never touched again (a graph replays the context state and addresses it captured). Shapes that change within
-one profile (a profile widened with ``build --max-batch``) are set on that profile's context again, which
-drops its graph (captured again on the next call).
+never touched again (a graph replays the context state and addresses it captured). The graph is captured into
+a local and kept only when the capture succeeds; a capture that fails (a layer that cannot be captured) is
+warned about once, its CUDA error cleared, and that point runs without a graph from then on (as trtexec does).
+Shapes that change within one profile (a profile widened with ``build --max-batch``) are set on that profile's
+context again, which drops its graph (captured again on the next call).
+
+TensorRT 10.1+ (the probe refuses older): ``set_optimization_profile_async`` raises RuntimeError on failure
+(caught and re-raised naming the profile); ``update_device_memory_size_for_shapes`` returning 0 for a profile
+that needs memory is an error. The engine file is read through a memory map: its size and sha256 are checked
+on the bytes TensorRT then deserialises, and the host holds no private copy of them besides TensorRT's own.
+Deactivation releases graphs, contexts, the activation memory and the engine with the runner's device current.
 
 Streams: ``infer`` makes the runner's stream wait for the caller's current stream (the feeds the caller wrote),
 enqueues there (never on the legacy default stream, where execute_async_v3 costs extra synchronisations),
@@ -44,11 +52,13 @@ from typing import Mapping
 import torch
 
 from ...errors import UserError
+from ...export.tensorrt.refit import check_engine_lora, engine_mode, refit_stripped
+from ...fsutil import sha256_file
 from ...export.tensorrt.engines import (REBUILD, audit_engine, check_engine_bytes, check_engine_key, describe_points,
-                                        engine_entry, select_profile, source_entry, trt_dtype, weight_sizes,
-                                        weight_streaming_budget)
+                                        engine_entry, mapped_engine, select_profile, source_entry, trt_dtype,
+                                        weight_sizes, weight_streaming_budget)
 from ...export.tensorrt.probe import require_gpu_tensorrt
-from ...specs import GraphSpec, bind_symbols, shapes_at
+from ...model.specs import GraphSpec, bind_symbols, shapes_at
 from .base import Runner
 
 _TORCH = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
@@ -85,6 +95,21 @@ class TorchCuda:
     def capture(graph, stream):
         return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
 
+    @staticmethod
+    def clear_error() -> str:
+        """Reset the CUDA runtime's last error after a failed capture (trtexec calls cudaGetLastError there too),
+        so the next CUDA call does not report it; the error's name."""
+        import ctypes
+
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+            try:
+                lib = ctypes.CDLL(name)  # the copy torch loaded, if it is loaded
+            except OSError:
+                continue
+            lib.cudaGetErrorName.restype = ctypes.c_char_p
+            return lib.cudaGetErrorName(lib.cudaGetLastError()).decode()
+        return "libcudart not found: error not cleared"
+
 
 @dataclass
 class _Point:
@@ -97,6 +122,7 @@ class _Point:
     inputs: dict | None = None  # static, cuda_graph only
     outputs: dict | None = None  # static, cuda_graph or reuse_outputs
     graph: object = None  # torch.cuda.CUDAGraph, captured from this context only
+    no_graph: bool = False  # its capture failed: this point runs without a graph
 
 
 def runtime_key(recorded: Mapping, platform: Mapping, graph_entry: Mapping) -> dict:
@@ -123,6 +149,7 @@ class TensorRTRunner(Runner):
                             fix="pass --device cuda, or use --backend onnxruntime on CPU")
         self.cuda_graph, self.reuse_outputs, self.sync = cuda_graph, reuse_outputs, sync
         self.entry = engine_entry(manifest, component, graph.name)
+        self.manifest = manifest
         precision = self.entry["key"].get("settings", {}).get("precision", "fp32")
         self.graph_entry = source_entry(manifest, component, graph.name, precision)  # what it was built from
         self.path = Path(root) / component / self.entry["file"]
@@ -145,8 +172,7 @@ class TensorRTRunner(Runner):
             if self.device.index:
                 platform = require_gpu_tensorrt(self.device.index)
         check_engine_key(self.entry["key"], runtime_key(self.entry["key"], platform, self.graph_entry), name)
-        data = self.path.read_bytes()
-        check_engine_bytes(self.entry, data, self.path)
+        check_engine_lora(self.entry, self.manifest, name)
         import tensorrt as trt
 
         self._trt = trt
@@ -154,18 +180,32 @@ class TensorRTRunner(Runner):
         self._runtime = trt.Runtime(self._logger)
         with self.cuda.device(self.device):
             self._stream = self.cuda.new_stream(self.device)
-            engine = self._runtime.deserialize_cuda_engine(data)
-            del data  # the engine's host copy of its bytes: up to the model's size
+            with mapped_engine(self.path) as data:  # what is checked is what is loaded; no private host copy
+                check_engine_bytes(self.entry, data, self.path)
+                engine = self._runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise UserError(f"TensorRT could not load {self.path}", found="see the TensorRT log above",
                                 fix=f"rebuild it on this machine: {REBUILD}")
+            if engine_mode(self.entry) == "strip":  # a plan without weights: refit from the ONNX it was built from
+                self._refit_stripped(engine)
             self._audit(engine)
             self._apply_budget(engine)
+            self._profile_memory = [int(engine.get_device_memory_size_for_profile_v2(i))
+                                    for i in range(engine.num_optimization_profiles)]  # after the budget: depends on it
             with self.cuda.use_stream(self._stream):  # freed on the runner's stream, after its last run
-                self._activations = self.cuda.empty((_activation_bytes(engine),), torch.uint8, self.device)
+                self._activations = self.cuda.empty((max(self._profile_memory),), torch.uint8, self.device)
         self._engine = engine
         self._points: dict[int, _Point] = {}
         self._profile_of: dict[tuple, int] = {}
+
+    def _refit_stripped(self, engine) -> None:
+        onnx_path = self.path.parent / self.graph_entry["file"]
+        data = self.path.parent / self.graph_entry["data"]
+        if not data.is_file() or sha256_file(data) != self.graph_entry.get("data_sha256"):
+            raise UserError(f"the weights of the weight-stripped engine {self.path} do not match the manifest",
+                            found=f"{data} is missing or changed since the export / refit",
+                            fix="restore the artifacts, or re-run `helios-deploy refit` / the export")
+        refit_stripped(self._trt, self._logger, engine, onnx_path)
 
     def _audit(self, engine) -> None:
         """Check the engine's tensors, dtypes and profiles against the spec; keep the profile shapes."""
@@ -198,14 +238,17 @@ class TensorRTRunner(Runner):
         self.weight_streaming_budget = budget
 
     def _deactivate_impl(self) -> None:
+        """Graphs, buffers and contexts, then the activation memory, the engine and the runtime, all released
+        with the runner's device current (CUDA frees on the device that is current)."""
         with self.cuda.device(self.device):
             self._stream.synchronize()  # nothing of the runner's is in flight when its memory goes
-        for point in self._points.values():  # CUDA graphs and buffers first, then the contexts
-            point.graph = point.inputs = point.outputs = None
-        self._points.clear()
-        self._activations = None  # after every context that used it
-        del self._engine
-        del self._runtime
+            for point in self._points.values():  # CUDA graphs and buffers first, then the contexts
+                point.graph = point.inputs = point.outputs = None
+                point.context = None
+            self._points.clear()
+            self._activations = None  # after every context that used it
+            del self._engine
+            del self._runtime
 
     # -- inference ----------------------------------------------------------------------------------
 
@@ -217,7 +260,8 @@ class TensorRTRunner(Runner):
             with self.cuda.use_stream(ours):
                 point = self._point(key, ours)
                 inputs = {n: self._on_device(feeds[n], ours) for n in self.names}
-                outs = self._graph_run(point, inputs, ours) if self.cuda_graph else self._run(point, inputs, ours)
+                graphed = self.cuda_graph and not point.no_graph
+                outs = self._graph_run(point, inputs, ours) if graphed else self._run(point, inputs, ours)
             caller.wait_stream(ours)  # the caller's later work sees the outputs
             for y in outs.values():
                 self.cuda.record_stream(y, caller)
@@ -254,8 +298,12 @@ class TensorRTRunner(Runner):
         if context is None:
             raise UserError(f"could not create a TensorRT execution context for {self.component}/{self.graph.name}",
                             found="see the TensorRT log above (out of GPU memory?)")
-        if not context.set_optimization_profile_async(index, stream.cuda_stream):
-            raise RuntimeError(f"TensorRT refused optimization profile {index} for {self.path}")
+        try:  # the binding raises RuntimeError on failure (it does not return False)
+            context.set_optimization_profile_async(index, stream.cuda_stream)
+        except RuntimeError as e:
+            point = self.graph.operating_points[index].name if index < len(self.graph.operating_points) else "?"
+            raise RuntimeError(f"TensorRT refused optimization profile {index} ({point}) of {self.path} on a new "
+                               f"execution context: {e}") from e
         point = self._points[index] = _Point(index, context)
         return point
 
@@ -277,12 +325,16 @@ class TensorRTRunner(Runner):
                             fix=f"rebuild it: {REBUILD}")
         size = self._activations.numel()
         need = context.update_device_memory_size_for_shapes()
+        if need == 0 and self._profile_memory[point.profile] > 0:  # 0 is how the call reports a failure
+            raise RuntimeError(f"TensorRT reported no activation memory for profile {point.profile} of {self.path} "
+                               f"at {key}, which needs {self._profile_memory[point.profile]} bytes: "
+                               "update_device_memory_size_for_shapes failed (see the TensorRT log above)")
         if need > size:
             raise RuntimeError(f"TensorRT needs {need} bytes of activation memory for profile {point.profile} of "
                                f"{self.path}, more than the {size} the engine reported for its largest profile")
         context.set_device_memory(self._activations.data_ptr(), size)  # TensorRT 10.1+
         point.key, point.out_shapes = key, out_shapes
-        point.inputs = point.outputs = point.graph = None
+        point.inputs = point.outputs = point.graph = None  # no_graph stays: that context's layers cannot be captured
 
     def _on_device(self, x: torch.Tensor, stream) -> torch.Tensor:
         if self.cuda.on(x, self.device):
@@ -332,27 +384,33 @@ class TensorRTRunner(Runner):
             point.outputs = self._alloc(point)
             self._copy_in(point, inputs)
             self._bind(point.context, {**point.inputs, **point.outputs})
-            self._execute(point.context, stream.cuda_stream)
-            point.graph = self.cuda.new_graph()
-            with self.cuda.capture(point.graph, stream):
-                self._execute(point.context, stream.cuda_stream)
-            self.captures += 1
+            self._execute(point.context, stream.cuda_stream)  # this call's outputs
+            point.graph = self._capture(point, stream)
         else:
             self._copy_in(point, inputs)
             point.graph.replay()
         outs = point.outputs
         return dict(outs) if self.reuse_outputs else {n: y.clone() for n, y in outs.items()}
 
+    def _capture(self, point: _Point, stream):
+        """The point's CUDA graph, or None when capture fails (a layer that cannot be captured): then a warning,
+        the CUDA error cleared, and the point runs without a graph from now on, as trtexec does."""
+        graph = self.cuda.new_graph()
+        try:
+            with self.cuda.capture(graph, stream):
+                self._execute(point.context, stream.cuda_stream)
+        except Exception as e:  # noqa: BLE001 - whatever the capture raised, the graph is unusable
+            cleared = self.cuda.clear_error()
+            point.no_graph, point.inputs = True, None
+            name = self.graph.operating_points[point.profile].name
+            warnings.warn(f"{self.component}/{self.graph.name} at {name}: CUDA graph capture failed ({e}; "
+                          f"cudaGetLastError: {cleared}): this operating point runs without a CUDA graph", stacklevel=4)
+            return None
+        self.captures += 1
+        return graph
+
     @staticmethod
     def _copy_in(point: _Point, feeds: Mapping[str, torch.Tensor]) -> None:
         for name, buf in point.inputs.items():
             buf.copy_(feeds[name], non_blocking=True)
 
-
-def _activation_bytes(engine) -> int:
-    """The activation memory the largest profile needs (after the weight-streaming budget is set: it depends
-    on it), from the TensorRT 10.1+ per-profile query where there is one."""
-    by_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
-    if by_profile is not None:
-        return max(int(by_profile(i)) for i in range(engine.num_optimization_profiles))
-    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)

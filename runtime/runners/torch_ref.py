@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from ...errors import UserError
-from ...specs import GraphSpec
+from ...model.specs import GraphSpec
 from .base import Runner
 
 
@@ -28,7 +28,7 @@ class TorchRunner(Runner):
 
     def _activate_impl(self) -> None:
         from ...artifacts import Artifacts
-        from ...checkpoint import Checkpoint
+        from ...checkpoints.checkpoint import Checkpoint
         from ...export.exporter.modules import build_module, graph_module
 
         # its folder, or (exported from a Hub id, folder gone) the Hub id at the commit the export resolved

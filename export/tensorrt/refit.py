@@ -1,0 +1,259 @@
+"""`refit`: other LoRA adapters on built engines, without a rebuild.
+
+1. The transformer's exported graphs get new external data: every weight an old or a new adapter targets is
+   re-fused from the checkpoint (W + the new deltas, export/exporter/lora.py), streamed one block at a time;
+   the other weights are copied from the old data file; a bf16 version of the graph (``quantize --precision
+   bf16``) is lowered again from it with its recorded recipe. Written to a work folder first.
+2. Each engine built from those graphs (``build --refittable``) is deserialised and only the weights that
+   changed are set with ``trt.Refitter.set_named_weights`` (the ONNX parser names engine weights after the
+   ONNX initializers; bf16 as ``Weights(BF16, pointer, count)``), in groups of at most ``GROUP_BYTES`` so host memory stays bounded, each group applied
+   by ``refit_cuda_engine``; the plan is serialised again. A weight-stripped engine (``build --strip-weights``:
+   STRIP_PLAN + REFIT_IDENTICAL) holds no weights: its plan is unchanged and the runner refits it from the
+   ONNX file at load (``OnnxParserRefitter.refit_from_file``).
+3. The new graphs, engines and manifest (adapters, graph hashes, engine keys) are moved into place together.
+
+The TensorRT part needs a GPU (written against the TensorRT 10/11 Python API; tested on CPU against a fake).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ...artifacts import Artifacts, file_record, install
+from ...checkpoints.checkpoint import Checkpoint
+from ...errors import UserError
+from ...fsutil import staging
+from ..exporter.lora import Adapter, Fusion, plan_fusion
+from ..exporter.modules import build_module
+from ..graphio import Graph, digest, safetensors_source
+from .builder import write_atomic
+from .engines import REBUILD, engine_filename, key_digest, source_entry
+
+COMPONENT, PREFIX = "transformer", "model."  # initializer names: the wrapper's attribute + the parameter path
+GROUP_BYTES = 1 << 30  # changed weights handed to the Refitter before each refit_cuda_engine
+
+
+def engine_mode(entry: dict) -> str | None:
+    """"refit", "strip" or None (built without --refittable / --strip-weights)."""
+    settings = entry.get("key", {}).get("settings", {})
+    return "strip" if settings.get("strip_weights") else "refit" if settings.get("refittable") else None
+
+
+def check_refittable(arts: Artifacts) -> dict:
+    """The transformer's engines, refused (one error) unless every one is refittable and fp32 or bf16 (an FP8
+    graph's weights and scales come from calibration: re-run quantize and build for it)."""
+    engines = arts.manifest["components"][COMPONENT].get("engines") or {}
+    problems = []
+    for graph, entry in engines.items():
+        precision = entry.get("key", {}).get("settings", {}).get("precision", "fp32")
+        if precision == "fp8":
+            problems.append(f"{graph}: an fp8 engine (its FP8 weights and scales come from calibration)")
+        elif engine_mode(entry) is None:
+            problems.append(f"{graph}: built without --refittable")
+    if problems:
+        raise UserError("these engines cannot be refitted", found="; ".join(problems),
+                        expected="fp32 or bf16 engines built with `build --refittable` or `--strip-weights`",
+                        fix=f"rebuild them: {REBUILD} --precision fp32 --refittable")
+    return engines
+
+
+def rewrite_graph(ckpt: Checkpoint, src: Path, dst: Path, fusion: Fusion, old_targets: Sequence[str]) -> list[str]:
+    """``src`` with every weight an old or new adapter targets re-fused from the checkpoint, saved to ``dst``
+    (one tensor at a time); returns the names of the initializers that were rewritten."""
+    import onnx_ir as ir
+
+    graph, index = Graph.load(src), ckpt.index_for(COMPONENT)
+    touched = set(old_targets) | set(fusion.deltas)
+    changed = []
+    for name in list(graph.initializers()):
+        local = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        if local not in touched:
+            continue
+        base = safetensors_source(index.folder / index.weight_map[local], local)
+        fused = fusion.fused(local, base)
+        graph.set_initializer(name, fused if fused.dtype == ir.DataType.FLOAT else _fp32(base))
+        changed.append(name)
+    missing = touched - {n[len(PREFIX):] for n in changed}
+    if missing:
+        raise RuntimeError(f"{src}: adapter targets without an initializer: {sorted(missing)[:4]}")
+    graph.save(dst)
+    return changed
+
+
+def _fp32(src):
+    import onnx_ir as ir
+
+    from ..graphio import cast
+
+    return cast(src, ir.DataType.FLOAT)
+
+
+def refit_plan(trt, plan: bytes, onnx_path: Path, changed: Sequence[str]) -> bytes:
+    """The engine ``plan`` with the weights ``changed`` replaced by ``onnx_path``'s (GPU)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise UserError("TensorRT could not load the engine to refit it", fix=f"rebuild it: {REBUILD}")
+    refitter = trt.Refitter(engine, logger)
+    refittable = set(refitter.get_all_weights())
+    graph = Graph.load(onnx_path)
+    initializers = graph.initializers()
+    names = [n for n in changed if n in refittable]
+    if len(names) != len(changed):  # folded into other weights, or not refittable: the engine cannot take them
+        raise UserError("the engine has no refittable weight for some changed ONNX weights",
+                        found=", ".join(sorted(set(changed) - refittable)[:4]), fix=f"rebuild it: {REBUILD}")
+    group, held = [], 0
+    for i, name in enumerate(names):
+        held += _set(trt, refitter, graph, name, group)
+        if held >= GROUP_BYTES or i == len(names) - 1:
+            # weights TensorRT combined with the changed ones at build time must be given again (Refitter docs)
+            for other in refitter.get_missing_weights():
+                if other in initializers:
+                    _set(trt, refitter, graph, other, group)
+            _apply(refitter)
+            group, held = [], 0
+    config = engine.create_serialization_config()
+    include_refit = getattr(getattr(trt, "SerializationFlag", None), "INCLUDE_REFIT", None)
+    if include_refit is not None:  # TensorRT >= 10.x: without it the serialized engine is no longer refittable
+        config.set_flag(include_refit)
+    return bytes(engine.serialize_with_config(config))
+
+
+def _set(trt, refitter, graph: Graph, name: str, group: list) -> int:
+    """Hand ONNX weight ``name`` to the refitter; its array joins ``group`` (TensorRT reads the memory at
+    refit_cuda_engine, so it must stay alive until then). Returns its bytes."""
+    import numpy as np
+
+    array = np.ascontiguousarray(graph.source(name).numpy())
+    group.append(array)
+    if array.dtype.name == "bfloat16":  # not a numpy dtype TensorRT's Weights(ndarray) knows: type, pointer, count
+        weights = trt.Weights(trt.DataType.BF16, array.ctypes.data, array.size)
+    else:
+        weights = trt.Weights(array)
+    if not refitter.set_named_weights(name, weights):
+        raise UserError(f"TensorRT refused the new weight {name}", fix=f"rebuild the engine: {REBUILD}")
+    return array.nbytes
+
+
+def _apply(refitter) -> None:
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise UserError("TensorRT needs more weights to refit this engine", found=", ".join(list(missing)[:4]),
+                        fix=f"rebuild it: {REBUILD}")
+    if not refitter.refit_cuda_engine():
+        raise UserError("TensorRT could not refit the engine", found="see the TensorRT log above",
+                        fix=f"rebuild it: {REBUILD}")
+
+
+def refit_stripped(trt, logger, engine, onnx_path: Path) -> None:
+    """Fill a weight-stripped engine with the weights of the ONNX file it was built from (runner, at load)."""
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)):
+        raise UserError(f"TensorRT could not refit the weight-stripped engine from {onnx_path}",
+                        found="; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no errors",
+                        fix=f"rebuild it: {REBUILD}")
+    _apply(refitter)
+
+
+def check_engine_lora(entry: dict, manifest: dict, name: str) -> None:
+    """Refuse an engine whose weights were fused with other adapters than the artifacts' (runner)."""
+    have = [(a["sha256"], a["scale"]) for a in entry.get("lora") or []]
+    want = [(a["sha256"], a["scale"]) for a in manifest.get("lora") or []]
+    if have != want:
+        raise UserError(f"the TensorRT engine for {name} holds other LoRA weights than the artifacts",
+                        found=f"engine: {len(have)} adapter(s), manifest: {len(want)}",
+                        fix="run `helios-deploy refit ARTIFACTS --lora ...` again, or rebuild the engine")
+
+
+def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
+    """Replace the fused adapters of an export (and of its refittable engines) with ``adapters`` (none: the
+    plain checkpoint weights). Returns the manifest's "refit" record (what changed, timings)."""
+    arts = Artifacts.open(artifacts)
+    arts.require(COMPONENT)
+    arts.verify_files(COMPONENT)
+    ckpt = Checkpoint.from_record(arts.manifest["checkpoint"])
+    arts.check_checkpoint(ckpt.identity)
+    entry = arts.manifest["components"][COMPONENT]
+    engines = check_refittable(arts)
+    fusion = plan_fusion(adapters, build_module(ckpt, COMPONENT, load_weights=False))
+    if engines and any(engine_mode(e) == "refit" for e in engines.values()):
+        from .probe import require_gpu_tensorrt
+
+        require_gpu_tensorrt()
+    t0, record = time.perf_counter(), {"lora": [a.record() for a in adapters], "engines": {}}
+    with staging(arts.root, "refit") as tmp:
+        moves, old_files = [], []
+        for g in arts.spec(COMPONENT).graphs:
+            old = entry["graphs"][g.name]
+            changed = rewrite_graph(ckpt, arts.root / COMPONENT / old["file"], tmp / old["file"], fusion,
+                                    entry.get("lora_targets") or [])
+            entry["graphs"][g.name] = {**old, **file_record(tmp, old["file"], old["data"])}
+            moves += _moves(arts, tmp, entry["graphs"][g.name])
+            record["fuse_write_seconds"] = round(time.perf_counter() - t0, 3)
+            changed = {"fp32": changed, "bf16": _relower(arts, entry, g, tmp, moves, log)}
+            if g.name in engines:
+                old_files.append(_refit_engine(arts, engines, g, tmp, changed, record, log))
+        if entry.pop("fp8", None):  # derived from the old weights: stale now
+            log(f"warning: the FP8 graph of the {COMPONENT} was made from the old weights and is no longer listed; "
+                "re-run `helios-deploy quantize --precision fp8` for it")
+        entry["lora_targets"] = fusion.targets()
+        arts.manifest["lora"] = record["lora"]
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        arts.manifest["refit"] = record
+        install(arts.root, moves, arts.manifest)
+    for path in old_files:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    return record
+
+
+def _moves(arts: Artifacts, tmp: Path, rec: dict) -> list[tuple[Path, Path]]:
+    return [(tmp / rec["data"], arts.root / COMPONENT / rec["data"]), (tmp / rec["file"], arts.root / COMPONENT / rec["file"])]
+
+
+def _relower(arts: Artifacts, entry: dict, g, tmp: Path, moves: list, log) -> list[str] | None:
+    """The graph's bf16 version (``quantize --precision bf16``), if there is one, lowered again from the new
+    fp32 graph with its recorded recipe; returns the initializers whose bytes changed."""
+    from ..transforms.lowering import write_lowered
+
+    old = (entry.get("bf16") or {}).get(g.name)
+    if not old:
+        return None
+    log(f"{COMPONENT}/{old['file']}: lowering the new weights to bf16 ...")
+    rec = write_lowered(tmp / entry["graphs"][g.name]["file"], tmp, old["file"], old["recipe"].get("keep_fp32", []))
+    before, after = Graph.load(arts.root / COMPONENT / old["file"]), Graph.load(tmp / old["file"])
+    changed = [n for n in after.initializers()
+               if n not in before.initializers() or digest(after.source(n)) != digest(before.source(n))]
+    entry["bf16"][g.name] = {**old, **rec}
+    moves += _moves(arts, tmp, rec)
+    return changed
+
+
+def _refit_engine(arts: Artifacts, engines: dict, g, tmp: Path, changed: dict, record: dict, log) -> Path | None:
+    """Refit one engine to the graph in ``tmp`` and write it under its new key's name; the old file's path (to
+    remove once the manifest names the new one) or None when the name did not change."""
+    entry = engines[g.name]
+    precision = entry["key"].get("settings", {}).get("precision", "fp32")
+    info, changed = source_entry(arts.manifest, COMPONENT, g.name, precision), changed[precision]
+    old_path = arts.root / COMPONENT / entry["file"]
+    fields = {**entry["key"], "graph_sha256": info["file_sha256"], "weights_sha256": info["data_sha256"]}
+    digest = key_digest(fields)
+    new_file = engine_filename(g.file, digest)
+    plan = old_path.read_bytes()
+    t0 = time.perf_counter()
+    if engine_mode(entry) == "refit":
+        import tensorrt as trt
+
+        log(f"{COMPONENT}/{g.name}: refitting {len(changed)} weights ...")
+        plan = refit_plan(trt, plan, tmp / info["file"], changed)
+    write_atomic(arts.root / COMPONENT / new_file, plan)
+    report = {**entry.get("report", {}), "engine_bytes": len(plan), "engine_sha256": hashlib.sha256(plan).hexdigest()}
+    engines[g.name] = {**entry, "file": new_file, "key": fields, "digest": digest, "report": report,
+                       "lora": record["lora"]}
+    record["engines"][g.name] = {"mode": engine_mode(entry), "weights": len(changed),
+                                 "refit_seconds": round(time.perf_counter() - t0, 3)}
+    return old_path if new_file != entry["file"] else None

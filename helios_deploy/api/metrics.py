@@ -1,0 +1,54 @@
+"""/metrics in the Prometheus text format (prometheus_client), one registry per app.
+
+    helios_api_jobs{status}                  jobs in the store by status (gauge)
+    helios_api_active_streams                streams being generated: jobs and live streams (gauge)
+    helios_api_stream_capacity               real-time streams the backend holds (gauge)
+    helios_api_load                          active streams against capacity, 1 = full (gauge): the
+                                             HorizontalPodAutoscaler in deploy/ scales the API on it
+    helios_api_first_chunk_latency_seconds   request to first decoded chunk (histogram), jobs and streams
+    helios_api_chunks_total                  chunks delivered (counter)
+    helios_api_refused_total{reason}         requests refused: over_capacity, per_key_limit (counter)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+JOB_STATUSES = ("queued", "in_progress", "completed", "failed")
+LOAD_METRIC = "helios_api_load"
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Live:
+    """Gauges read from the job store and the backend at scrape time."""
+
+    def __init__(self, store, backend):
+        self.store, self.backend = store, backend
+
+    def collect(self):
+        jobs = GaugeMetricFamily("helios_api_jobs", "Video jobs in the store by status", labels=["status"])
+        counts = self.store.counts()
+        for status in JOB_STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        m = self.backend.metrics()
+        yield GaugeMetricFamily("helios_api_active_streams", "Streams being generated (jobs and live streams)",
+                                value=m["active_streams"])
+        yield GaugeMetricFamily("helios_api_stream_capacity", "Real-time streams the backend holds",
+                                value=m["capacity"])
+        yield GaugeMetricFamily(LOAD_METRIC, "Active streams against capacity (1 = full)", value=m["load"])
+
+
+class Metrics:
+    def __init__(self, store, backend):
+        self.registry = CollectorRegistry()
+        self.registry.register(_Live(store, backend))
+        self.first_chunk = Histogram("helios_api_first_chunk_latency_seconds",
+                                     "Seconds from a request to its first decoded chunk", buckets=LATENCY_BUCKETS,
+                                     registry=self.registry)
+        self.chunks = Counter("helios_api_chunks", "Chunks delivered to jobs and streams", registry=self.registry)
+        self.refused = Counter("helios_api_refused", "Requests refused", ["reason"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,57 @@
+"""Run the API: pick the backend, open the job store, check keys and address, serve with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from .security import Limits, parse_keys, resolve_keys
+
+KEY_ENV = "HELIOS_API_KEY"
+
+
+def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "onnxruntime", device: str = "cpu",
+                 fps: float = 24.0, max_streams: int | None = None, triton_model: str = "helios"):
+    if artifacts:
+        from .backends import InProcessBackend
+
+        return InProcessBackend.open_artifacts(artifacts, backend=backend, device=device, fps=fps,
+                                               max_streams=max_streams)
+    from .backends import TritonBackend
+
+    return TritonBackend(triton, model=triton_model, max_streams=max_streams)
+
+
+def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host: str = "127.0.0.1",
+          port: int = 8080, api_key: str | None = None, insecure_no_key: bool = False, limits: Limits = Limits(),
+          fps: float = 24.0, crf: int = 23, max_streams: int | None = None, backend: str = "onnxruntime",
+          device: str = "cpu", log=print) -> None:
+    """Check everything that can be checked before loading a model, then serve until SIGINT / SIGTERM."""
+    import uvicorn
+
+    from .app import create_app
+    from .jobs import JobStore
+
+    if bool(artifacts) == bool(triton):
+        raise UserError("pass --artifacts DIR (run in this process) or --triton HOST:PORT, one of them",
+                        fix="helios-deploy api --artifacts engines/demo/artifacts")
+    keys, made = resolve_keys(parse_keys(api_key if api_key is not None else os.environ.get(KEY_ENV)), host,
+                              insecure_no_key)
+    jobs = JobStore(store)
+    if jobs.recovered:
+        log(f"{jobs.recovered} job(s) left running by the last run are marked failed")
+    engine = open_backend(artifacts, triton, backend=backend, device=device, fps=fps, max_streams=max_streams)
+    try:
+        app = create_app(engine, jobs, keys=keys, limits=limits, fps=fps, crf=crf)
+        shown = "localhost" if host in ("127.0.0.1", "::1") else host
+        log(f"serving on http://{shown}:{port}/ ({engine.name} backend, {engine.metrics()['capacity']} real-time "
+            f"streams, jobs in {Path(store).resolve()})")
+        if made:
+            log(f"API key for this run (no --api-key / {KEY_ENV} given): {made}")
+        elif not keys:
+            log("WARNING: serving without an API key (--insecure-no-key)")
+        uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20)
+    finally:
+        engine.close()
+        jobs.close()

@@ -1,0 +1,184 @@
+"""OpenAI-compatible video jobs: POST/GET /v1/videos, GET/DELETE /v1/videos/{id}, GET .../content.
+
+A job is a stream on the backend (so jobs and live streams share the runners by the scheduler's deadlines)
+whose chunks a thread appends to an mp4 through the project's video writer (runtime/video_io.py); the job
+row in the store follows its progress. Each key sees its own jobs only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import UserError
+from ..runtime.video_io import write_mp4
+from .errors import ApiError, from_user_error
+from .requests import VideoRequest, parse
+
+POLL_AFTER_MS = 500  # the openai SDK's poll waits this long between retrieves (openai-poll-after-ms)
+
+
+def video_object(job: dict) -> dict:
+    out = {k: job[k] for k in ("id", "created_at", "completed_at", "status", "progress", "model", "prompt",
+                               "seconds", "size")}
+    out.update(object="video", expires_at=None, remixed_from_video_id=None,
+               error=None if job["status"] != "failed" else {"code": job["error_code"] or "failed",
+                                                             "message": job["error_message"] or ""})
+    return out
+
+
+class JobRunner:
+    """Starts jobs on the backend and writes their videos; one thread per running job."""
+
+    def __init__(self, state):
+        self.state = state
+        self._streams: dict[str, object] = {}  # job id -> backend stream, while it runs
+        self._lock = threading.Lock()
+
+    def start(self, key: str, request: VideoRequest) -> dict:
+        s = self.state
+        if s.store.count_active(key) >= s.limits.max_jobs_per_key:
+            s.metrics.refused.labels("per_key_limit").inc()
+            raise ApiError(429, f"this key already has {s.limits.max_jobs_per_key} jobs queued or running",
+                           "too_many_jobs")
+        opened = time.perf_counter()
+        try:
+            stream = s.backend.open(request.prompt, realtime=False, **request.backend_kwargs())
+        except UserError as e:
+            if getattr(e, "code", None) == "over_capacity":
+                s.metrics.refused.labels("over_capacity").inc()
+            raise from_user_error(e) from None
+        job = s.store.create(key=key, model=request.model, prompt=request.prompt, seconds=request.seconds(s.fps),
+                             size=request.size_text, params=request.params())
+        s.store.update(job["id"], status="in_progress")
+        with self._lock:
+            self._streams[job["id"]] = stream
+        threading.Thread(target=self._run, args=(job["id"], stream, opened), name=f"job-{job['id']}",
+                         daemon=True).start()
+        return s.store.get(job["id"])
+
+    def _run(self, job_id: str, stream, opened: float) -> None:
+        store, path = self.state.store, self.state.store.video_path(job_id)
+
+        def frames():
+            while (chunk := stream.next()) is not None:
+                if chunk.index == 0:
+                    self.state.metrics.first_chunk.observe(time.perf_counter() - opened)
+                self.state.metrics.chunks.inc()
+                p = stream.progress()
+                store.update(job_id, progress=min(99, int(100 * p["chunks_done"] / p["num_chunks"])))
+                yield chunk.frames
+
+        try:
+            write_mp4(path, frames(), fps=round(self.state.fps))
+            if stream.progress()["status"] == "stopped":  # deleted, or the server is shutting down
+                path.unlink(missing_ok=True)
+                store.update(job_id, status="failed", completed_at=int(time.time()), error_code="cancelled",
+                             error_message="the job was stopped before it completed (deleted, or the server stopped)")
+            else:
+                store.update(job_id, status="completed", completed_at=int(time.time()), progress=100)
+        except Exception as e:  # noqa: BLE001 - any failure of the stream becomes the job's error
+            message = e.render() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            store.update(job_id, status="failed", completed_at=int(time.time()), error_code="generation_failed",
+                         error_message=message)
+        finally:
+            with self._lock:
+                self._streams.pop(job_id, None)
+            if store.get(job_id) is None:  # deleted while it ran
+                path.unlink(missing_ok=True)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            stream = self._streams.get(job_id)
+        if stream is not None:
+            stream.stop()
+
+    def stop_all(self) -> None:
+        for job_id in list(self._streams):
+            self.cancel(job_id)
+
+
+async def _fields(request: Request) -> dict:
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("application/json"):
+        try:
+            data = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", "invalid_json")
+        return data
+    if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        out = {}
+        for name, value in form.multi_items():
+            out[name] = await value.read() if hasattr(value, "read") else value
+        return out
+    raise ApiError(400, f"content type {kind or 'none'!r} is not accepted: send multipart/form-data or JSON",
+                   "invalid_request")
+
+
+def router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/videos")
+
+    def own(request: Request, video_id: str, key: str) -> dict:
+        job = request.app.state.api.store.get(video_id)
+        if job is None or job["key"] != key:
+            raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video_id")
+        return job
+
+    @r.post("")
+    async def create(request: Request, key: str = Depends(auth)):
+        s = request.app.state.api
+        req = parse(await _fields(request), sizes=s.backend.sizes, fps=s.fps, max_frames=s.limits.max_frames,
+                    models=s.models)
+        job = await run_in_threadpool(s.jobs.start, key, req)
+        return video_object(job)
+
+    @r.get("")
+    async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc",
+                          key: str = Depends(auth)):
+        store = request.app.state.api.store
+        if after is not None:
+            own(request, after, key)
+        try:
+            jobs, more = store.list(after=after, limit=limit, order=order, key=key)
+        except UserError as e:
+            raise ApiError(400, e.render(), "invalid_request") from None
+        data = [video_object(j) for j in jobs]
+        return {"object": "list", "data": data, "has_more": more,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    @r.get("/{video_id}")
+    async def retrieve(request: Request, video_id: str, key: str = Depends(auth)):
+        job = own(request, video_id, key)
+        headers = {"openai-poll-after-ms": str(POLL_AFTER_MS)} if job["status"] in ("queued", "in_progress") else {}
+        return JSONResponse(video_object(job), headers=headers)
+
+    @r.get("/{video_id}/content")
+    async def content(request: Request, video_id: str, variant: str = "video", key: str = Depends(auth)):
+        job = own(request, video_id, key)
+        if variant != "video":
+            raise ApiError(400, f"variant {variant!r} is not available; this server makes the video only",
+                           "invalid_request", "variant")
+        if job["status"] != "completed":
+            raise ApiError(409, f"video {video_id} is {job['status']}, not completed", "video_not_ready")
+        path = request.app.state.api.store.video_path(video_id)
+        if not path.is_file():
+            raise ApiError(404, f"the video file of {video_id} is gone", "video_not_found")
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+
+    @r.delete("/{video_id}")
+    async def delete(request: Request, video_id: str, key: str = Depends(auth)):
+        s = request.app.state.api
+        own(request, video_id, key)
+        s.jobs.cancel(video_id)
+        await asyncio.to_thread(s.store.delete, video_id)
+        return {"id": video_id, "deleted": True, "object": "video.deleted"}
+
+    return r

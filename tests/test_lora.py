@@ -1,0 +1,415 @@
+"""LoRA adapters fused into the exported transformer (export --lora), checked against diffusers with the same
+adapters loaded (HeliosLoraLoaderMixin), weighted (set_adapters) and fused (fuse_lora); the manifest's record of
+them; bad adapters; FP8 on fused weights. The adapters are made by PEFT on the tiny transformer
+(helios_deploy/checkpoints/tiny_lora.py) in the diffusers layout and in the Wan-style layout diffusers converts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import FP8_KEEP, FP8_PROMPTS, HEIGHT, MAX_TEXT_LENGTH, TEXT_LENGTH, WIDTH, run_cli
+
+SCALES = (0.7, 1.3)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers layout, rank 4, alpha 8; Wan-style layout, rank 2, alpha 1, other seed)."""
+    from helios_deploy.checkpoints.tiny_lora import write_tiny_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    return (write_tiny_lora(tiny_ckpt, folder / "style.safetensors", "diffusers", rank=4, alpha=8.0, seed=0),
+            write_tiny_lora(tiny_ckpt, folder / "wan.safetensors", "wan", rank=2, alpha=1.0, seed=1))
+
+
+@pytest.fixture(scope="session")
+def fused(tiny_ckpt, artifacts, adapters, tmp_path_factory) -> Path:
+    """The transformer exported through the CLI with both adapters (audit on: parity against diffusers' fused
+    reference before anything is moved into place); the other components copied from the plain export of the
+    same checkpoint (LoRA touches only the transformer)."""
+    from helios_deploy.artifacts import Artifacts, write_manifest
+
+    out = tmp_path_factory.mktemp("lora-arts") / "fused"
+    args = ["export", tiny_ckpt, "-o", out, "--height", HEIGHT, "--width", WIDTH, "--components", "transformer",
+            "--text-length", TEXT_LENGTH, "--max-text-length", MAX_TEXT_LENGTH]
+    for path, scale in zip(adapters, SCALES):
+        args += ["--lora", f"{path}:{scale}"]
+    from helios_deploy.cli import main
+
+    assert main([str(a) for a in args]) == 0
+    arts, plain = Artifacts.open(out), Artifacts.open(artifacts)
+    for c in ("text_encoder", "vae_decoder", "vae_encoder"):
+        shutil.copytree(plain.root / c, out / c)
+        arts.manifest["components"][c] = json.loads(json.dumps(plain.manifest["components"][c]))
+    write_manifest(out, arts.manifest)
+    return out
+
+
+def test_fused_export_matches_diffusers_fuse_lora(tiny_ckpt, fused):
+    from helios_deploy.export.parity.audit import open_sessions
+    from helios_deploy.export.parity.compare import compare_component
+    from helios_deploy.export.parity.reference import reference_module
+    from helios_deploy.export.parity.report import parity_report
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+
+    report = parity_report(tiny_ckpt, fused, components=["transformer"])
+    cases = report["components"]["transformer"]["cases"]
+    assert {"stage0", "stage1", "stage2", "unseen_shape"} <= {c["name"] for c in cases}
+    for c in cases:
+        assert c["rel_l2"] <= 1e-4, c
+    assert report["passed"]
+    # the adapters matter: the same graph against the checkpoint without them is far off
+    spec = Artifacts.open(fused).spec("transformer")
+    plain = compare_component("transformer", spec, lambda: open_sessions(fused, spec, []),
+                              lambda: reference_module(Checkpoint(tiny_ckpt), "transformer"))
+    assert min(c["rel_l2"] for c in plain["cases"]) > 1e-2
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["diffusers", "wan"])
+def test_each_layout_fuses_like_peft(tiny_ckpt, adapters, layout):
+    """Every fused weight, one adapter at a time, against the weight PEFT's merge leaves in diffusers' model."""
+    import torch
+
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.export.exporter.lora import Adapter, fused_reference, plan_fusion
+    from helios_deploy.export.exporter.modules import build_module
+    from helios_deploy.export.graphio import safetensors_source
+
+    ckpt, adapter = Checkpoint(tiny_ckpt), Adapter(adapters[layout], SCALES[layout])
+    fusion = plan_fusion([adapter], build_module(ckpt, "transformer", load_weights=False))
+    reference = fused_reference(ckpt, [adapter]).state_dict()
+    index = ckpt.index_for("transformer")
+    assert len(fusion.targets()) == 20  # 2 blocks x (4 self-attention + 4 cross-attention + 2 ffn) linears
+    for name in fusion.targets():
+        base = safetensors_source(index.folder / index.weight_map[name], name)
+        ours = fusion.fused(name, base).numpy()
+        ref = reference[name.replace(".weight", ".base_layer.weight")] if name.replace(".weight", ".base_layer.weight") \
+            in reference else reference[name]
+        np.testing.assert_allclose(ours, ref.to(torch.float32).numpy(), rtol=1e-6, atol=1e-6)
+        assert np.abs(ours - base.numpy().astype(np.float32)).max() > 1e-3, name
+
+
+def test_runtime_on_fused_artifacts_matches_the_pipeline_with_the_lora(tiny_ckpt, fused, cholesky_float64):
+    """The streaming runtime on the fused export against diffusers' HeliosPyramidPipeline with the same adapters
+    loaded by load_lora_weights, weighted and fused (the adapters read from the manifest), one chunk."""
+    from helios_deploy.export.exporter.lora import manifest_adapters
+    from helios_deploy.export.parity.pipeline import PipelineCase, run_pipeline_parity
+    from helios_deploy.runtime import Pipeline
+
+    adapters = manifest_adapters(json.loads((fused / "manifest.json").read_text()))
+    result = run_pipeline_parity(tiny_ckpt, Pipeline.from_artifacts(fused), cases=[PipelineCase("t2v_111")], chunks=1,
+                                 adapters=adapters)
+    assert [len(c["max_abs_err_per_chunk"]) for c in result["cases"]] == [1]
+    assert result["passed"], result
+    plain = run_pipeline_parity(tiny_ckpt, Pipeline.from_artifacts(fused), cases=[PipelineCase("t2v_111")], chunks=1)
+    assert not plain["passed"]  # without the adapters the reference video is another one
+
+
+def test_manifest_records_each_adapter(fused, adapters):
+    from helios_deploy.fsutil import sha256_file
+
+    m = json.loads((fused / "manifest.json").read_text())
+    assert [(Path(r["file"]), r["sha256"], r["scale"]) for r in m["lora"]] == \
+        [(p.resolve(), sha256_file(p), s) for p, s in zip(adapters, SCALES)]
+    assert len(m["components"]["transformer"]["lora_targets"]) == 20
+
+
+def test_parity_refuses_an_adapter_that_changed(adapters, tmp_path):
+    from helios_deploy.errors import UserError
+    from helios_deploy.export.exporter.lora import Adapter, manifest_adapters
+
+    copy = Path(shutil.copy(adapters[0], tmp_path / "a.safetensors"))
+    manifest = {"lora": [Adapter(copy, 0.5).record()]}
+    assert manifest_adapters(manifest)[0].scale == 0.5
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UserError, match="not the file these artifacts were fused with"):
+        manifest_adapters(manifest)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(edit(tensors), str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["no_such_layer", "wrong_shape", "text_encoder", "not_lora"])
+def test_bad_adapter_is_one_error_naming_the_keys(tiny_ckpt, adapters, tmp_path, capsys, case):
+    import torch
+
+    def edit(t):
+        if case == "no_such_layer":
+            return {k.replace("blocks.1.", "blocks.7."): v for k, v in t.items()}
+        if case == "wrong_shape":
+            key = "transformer.blocks.0.attn1.to_q.lora_A.weight"
+            return {**t, key: torch.zeros(t[key].shape[0], t[key].shape[1] + 3)}
+        if case == "text_encoder":
+            return {**t, "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 8)}
+        return {**t, "transformer.blocks.0.attn1.to_q.lora_magnitude_vector": torch.zeros(8)}
+
+    bad = _rewrite(adapters[0], tmp_path / "bad.safetensors", edit)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", tiny_ckpt, "-o", out, "--height", HEIGHT, "--width", WIDTH, "--components",
+                            "transformer", "--no-audit", "--lora", f"{bad}:0.5"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    expected = {"no_such_layer": "blocks.7.attn1.to_q.lora_A/B: no such layer",
+                "wrong_shape": "blocks.0.attn1.to_q.lora_A/B: shapes",
+                "text_encoder": "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+                "not_lora": "blocks.0.attn1.to_q.lora_magnitude_vector"}[case]
+    assert expected in err and str(bad) in err, err
+    assert not out.exists()
+
+
+def test_missing_adapter_file_and_bad_scale(tiny_ckpt, adapters, tmp_path, capsys):
+    base = ["export", tiny_ckpt, "-o", tmp_path / "o", "--components", "transformer", "--no-audit"]
+    code, _, err = run_cli([*base, "--lora", tmp_path / "nope.safetensors"], capsys)
+    assert code == 1 and "does not exist" in err
+    code, _, err = run_cli([*base, "--lora", f"{adapters[0]}:nan"], capsys)
+    assert code == 1 and "not a finite number" in err
+
+
+def test_fp8_on_fused_weights(tiny_ckpt, fused, tmp_path):
+    """quantize --precision fp8 calibrates the fused model and its FP8 graph tracks diffusers' fused model."""
+    from helios_deploy.export.parity.fp8 import FP8_COSINE, FP8_REL_L2
+    from helios_deploy.export.parity.report import parity_report
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(FP8_PROMPTS[0] + "\n")
+    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=1, seed=0, log=lambda m: None)
+    m = json.loads((root / "manifest.json").read_text())
+    precision = m["components"]["transformer"]["fp8"]["layer_precision"]
+    assert [v for k, v in precision.items() if k.startswith("blocks.")] == ["fp8"] * 20
+    report = parity_report(tiny_ckpt, root, precision="fp8")
+    for c in report["components"]["transformer"]["cases"]:
+        assert c["cosine"] >= FP8_COSINE and c["rel_l2"] <= FP8_REL_L2, c
+        assert c["max_abs_err"] > 1e-4, c  # really the FP8 graph
+    assert report["passed"]
+
+
+# -- refit: other adapters on an export and its engines ---------------------------------------------------
+
+
+def _refit(root: Path, *specs: str, capsys=None):
+    from helios_deploy.export.tensorrt.refit import refit_artifacts
+    from helios_deploy.export.exporter.lora import Adapter
+
+    return refit_artifacts(root, [Adapter.parse(s) for s in specs], log=lambda m: None)
+
+
+def test_refit_swaps_the_fused_adapters(tiny_ckpt, fused, adapters, tmp_path, capsys):
+    """refit (no engines: the ONNX part) puts another adapter in; parity against diffusers with that adapter
+    fused; --no-lora goes back to the plain weights (parity against the plain reference)."""
+    from helios_deploy.export.parity.report import parity_report
+
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    code, out, err = run_cli(["refit", root, "--lora", f"{adapters[0]}:0.4"], capsys)
+    assert code == 0, err
+    m = json.loads((root / "manifest.json").read_text())
+    assert [(r["scale"], Path(r["file"])) for r in m["lora"]] == [(0.4, adapters[0].resolve())]
+    assert m["refit"]["fuse_write_seconds"] > 0 and "weights fused and written" in out
+    report = parity_report(tiny_ckpt, root, components=["transformer"])
+    assert report["passed"] and max(c["rel_l2"] for c in report["components"]["transformer"]["cases"]) <= 1e-4
+    code, _, err = run_cli(["refit", root, "--no-lora"], capsys)
+    assert code == 0, err
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["lora"] == [] and m["components"]["transformer"]["lora_targets"] == []
+    report = parity_report(tiny_ckpt, root, components=["transformer"])
+    assert report["passed"]
+    code, _, err = run_cli(["refit", root], capsys)
+    assert code == 1 and "--no-lora" in err
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, fused):
+    import sys
+
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.export.tensorrt import build as build_module, probe
+
+    from .fake_tensorrt_refit import FakeRefitTensorRT
+    from .test_tensorrt_runner import PLATFORM
+
+    def make(**options):
+        trt = FakeRefitTensorRT(Artifacts.open(fused).spec("transformer").graph("model"), **options)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(build_module, "require_gpu_tensorrt", lambda index=0: PLATFORM)
+        monkeypatch.setattr(probe, "require_gpu_tensorrt", lambda index=0: PLATFORM)
+        return trt
+
+    return make
+
+
+def _build(root: Path, precision: str = "fp32", **settings):
+    from helios_deploy.export.tensorrt.build import build
+    from helios_deploy.export.tensorrt.engines import BuildSettings
+
+    if (root / "transformer" / "model.bf16.onnx").is_file():
+        precision = "bf16"
+    build(root, ["transformer"], BuildSettings(precision=precision, **settings), log=lambda m: None)
+    return json.loads((root / "manifest.json").read_text())["components"]["transformer"]["engines"]["model"]
+
+
+def test_refit_sets_only_the_changed_weights_on_a_refittable_engine(fused, adapters, fake_trt, tmp_path):
+    from .fake_tensorrt_refit import digest, onnx_weights
+
+    trt = fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    before = _build(root, refittable=True)
+    assert "REFIT" in {f.name for f in trt.named("build_serialized_network")[0][2]}
+    assert before["lora"] == json.loads((root / "manifest.json").read_text())["lora"]
+    old_weights = onnx_weights(root / "transformer" / "model.onnx")
+    combined = "model.blocks.0.attn1.to_q.bias"  # stands for a weight TensorRT combined with to_q's at build time
+    trt.combined = {"model.blocks.0.attn1.to_q.weight": [combined]}
+    record = _refit(root, f"{adapters[1]}:0.9")
+    m = json.loads((root / "manifest.json").read_text())
+    entry, graph = m["components"]["transformer"]["engines"]["model"], m["components"]["transformer"]["graphs"]["model"]
+    new_weights = onnx_weights(root / "transformer" / "model.onnx")
+    changed = sorted(n for n in new_weights if digest(new_weights[n]) != digest(old_weights[n]))
+    assert len(changed) == 20 and all(n.startswith("model.blocks.") for n in changed)
+    # only the weights that changed, and the one TensorRT asked for again (get_missing_weights)
+    assert sorted(c[2] for c in trt.named("set_named_weights")) == sorted([*changed, combined])
+    assert [c[2] for c in trt.named("refit_cuda_engine")] == [21]
+    plan = json.loads((root / "transformer" / entry["file"]).read_bytes())
+    assert plan["weights"] == {n: digest(a) for n, a in new_weights.items()} and plan["refittable"]
+    assert entry["key"]["weights_sha256"] == graph["data_sha256"] != before["key"]["weights_sha256"]
+    assert entry["lora"] == m["lora"] and m["lora"][0]["scale"] == 0.9
+    assert not (root / "transformer" / before["file"]).exists()
+    assert record["engines"]["model"] == {**record["engines"]["model"], "mode": "refit", "weights": 20}
+
+
+def test_refit_relowers_and_refits_a_bf16_engine(fused, adapters, fake_trt, tmp_path):
+    """A refittable bf16 engine (from `quantize --precision bf16`): the bf16 graph is lowered again from the new
+    fp32 weights with its recipe, and the engine gets the bf16 weights that changed (Weights(BF16, ptr, count))."""
+    from helios_deploy.export.transforms.lowering import lower_artifacts
+
+    from .fake_tensorrt_refit import digest, onnx_weights
+
+    trt = fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    lower_artifacts(root, ["transformer"], log=lambda m: None)
+    before = _build(root, refittable=True)
+    bf16_path = root / "transformer" / "model.bf16.onnx"
+    old = onnx_weights(bf16_path)
+    _refit(root, f"{adapters[0]}:1.5")
+    m = json.loads((root / "manifest.json").read_text())
+    comp = m["components"]["transformer"]
+    new = onnx_weights(bf16_path)
+    changed = sorted(n for n in new if n not in old or digest(new[n]) != digest(old[n]))
+    assert len(changed) == 20 and {new[n].dtype.name for n in changed} == {"bfloat16"}  # the block linears
+    assert sorted(c[2] for c in trt.named("set_named_weights")) == changed
+    entry = comp["engines"]["model"]
+    plan = json.loads((root / "transformer" / entry["file"]).read_bytes())
+    assert plan["weights"] == {n: digest(a) for n, a in new.items()}
+    assert entry["key"]["weights_sha256"] == comp["bf16"]["model"]["data_sha256"] != before["key"]["weights_sha256"]
+
+
+def test_refit_refuses_engines_it_cannot_refit(fused, adapters, fake_trt, tmp_path, capsys):
+    fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    _build(root)  # not refittable
+    before = (root / "manifest.json").read_bytes()
+    code, _, err = run_cli(["refit", root, "--lora", adapters[0]], capsys)
+    assert code == 1 and "built without --refittable" in err and "Traceback" not in err
+    assert (root / "manifest.json").read_bytes() == before
+
+
+def test_weight_stripped_engine_is_refitted_from_the_onnx_at_load(fused, adapters, fake_trt, tmp_path):
+    from helios_deploy.errors import UserError
+    from helios_deploy.export.tensorrt import builder as B
+    from helios_deploy.export.tensorrt.engines import BuildSettings
+    from helios_deploy.export.tensorrt.refit import check_engine_lora, refit_stripped
+
+    from .fake_tensorrt_refit import digest, onnx_weights
+
+    trt = fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    entry = _build(root, strip_weights=True)
+    assert {"STRIP_PLAN", "REFIT_IDENTICAL"} <= {f.name for f in trt.named("build_serialized_network")[0][2]}
+    record = _refit(root, f"{adapters[0]}:0.25")  # no GPU work: the plan has no weights
+    assert record["engines"]["model"]["mode"] == "strip" and not trt.named("set_named_weights")
+    m = json.loads((root / "manifest.json").read_text())
+    entry = m["components"]["transformer"]["engines"]["model"]
+    data = (root / "transformer" / entry["file"]).read_bytes()
+    engine = trt.Runtime(None).deserialize_cuda_engine(data)
+    assert set(engine.weights.values()) == {None}
+    refit_stripped(trt, None, engine, root / "transformer" / "model.onnx")
+    assert engine.weights == {n: digest(a) for n, a in onnx_weights(root / "transformer" / "model.onnx").items()}
+    check_engine_lora(entry, m, "transformer/model")
+    with pytest.raises(UserError, match="other LoRA weights"):
+        check_engine_lora(entry, {**m, "lora": []}, "transformer/model")
+    old = fake_trt(strip_plan=False)
+    with pytest.raises(UserError, match="cannot build weight-stripped plans"):
+        B.refit_flags(old, BuildSettings(strip_weights=True))
+
+
+@pytest.mark.gpu
+def test_refit_on_a_gpu(fused, adapters, tmp_path):
+    """On a GPU: a refittable fp32 engine of the fused export, refitted to another adapter, runs like ONNX Runtime
+    on the refitted graph."""
+    import torch
+
+    from helios_deploy.export.parity.compare import OrtGraph, example_inputs
+    from helios_deploy.export.tensorrt import probe
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    info = probe.probe_tensorrt()
+    if info["tensorrt"] is None or info["gpu"] is None:
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {info['error']}")
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    _build(root, refittable=True)
+    _refit(root, f"{adapters[0]}:0.5")
+    arts = Artifacts.open(root)
+    spec = arts.spec("transformer")
+    graph = spec.graph("model")
+    runner = TensorRTRunner(root, arts.manifest, "transformer", graph, "cuda")
+    ort = OrtGraph(root / "transformer" / graph.file, graph)
+    point = graph.operating_points[0]
+    feeds = example_inputs(spec, graph, point.dims, seed=0)
+    runner.activate()
+    try:
+        got = runner.infer({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
+    finally:
+        runner.deactivate()
+    ref = ort(*[feeds[t.name] for t in graph.inputs])[0]
+    ours = next(iter(got.values())).float().cpu().numpy()
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-3
+
+
+def test_triton_repository_names_the_served_adapters(fused, adapters, tmp_path):
+    from helios_deploy.fsutil import sha256_file
+    from helios_deploy.serving.configs import parse_config
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+
+    write_repository(fused, tmp_path / "repo", RepoOptions(backend="onnxruntime", reference=True))
+    cfg = parse_config((tmp_path / "repo" / "helios" / "config.pbtxt").read_text())
+    assert cfg.parameters["lora"].string_value == ",".join(
+        f"{p.name}:{s}:{sha256_file(p)[:12]}" for p, s in zip(adapters, SCALES))
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert all(str(p.resolve()) in readme for p in adapters) and "helios-deploy refit" in readme
+
+
+def test_refit_of_refittable_engines_without_a_gpu_is_one_error(fused, adapters, fake_trt, monkeypatch, tmp_path,
+                                                                  capsys):
+    """Engines built refittable (through the fake), then refit on this CPU host with the real probe: one clear
+    error before anything is written."""
+    fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    _build(root, refittable=True)
+    monkeypatch.undo()  # the real tensorrt probe (a child process): no TensorRT, no GPU here
+    before = {p.name: p.read_bytes() for p in (root / "transformer").iterdir()}
+    code, _, err = run_cli(["refit", root, "--lora", adapters[0]], capsys)
+    assert code == 1 and "cannot run here" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in (root / "transformer").iterdir()} == before
+    assert not [p for p in root.iterdir() if ".partial-" in p.name]
