@@ -118,6 +118,7 @@ def test_manifest_records_each_adapter(fused, adapters):
     assert [(Path(r["file"]), r["sha256"], r["scale"]) for r in m["lora"]] == \
         [(p.resolve(), sha256_file(p), s) for p, s in zip(adapters, SCALES)]
     assert len(m["components"]["transformer"]["lora_targets"]) == 20
+    assert m["components"]["transformer"]["lora"] == m["lora"] and "lora" not in m["components"]["text_encoder"]
 
 
 def test_parity_refuses_an_adapter_that_changed(adapters, tmp_path):
@@ -142,7 +143,8 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["no_such_layer", "wrong_shape", "text_encoder", "not_lora"])
+@pytest.mark.parametrize("case", ["no_such_layer", "wrong_shape", "other_module", "text_encoder_unpaired",
+                                  "text_encoder_not_exported", "not_lora"])
 def test_bad_adapter_is_one_error_naming_the_keys(tiny_ckpt, adapters, tmp_path, capsys, case):
     import torch
 
@@ -152,20 +154,25 @@ def test_bad_adapter_is_one_error_naming_the_keys(tiny_ckpt, adapters, tmp_path,
         if case == "wrong_shape":
             key = "transformer.blocks.0.attn1.to_q.lora_A.weight"
             return {**t, key: torch.zeros(t[key].shape[0], t[key].shape[1] + 3)}
-        if case == "text_encoder":
+        if case == "other_module":
+            return {**t, "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 8)}
+        if case.startswith("text_encoder"):
             return {**t, "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 8)}
         return {**t, "transformer.blocks.0.attn1.to_q.lora_magnitude_vector": torch.zeros(8)}
 
     bad = _rewrite(adapters[0], tmp_path / "bad.safetensors", edit)
     out = tmp_path / "out"
+    components = "transformer" if case == "text_encoder_not_exported" else "transformer,text_encoder"
     code, _, err = run_cli(["export", tiny_ckpt, "-o", out, "--height", HEIGHT, "--width", WIDTH, "--components",
-                            "transformer", "--no-audit", "--lora", f"{bad}:0.5"], capsys)
+                            components, "--no-audit", "--lora", f"{bad}:0.5"], capsys)
     assert code == 1 and "Traceback" not in err, err
     expected = {"no_such_layer": "blocks.7.attn1.to_q.lora_A/B: no such layer",
                 "wrong_shape": "blocks.0.attn1.to_q.lora_A/B: shapes",
-                "text_encoder": "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+                "other_module": "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+                "text_encoder_unpaired": "encoder.block.0.layer.0.SelfAttention.q.lora_A/B: has lora_A without its pair",
+                "text_encoder_not_exported": "weights for text_encoder, which is not exported",
                 "not_lora": "blocks.0.attn1.to_q.lora_magnitude_vector"}[case]
-    assert expected in err and str(bad) in err, err
+    assert expected in err and (str(bad) in err or case == "text_encoder_not_exported"), err
     assert not out.exists()
 
 
@@ -285,7 +292,8 @@ def test_refit_sets_only_the_changed_weights_on_a_refittable_engine(fused, adapt
     assert entry["key"]["weights_sha256"] == graph["data_sha256"] != before["key"]["weights_sha256"]
     assert entry["lora"] == m["lora"] and m["lora"][0]["scale"] == 0.9
     assert not (root / "transformer" / before["file"]).exists()
-    assert record["engines"]["model"] == {**record["engines"]["model"], "mode": "refit", "weights": 20}
+    assert record["engines"]["transformer/model"] == {**record["engines"]["transformer/model"], "mode": "refit",
+                                                      "weights": 20}
 
 
 def test_refit_relowers_and_refits_a_bf16_engine(fused, adapters, fake_trt, tmp_path):
@@ -337,7 +345,7 @@ def test_weight_stripped_engine_is_refitted_from_the_onnx_at_load(fused, adapter
     entry = _build(root, strip_weights=True)
     assert {"STRIP_PLAN", "REFIT_IDENTICAL"} <= {f.name for f in trt.named("build_serialized_network")[0][2]}
     record = _refit(root, f"{adapters[0]}:0.25")  # no GPU work: the plan has no weights
-    assert record["engines"]["model"]["mode"] == "strip" and not trt.named("set_named_weights")
+    assert record["engines"]["transformer/model"]["mode"] == "strip" and not trt.named("set_named_weights")
     m = json.loads((root / "manifest.json").read_text())
     entry = m["components"]["transformer"]["engines"]["model"]
     data = (root / "transformer" / entry["file"]).read_bytes()
@@ -345,9 +353,10 @@ def test_weight_stripped_engine_is_refitted_from_the_onnx_at_load(fused, adapter
     assert set(engine.weights.values()) == {None}
     refit_stripped(trt, None, engine, root / "transformer" / "model.onnx")
     assert engine.weights == {n: digest(a) for n, a in onnx_weights(root / "transformer" / "model.onnx").items()}
-    check_engine_lora(entry, m, "transformer/model")
+    check_engine_lora(entry, m, "transformer", "transformer/model")
+    m["components"]["transformer"]["lora"] = []
     with pytest.raises(UserError, match="other LoRA weights"):
-        check_engine_lora(entry, {**m, "lora": []}, "transformer/model")
+        check_engine_lora(entry, m, "transformer", "transformer/model")
     old = fake_trt(strip_plan=False)
     with pytest.raises(UserError, match="cannot build weight-stripped plans"):
         B.refit_flags(old, BuildSettings(strip_weights=True))
@@ -413,3 +422,122 @@ def test_refit_of_refittable_engines_without_a_gpu_is_one_error(fused, adapters,
     assert code == 1 and "cannot run here" in err and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in (root / "transformer").iterdir()} == before
     assert not [p for p in root.iterdir() if ".partial-" in p.name]
+
+
+TE_SCALES = (0.6, 1.2)
+
+
+@pytest.fixture(scope="session")
+def te_adapters(tiny_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """(transformer + UMT5 text encoder, diffusers/PEFT layout; text encoder only, other seed and rank)."""
+    from helios_deploy.checkpoints.tiny_lora import write_tiny_lora
+
+    folder = tmp_path_factory.mktemp("lora-te")
+    return (write_tiny_lora(tiny_ckpt, folder / "both.safetensors", rank=4, alpha=8.0, seed=5, text_encoder="also"),
+            write_tiny_lora(tiny_ckpt, folder / "te.safetensors", rank=2, alpha=4.0, seed=7, text_encoder="only"))
+
+
+@pytest.fixture(scope="session")
+def fused_te(tiny_ckpt, artifacts, te_adapters, tmp_path_factory) -> Path:
+    """Transformer and text encoder exported through the CLI with both adapters (audit on: each against its
+    fused reference); the VAE copied from the plain export."""
+    from helios_deploy.artifacts import Artifacts, write_manifest
+    from helios_deploy.cli import main
+
+    out = tmp_path_factory.mktemp("lora-te-arts") / "fused"
+    args = ["export", tiny_ckpt, "-o", out, "--height", HEIGHT, "--width", WIDTH, "--components",
+            "transformer,text_encoder", "--text-length", TEXT_LENGTH, "--max-text-length", MAX_TEXT_LENGTH]
+    for path, scale in zip(te_adapters, TE_SCALES):
+        args += ["--lora", f"{path}:{scale}"]
+    assert main([str(a) for a in args]) == 0
+    arts, plain = Artifacts.open(out), Artifacts.open(artifacts)
+    for c in ("vae_decoder", "vae_encoder"):
+        shutil.copytree(plain.root / c, out / c)
+        arts.manifest["components"][c] = json.loads(json.dumps(plain.manifest["components"][c]))
+    write_manifest(out, arts.manifest)
+    return out
+
+
+def _component_parity(tiny_ckpt, root: Path, component: str, adapters=None) -> list[float]:
+    """rel_l2 per case of ``component``'s graphs against the reference: the manifest's adapters fused (None), or
+    the given ones (() for the plain checkpoint)."""
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.checkpoints.checkpoint import Checkpoint
+    from helios_deploy.export.exporter.lora import manifest_adapters
+    from helios_deploy.export.exporter.run import reference_loader
+    from helios_deploy.export.parity.audit import open_sessions
+    from helios_deploy.export.parity.compare import compare_component
+
+    arts = Artifacts.open(root)
+    adapters = manifest_adapters(arts.manifest) if adapters is None else adapters
+    spec = arts.spec(component)
+    result = compare_component(component, spec, lambda: open_sessions(root, spec, []),
+                               lambda: reference_loader(Checkpoint(tiny_ckpt), adapters)(component))
+    return [c["rel_l2"] for c in result["cases"]]
+
+
+def test_text_encoder_lora_matches_peft_on_umt5(tiny_ckpt, fused_te, te_adapters):
+    """The text encoder's graph with both adapters fused against transformers' UMT5EncoderModel with the same
+    adapters put on by PEFT, weighted and merged; the transformer against diffusers' fuse_lora; the manifest
+    says which adapters each component holds."""
+    from helios_deploy.fsutil import sha256_file
+
+    for component in ("text_encoder", "transformer"):
+        assert max(_component_parity(tiny_ckpt, fused_te, component)) <= 1e-4
+    assert min(_component_parity(tiny_ckpt, fused_te, "text_encoder", ())) > 1e-2  # the adapters matter
+    m = json.loads((fused_te / "manifest.json").read_text())
+    te, tr = m["components"]["text_encoder"], m["components"]["transformer"]
+    assert len(te["lora_targets"]) == 14  # 2 UMT5 layers x (q, k, v, o, wi_0, wi_1, wo)
+    assert [r["sha256"] for r in te["lora"]] == [sha256_file(p) for p in te_adapters]
+    assert [r["sha256"] for r in tr["lora"]] == [sha256_file(te_adapters[0])] and len(tr["lora_targets"]) == 20
+
+
+def test_runtime_with_a_text_encoder_lora_matches_the_pipeline(tiny_ckpt, fused_te, cholesky_float64):
+    """The runtime on the export (UMT5 and transformer fused) against HeliosPyramidPipeline with the adapters on
+    its transformer (load_lora_weights) and on its text encoder (PEFT), one chunk."""
+    from helios_deploy.export.exporter.lora import Adapter, manifest_adapters
+    from helios_deploy.export.parity.pipeline import PipelineCase, run_pipeline_parity
+    from helios_deploy.runtime import Pipeline
+
+    adapters = manifest_adapters(json.loads((fused_te / "manifest.json").read_text()))
+    pipe, case = Pipeline.from_artifacts(fused_te), [PipelineCase("t2v_111")]
+    result = run_pipeline_parity(tiny_ckpt, pipe, cases=case, chunks=1, adapters=adapters)
+    assert result["passed"], result
+    # the text encoder's adapters matter to the video: the reference without the text-encoder-only one differs
+    partial = run_pipeline_parity(tiny_ckpt, pipe, cases=case, chunks=1, adapters=[adapters[0]])
+    assert not partial["passed"]
+
+
+def test_refit_rewrites_the_text_encoder_and_the_repository(tiny_ckpt, fused_te, te_adapters, tmp_path, capsys):
+    """refit to the text-encoder-only adapter: the transformer goes back to the checkpoint's weights, the text
+    encoder gets the new adapter (parity against the references); a Triton repository that serves the artifacts
+    by reference (--repository) and one that holds a copy (helios/artifacts) say which adapter they serve."""
+    from helios_deploy.fsutil import sha256_file
+    from helios_deploy.serving.configs import parse_config
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+
+    root = Path(shutil.copytree(fused_te, tmp_path / "arts"))
+    by_ref, copied = tmp_path / "repo-ref", tmp_path / "repo-copy"
+    write_repository(root, by_ref, RepoOptions(backend="onnxruntime", reference=True))
+    write_repository(root, copied, RepoOptions(backend="onnxruntime"))
+    lora_of = lambda repo: parse_config((repo / "helios" / "config.pbtxt").read_text()).parameters["lora"].string_value
+    assert lora_of(by_ref).count(":") == 4  # both adapters
+    code, out, err = run_cli(["refit", root, "--lora", f"{te_adapters[1]}:0.3", "--repository", by_ref], capsys)
+    assert code == 0, err
+    want = f"te.safetensors:0.3:{sha256_file(te_adapters[1])[:12]}"
+    assert lora_of(by_ref) == want and "reload its helios model" in out
+    assert f"at scale 0.3 (sha256 {sha256_file(te_adapters[1])[:12]})" in (by_ref / "README.md").read_text()
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["components"]["transformer"]["lora_targets"] == [] and m["components"]["transformer"]["lora"] == []
+    assert len(m["components"]["text_encoder"]["lora_targets"]) == 14
+    assert m["refit"]["components"] == ["transformer", "text_encoder"]
+    assert max(_component_parity(tiny_ckpt, root, "text_encoder")) <= 1e-4
+    assert max(_component_parity(tiny_ckpt, root, "transformer", ())) <= 1e-4  # the checkpoint's own weights
+    # the copy inside a repository: refit of REPO/helios/artifacts updates that repository without --repository
+    code, out, err = run_cli(["refit", copied / "helios" / "artifacts", "--no-lora"], capsys)
+    assert code == 0, err
+    assert lora_of(copied) == "none" and lora_of(by_ref) == want  # the other repository serves the other folder
+    # a repository of other artifacts is refused before anything is written
+    before = (root / "manifest.json").read_bytes()
+    code, _, err = run_cli(["refit", root, "--no-lora", "--repository", copied], capsys)
+    assert code == 1 and "serves other artifacts" in err and (root / "manifest.json").read_bytes() == before

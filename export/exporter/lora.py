@@ -28,7 +28,9 @@ from ...errors import UserError
 from ...fsutil import sha256_file
 from ..graphio import Source
 
-PREFIX = "transformer."  # the only component diffusers' Helios loader puts adapters on
+# The components an adapter may target, by key prefix: the transformer (what diffusers' Helios loader loads) and
+# the text encoder (UMT5; loaded the way diffusers loads a transformers text encoder's adapter, through PEFT).
+PREFIXES = {"transformer": "transformer.", "text_encoder": "text_encoder."}
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
 
@@ -89,9 +91,11 @@ class Delta:
         return out
 
 
-def read_adapter(path: Path) -> tuple[dict, object]:
-    """(state dict with the ``transformer.`` prefix removed, LoraConfig) as diffusers' Helios loader reads
-    the file: its converters for Wan-style layouts, its config from metadata or from the ranks."""
+def read_adapter(path: Path) -> dict[str, tuple[dict, object]]:
+    """component -> (its state dict with the component's prefix removed, its LoraConfig), for the components the
+    adapter has keys for. The file is read the way diffusers' Helios loader reads it (its converters for Wan-style
+    layouts); text-encoder keys are converted as diffusers' ``_load_lora_into_text_encoder`` converts them (old
+    diffusers / kohya names to PEFT's); each LoraConfig from the file's metadata, else from the ranks."""
     import logging
 
     from diffusers.loaders.lora_pipeline import HeliosLoraLoaderMixin
@@ -108,17 +112,45 @@ def read_adapter(path: Path) -> tuple[dict, object]:
                                  "layout diffusers converts (diffusion_model.*, lora_unet_*)") from None
     finally:
         logger.setLevel(level)
-    other = sorted(k for k in state if not k.startswith(PREFIX))
+    other = sorted(k for k in state if not k.startswith(tuple(PREFIXES.values())))
     if other:
-        raise UserError(f"LoRA adapter {path} has keys for modules other than the transformer",
+        raise UserError(f"LoRA adapter {path} has keys for modules other than the transformer and the text encoder",
                         found=f"{len(other)} keys, e.g. {', '.join(other[:4])}",
-                        expected="transformer.* keys only (diffusers' HeliosLoraLoaderMixin loads the transformer's "
-                                 "adapters; text-encoder LoRA is not supported)",
-                        fix="save the adapter with the transformer's layers only")
-    state = {k[len(PREFIX):]: v for k, v in state.items()}
-    metadata = {k[len(PREFIX):]: v for k, v in (metadata or {}).items() if k.startswith(PREFIX)} or None
-    ranks = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
-    return state, _create_lora_config(state, None, metadata, ranks)
+                        expected="transformer.* and text_encoder.* keys (Helios' transformer and UMT5 text encoder)",
+                        fix="save the adapter with the transformer's and the text encoder's layers only")
+    out = {}
+    for component, prefix in PREFIXES.items():
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if component == "text_encoder":
+            part = _peft_keys(part)
+        meta = {k[len(prefix):]: v for k, v in (metadata or {}).items() if k.startswith(prefix)} or None
+        ranks = {f"^{k}": v.shape[1] for k, v in part.items() if "lora_B" in k and v.ndim > 1}
+        # no LoraConfig without a rank: no A/B pair is complete, which plan_fusion reports key by key
+        out[component] = (part, _create_lora_config(part, None, meta, ranks) if ranks or meta else None)
+    if not out:
+        raise UserError(f"LoRA adapter {path} has no LoRA weights", expected="transformer.* / text_encoder.* keys")
+    return out
+
+
+def _peft_keys(state: dict) -> dict:
+    """A text encoder's adapter with PEFT's key names (``lora_A`` / ``lora_B``): as it is, or converted from the
+    older diffusers / kohya names by diffusers' converters (as ``_load_lora_into_text_encoder`` converts them)."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    if all(".lora_A." in k or ".lora_B." in k for k in state):
+        return state
+    try:
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    except ValueError as e:
+        raise UserError("a text-encoder adapter's keys are in no layout diffusers knows", found=str(e),
+                        expected="text_encoder.<module>.lora_A.weight / lora_B.weight (PEFT)") from None
+
+
+def adapter_components(adapter: "Adapter") -> list[str]:
+    """The components ``adapter`` has weights for."""
+    return list(read_adapter(adapter.path))
 
 
 def _scaling(config, module_name: str, scale: float) -> float:
@@ -135,7 +167,8 @@ def _f32(t) -> np.ndarray:
 
 @dataclass
 class Fusion:
-    """Parameter name -> the deltas of every adapter that targets it, in the adapters' order."""
+    """Parameter name -> the deltas of every adapter that targets it, in the adapters' order; ``adapters``: those
+    with weights for this component."""
 
     adapters: list[Adapter]
     deltas: dict[str, list[Delta]] = field(default_factory=dict)
@@ -179,20 +212,25 @@ def _by_module(state: dict, problems: list[str]) -> dict[str, dict]:
     return out
 
 
-def plan_fusion(adapters: Sequence[Adapter], module) -> Fusion:
-    """Match every adapter against ``module`` (the transformer, weights on meta is fine); one UserError naming
-    every key that matches no layer or does not fit its layer's shape."""
-    fusion = Fusion(list(adapters))
+def plan_fusion(adapters: Sequence[Adapter], module, component: str = "transformer") -> Fusion:
+    """Match every adapter's ``component`` keys against ``module`` (that component's model, weights on meta is
+    fine); one UserError naming every key that matches no layer or does not fit its layer's shape. An adapter
+    without keys for the component adds nothing to it."""
+    fusion = Fusion([])
     layers = dict(module.named_modules())
     for adapter in adapters:
-        state, config = read_adapter(adapter.path)
+        parts = read_adapter(adapter.path)
+        if component not in parts:
+            continue
+        fusion.adapters.append(adapter)
+        state, config = parts[component]
         if getattr(config, "use_dora", False):
             raise UserError(f"LoRA adapter {adapter.path} is a DoRA adapter", expected="a plain LoRA",
                             fix="merge it with PEFT first, or use a plain LoRA")
         problems: list[str] = []
         for name, entry in _by_module(state, problems).items():
             if name not in layers:
-                problems.append(f"{name}.lora_A/B: no such layer in the transformer")
+                problems.append(f"{name}.lora_A/B: no such layer in the {component}")
                 continue
             _check_layer(name, layers[name], entry, problems)
             if problems:
@@ -203,10 +241,10 @@ def plan_fusion(adapters: Sequence[Adapter], module) -> Fusion:
             if "lora_B.bias" in entry:
                 fusion.deltas.setdefault(f"{name}.bias", []).append(Delta(_f32(entry["lora_B.bias"]), None, s))
         if problems:
-            raise UserError(f"LoRA adapter {adapter.path} does not fit this checkpoint's transformer",
+            raise UserError(f"LoRA adapter {adapter.path} does not fit this checkpoint's {component}",
                             found=f"{len(problems)} problem(s): " + "; ".join(problems[:8]),
-                            expected="keys that name the transformer's Linear layers, with A [r, in] and B [out, r]",
-                            fix="use an adapter trained for this model (Helios / Wan 14B layout)")
+                            expected=f"keys that name the {component}'s Linear layers, with A [r, in] and B [out, r]",
+                            fix="use an adapter trained for this model (Helios / Wan 14B layout, UMT5-XXL)")
     return fusion
 
 
@@ -243,30 +281,83 @@ def manifest_adapters(manifest: dict) -> list[Adapter]:
     return [Adapter.from_record(r) for r in manifest.get("lora") or []]
 
 
+def _load_text_encoder_adapters(text_encoder, adapters: Sequence[Adapter]):
+    """The text encoder's reference: each adapter's ``text_encoder.*`` weights put on the transformers model by
+    PEFT (``inject_adapter_in_model`` + ``set_peft_model_state_dict``, the calls diffusers'
+    ``_load_lora_into_text_encoder`` reaches through transformers' ``load_adapter``, which asks for a newer PEFT
+    than PyPI has), weighted with their scales (``set_scale``, as diffusers' ``set_adapters_for_text_encoder``)
+    and merged (``merge``, as ``fuse_text_encoder_lora``)."""
+    from diffusers.loaders.lora_pipeline import HeliosLoraLoaderMixin
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    prefix, scales = PREFIXES["text_encoder"], {}
+    for i, adapter in enumerate(adapters):
+        state, metadata = HeliosLoraLoaderMixin.lora_state_dict(str(adapter.path), return_lora_metadata=True)
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            continue
+        state = _peft_keys(state)
+        metadata = {k[len(prefix):]: v for k, v in (metadata or {}).items() if k.startswith(prefix)} or None
+        ranks = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
+        name = f"adapter{i}"
+        inject_adapter_in_model(_create_lora_config(state, None, metadata, ranks), text_encoder, adapter_name=name)
+        result = set_peft_model_state_dict(text_encoder, state, adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"PEFT did not load {result.unexpected_keys[:4]} into the text encoder")
+        scales[name] = adapter.scale
+    for module in text_encoder.modules():
+        if isinstance(module, LoraLayer):
+            names = [n for n in scales if n in module.lora_A]
+            for n in names:
+                module.set_scale(n, scales[n])
+            if names:
+                module.merge(adapter_names=names)
+    return text_encoder
+
+
 def fuse_into_pipeline(pipe, adapters: Sequence[Adapter]):
-    """A diffusers Helios pipeline with the adapters loaded (``load_lora_weights``), weighted and fused."""
-    if not adapters:
-        return pipe
-    names = [f"adapter{i}" for i in range(len(adapters))]
-    for name, adapter in zip(names, adapters):
-        pipe.load_lora_weights(str(adapter.path), adapter_name=name)
-    pipe.set_adapters(names, adapter_weights=[a.scale for a in adapters])
-    pipe.fuse_lora(components=["transformer"], adapter_names=names)
+    """A diffusers Helios pipeline with the adapters loaded, weighted and fused: the transformer's with
+    ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora``, the text encoder's as diffusers loads a
+    transformers text encoder's."""
+    names, weights = [], []
+    for i, adapter in enumerate(adapters):
+        if "transformer" in adapter_components(adapter):
+            names.append(f"adapter{i}")
+            weights.append(adapter.scale)
+            pipe.load_lora_weights(str(adapter.path), adapter_name=names[-1])
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+        pipe.fuse_lora(components=["transformer"], adapter_names=names)
+    _load_text_encoder_adapters(pipe.text_encoder, adapters)
     return pipe
 
 
-def fused_reference(ckpt, adapters: Sequence[Adapter]):
-    """diffusers' fp32 HeliosTransformer3DModel with the adapters loaded the way ``HeliosPipeline.load_lora_weights``
-    loads them, weighted with their scales (``set_adapters``) and fused (``fuse_lora``): the parity reference."""
+def fused_reference(ckpt, adapters: Sequence[Adapter], component: str = "transformer"):
+    """The fp32 reference ``component`` (diffusers' HeliosTransformer3DModel or transformers' UMT5EncoderModel)
+    with the adapters loaded the way diffusers loads them, weighted with their scales and fused: the parity
+    reference of a fused export."""
     import torch
     from diffusers import HeliosTransformer3DModel
     from diffusers.loaders.lora_pipeline import HeliosLoraLoaderMixin
 
+    if component == "text_encoder":
+        from transformers import UMT5EncoderModel
+
+        model = UMT5EncoderModel.from_pretrained(ckpt.path / "text_encoder", torch_dtype=torch.float32).eval()
+        return _load_text_encoder_adapters(model, adapters).eval()
     model = HeliosTransformer3DModel.from_pretrained(ckpt.path / "transformer", torch_dtype=torch.float32).eval()
-    names = [f"adapter{i}" for i in range(len(adapters))]
-    for name, adapter in zip(names, adapters):
+    names, weights = [], []
+    for i, adapter in enumerate(adapters):
         state, metadata = HeliosLoraLoaderMixin.lora_state_dict(str(adapter.path), return_lora_metadata=True)
-        HeliosLoraLoaderMixin.load_lora_into_transformer(state, transformer=model, adapter_name=name, metadata=metadata)
-    model.set_adapters(names, weights=[a.scale for a in adapters])
-    model.fuse_lora(adapter_names=names)  # merged layers run their base layer only
+        if not any(k.startswith(PREFIXES["transformer"]) for k in state):
+            continue
+        names.append(f"adapter{i}")
+        weights.append(adapter.scale)
+        HeliosLoraLoaderMixin.load_lora_into_transformer(state, transformer=model, adapter_name=names[-1],
+                                                         metadata=metadata)
+    if names:
+        model.set_adapters(names, weights=weights)
+        model.fuse_lora(adapter_names=names)  # merged layers run their base layer only
     return model.eval()

@@ -23,7 +23,7 @@ from .modules import build_module
 from .graph import export_graph
 from ..transforms.vae_chunk import export_chunk_decoder
 from .vae_steps import cache_layout
-from .lora import Adapter, fused_reference, plan_fusion
+from .lora import Adapter, adapter_components, fused_reference, plan_fusion
 
 DEFAULT_OPSET = 20
 
@@ -57,26 +57,29 @@ def _export_component(ckpt: Checkpoint, name: str, spec, folder: Path, opset: in
     weights = _weights_bytes(ckpt, [name])
     memory.update(weights_bytes=weights, ratio=round(memory["peak_rss_bytes"] / weights, 3) if weights else None)
     entry = {"spec": spec_to_json(spec), "precision": "fp32", "graphs": graphs, "export_memory": memory}
-    if fusion is not None:
+    if fusion is not None:  # the weights the adapters changed, and which adapters (engines record the same)
         entry["lora_targets"] = fusion.targets()
+        entry["lora"] = [a.record() for a in fusion.adapters]
     return entry
 
 
-def lora_fusion(ckpt: Checkpoint, components: Sequence[str], adapters: Sequence[Adapter]):
-    """The transformer's fusion plan for ``adapters`` (None without adapters); every adapter is checked
-    against the transformer's layers before anything is exported."""
-    if not adapters:
-        return None
-    if "transformer" not in components:
-        raise UserError("--lora was given but the transformer is not exported", found=f"--components {','.join(components)}",
-                        fix="add transformer to --components (LoRA adapters are fused into its weights)")
-    return plan_fusion(adapters, build_module(ckpt, "transformer", load_weights=False))
+def lora_fusions(ckpt: Checkpoint, components: Sequence[str], adapters: Sequence[Adapter]) -> dict:
+    """component -> its fusion plan for ``adapters``, for each component an adapter has weights for (the
+    transformer, the text encoder); every adapter is checked against the layers before anything is exported."""
+    targeted = {c for a in adapters for c in adapter_components(a)}
+    missing = sorted(targeted - set(components))
+    if missing:
+        raise UserError(f"--lora adapters have weights for {', '.join(missing)}, which is not exported",
+                        found=f"--components {','.join(components)}",
+                        fix=f"add {','.join(missing)} to --components (LoRA adapters are fused into its weights)")
+    return {c: plan_fusion(adapters, build_module(ckpt, c, load_weights=False), c) for c in sorted(targeted)}
 
 
 def reference_loader(ckpt: Checkpoint, adapters: Sequence[Adapter] = ()):
-    """component -> its reference module: diffusers' transformer with the adapters loaded and fused when
-    there are adapters (parity of a fused export), else the streamed reference."""
-    return lambda c: fused_reference(ckpt, adapters) if adapters and c == "transformer" else reference_module(ckpt, c)
+    """component -> its reference module: the transformer / text encoder with the adapters loaded and fused the
+    way diffusers does when an adapter has weights for it (parity of a fused export), else the streamed reference."""
+    targeted = {c for a in adapters for c in adapter_components(a)}
+    return lambda c: fused_reference(ckpt, adapters, c) if c in targeted else reference_module(ckpt, c)
 
 
 def variant_record(ckpt: Checkpoint) -> dict:
@@ -105,7 +108,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     if opset < 18:
         raise UserError(f"opset {opset} is too old", expected="18 or newer (the dynamo exporter's range is 18-23)",
                         fix="pass --opset 20")
-    fusion = lora_fusion(ckpt, components, adapters)
+    fusions = lora_fusions(ckpt, components, adapters)
     layouts = vae_layouts(ckpt, components)
     sizes = sizes_or_one(height, width, sizes)
     specs = build_specs(ckpt.configs, *sizes[0], text_length, max_text_length, components, layouts,
@@ -126,7 +129,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, height: int = 
     with staged_dir(Path(out), force=force) as tmp:
         for name, spec in specs.items():
             manifest["components"][name] = _export_component(ckpt, name, spec, tmp / name, opset, layouts, sizes, log,
-                                                             fusion if name == "transformer" else None)
+                                                             fusions.get(name))
         manifest["export_peak_rss_bytes"] = process_peak_bytes()
         manifest["weights_bytes"] = _weights_bytes(ckpt, components)
         shutil.copytree(ckpt.path / "tokenizer", tmp / "tokenizer")

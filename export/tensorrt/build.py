@@ -118,7 +118,7 @@ def build(artifacts, components: Iterable[str] | None = None, settings: BuildSet
             log(f"{component}/{graph.name}: building {p['engine']} ({len(p['profiles'])} profiles) ...")
             report = build_engine(arts.root / p["onnx"], graph, path, settings, max_batch, log=log)
             entries[graph.name] = engine_record(p["engine"], p["key_fields"], report, settings.memory_budget)
-            entries[graph.name]["lora"] = arts.manifest.get("lora") or []  # the adapters fused into its weights
+            entries[graph.name]["lora"] = arts.manifest["components"][component].get("lora") or []  # adapters in its weights
             write_manifest(arts.root, arts.manifest)  # after each engine, so a later failure keeps the rest
     return the_plan
 

@@ -26,13 +26,14 @@ from ...artifacts import Artifacts, file_record, install
 from ...checkpoints.checkpoint import Checkpoint
 from ...errors import UserError
 from ...fsutil import staging
-from ..exporter.lora import Adapter, Fusion, plan_fusion
+from ..exporter.lora import Adapter, Fusion, adapter_components, plan_fusion
 from ..exporter.modules import build_module
 from ..graphio import Graph, digest, safetensors_source
 from .builder import write_atomic
 from .engines import REBUILD, engine_filename, key_digest, source_entry
 
-COMPONENT, PREFIX = "transformer", "model."  # initializer names: the wrapper's attribute + the parameter path
+LORA_COMPONENTS = ("transformer", "text_encoder")  # the components adapters are fused into (export/exporter/lora.py)
+PREFIX = "model."  # initializer names: the wrapper's attribute + the parameter path
 GROUP_BYTES = 1 << 30  # changed weights handed to the Refitter before each refit_cuda_engine
 
 
@@ -42,17 +43,17 @@ def engine_mode(entry: dict) -> str | None:
     return "strip" if settings.get("strip_weights") else "refit" if settings.get("refittable") else None
 
 
-def check_refittable(arts: Artifacts) -> dict:
-    """The transformer's engines, refused (one error) unless every one is refittable and fp32 or bf16 (an FP8
+def check_refittable(arts: Artifacts, component: str) -> dict:
+    """The component's engines, refused (one error) unless every one is refittable and fp32 or bf16 (an FP8
     graph's weights and scales come from calibration: re-run quantize and build for it)."""
-    engines = arts.manifest["components"][COMPONENT].get("engines") or {}
+    engines = arts.manifest["components"][component].get("engines") or {}
     problems = []
     for graph, entry in engines.items():
         precision = entry.get("key", {}).get("settings", {}).get("precision", "fp32")
         if precision == "fp8":
-            problems.append(f"{graph}: an fp8 engine (its FP8 weights and scales come from calibration)")
+            problems.append(f"{component}/{graph}: an fp8 engine (its FP8 weights and scales come from calibration)")
         elif engine_mode(entry) is None:
-            problems.append(f"{graph}: built without --refittable")
+            problems.append(f"{component}/{graph}: built without --refittable")
     if problems:
         raise UserError("these engines cannot be refitted", found="; ".join(problems),
                         expected="fp32 or bf16 engines built with `build --refittable` or `--strip-weights`",
@@ -60,12 +61,13 @@ def check_refittable(arts: Artifacts) -> dict:
     return engines
 
 
-def rewrite_graph(ckpt: Checkpoint, src: Path, dst: Path, fusion: Fusion, old_targets: Sequence[str]) -> list[str]:
+def rewrite_graph(ckpt: Checkpoint, component: str, src: Path, dst: Path, fusion: Fusion,
+                  old_targets: Sequence[str]) -> list[str]:
     """``src`` with every weight an old or new adapter targets re-fused from the checkpoint, saved to ``dst``
     (one tensor at a time); returns the names of the initializers that were rewritten."""
     import onnx_ir as ir
 
-    graph, index = Graph.load(src), ckpt.index_for(COMPONENT)
+    graph, index = Graph.load(src), ckpt.index_for(component)
     touched = set(old_targets) | set(fusion.deltas)
     changed = []
     for name in list(graph.initializers()):
@@ -159,10 +161,10 @@ def refit_stripped(trt, logger, engine, onnx_path: Path) -> None:
     _apply(refitter)
 
 
-def check_engine_lora(entry: dict, manifest: dict, name: str) -> None:
-    """Refuse an engine whose weights were fused with other adapters than the artifacts' (runner)."""
+def check_engine_lora(entry: dict, manifest: dict, component: str, name: str) -> None:
+    """Refuse an engine whose weights were fused with other adapters than its component's graphs (runner)."""
     have = [(a["sha256"], a["scale"]) for a in entry.get("lora") or []]
-    want = [(a["sha256"], a["scale"]) for a in manifest.get("lora") or []]
+    want = [(a["sha256"], a["scale"]) for a in manifest["components"][component].get("lora") or []]
     if have != want:
         raise UserError(f"the TensorRT engine for {name} holds other LoRA weights than the artifacts",
                         found=f"engine: {len(have)} adapter(s), manifest: {len(want)}",
@@ -171,36 +173,50 @@ def check_engine_lora(entry: dict, manifest: dict, name: str) -> None:
 
 def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
     """Replace the fused adapters of an export (and of its refittable engines) with ``adapters`` (none: the
-    plain checkpoint weights). Returns the manifest's "refit" record (what changed, timings)."""
+    plain checkpoint weights). Every component an old or a new adapter has weights for is rewritten (the
+    transformer, the text encoder); the others are untouched. Returns the manifest's "refit" record."""
     arts = Artifacts.open(artifacts)
-    arts.require(COMPONENT)
-    arts.verify_files(COMPONENT)
     ckpt = Checkpoint.from_record(arts.manifest["checkpoint"])
     arts.check_checkpoint(ckpt.identity)
-    entry = arts.manifest["components"][COMPONENT]
-    engines = check_refittable(arts)
-    fusion = plan_fusion(adapters, build_module(ckpt, COMPONENT, load_weights=False))
-    if engines and any(engine_mode(e) == "refit" for e in engines.values()):
+    fusions, engines = {}, {}
+    for component in LORA_COMPONENTS:
+        fusion = plan_fusion(adapters, build_module(ckpt, component, load_weights=False), component) \
+            if component in arts.manifest["components"] else None
+        old = (arts.manifest["components"].get(component) or {}).get("lora_targets") or []
+        if fusion is not None and (fusion.deltas or old):
+            arts.verify_files(component)
+            fusions[component], engines[component] = fusion, check_refittable(arts, component)
+    wanted = {c for a in adapters for c in adapter_components(a)}
+    if wanted - set(fusions):
+        raise UserError(f"the adapters have weights for {', '.join(sorted(wanted - set(fusions)))}, which these "
+                        "artifacts do not hold", fix="export that component too, then refit")
+    if any(engine_mode(e) == "refit" for es in engines.values() for e in es.values()):
         from .probe import require_gpu_tensorrt
 
         require_gpu_tensorrt()
-    t0, record = time.perf_counter(), {"lora": [a.record() for a in adapters], "engines": {}}
+    t0, record = time.perf_counter(), {"lora": [a.record() for a in adapters], "engines": {}, "components": []}
     with staging(arts.root, "refit") as tmp:
         moves, old_files = [], []
-        for g in arts.spec(COMPONENT).graphs:
-            old = entry["graphs"][g.name]
-            changed = rewrite_graph(ckpt, arts.root / COMPONENT / old["file"], tmp / old["file"], fusion,
-                                    entry.get("lora_targets") or [])
-            entry["graphs"][g.name] = {**old, **file_record(tmp, old["file"], old["data"])}
-            moves += _moves(arts, tmp, entry["graphs"][g.name])
+        for component, fusion in fusions.items():
+            entry, folder = arts.manifest["components"][component], tmp / component
+            folder.mkdir()
+            for g in arts.spec(component).graphs:
+                old = entry["graphs"][g.name]
+                changed = rewrite_graph(ckpt, component, arts.root / component / old["file"], folder / old["file"],
+                                        fusion, entry.get("lora_targets") or [])
+                entry["graphs"][g.name] = {**old, **file_record(folder, old["file"], old["data"])}
+                moves += _moves(arts, component, folder, entry["graphs"][g.name])
+                changed = {"fp32": changed, "bf16": _relower(arts, component, entry, g, folder, moves, log)}
+                if g.name in engines[component]:
+                    old_files.append(_refit_engine(arts, component, engines[component], g, folder, changed,
+                                                   fusion, record, log))
             record["fuse_write_seconds"] = round(time.perf_counter() - t0, 3)
-            changed = {"fp32": changed, "bf16": _relower(arts, entry, g, tmp, moves, log)}
-            if g.name in engines:
-                old_files.append(_refit_engine(arts, engines, g, tmp, changed, record, log))
-        if entry.pop("fp8", None):  # derived from the old weights: stale now
-            log(f"warning: the FP8 graph of the {COMPONENT} was made from the old weights and is no longer listed; "
-                "re-run `helios-deploy quantize --precision fp8` for it")
-        entry["lora_targets"] = fusion.targets()
+            if entry.pop("fp8", None):  # derived from the old weights: stale now
+                log(f"warning: the FP8 graph of the {component} was made from the old weights and is no longer "
+                    "listed; re-run `helios-deploy quantize --precision fp8` for it")
+            entry["lora_targets"] = fusion.targets()
+            entry["lora"] = [a.record() for a in fusion.adapters]
+            record["components"].append(component)
         arts.manifest["lora"] = record["lora"]
         record["seconds"] = round(time.perf_counter() - t0, 3)
         arts.manifest["refit"] = record
@@ -211,11 +227,11 @@ def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
     return record
 
 
-def _moves(arts: Artifacts, tmp: Path, rec: dict) -> list[tuple[Path, Path]]:
-    return [(tmp / rec["data"], arts.root / COMPONENT / rec["data"]), (tmp / rec["file"], arts.root / COMPONENT / rec["file"])]
+def _moves(arts: Artifacts, component: str, folder: Path, rec: dict) -> list[tuple[Path, Path]]:
+    return [(folder / rec[k], arts.root / component / rec[k]) for k in ("data", "file")]
 
 
-def _relower(arts: Artifacts, entry: dict, g, tmp: Path, moves: list, log) -> list[str] | None:
+def _relower(arts: Artifacts, component: str, entry: dict, g, tmp: Path, moves: list, log) -> list[str] | None:
     """The graph's bf16 version (``quantize --precision bf16``), if there is one, lowered again from the new
     fp32 graph with its recorded recipe; returns the initializers whose bytes changed."""
     from ..transforms.lowering import write_lowered
@@ -223,23 +239,24 @@ def _relower(arts: Artifacts, entry: dict, g, tmp: Path, moves: list, log) -> li
     old = (entry.get("bf16") or {}).get(g.name)
     if not old:
         return None
-    log(f"{COMPONENT}/{old['file']}: lowering the new weights to bf16 ...")
+    log(f"{component}/{old['file']}: lowering the new weights to bf16 ...")
     rec = write_lowered(tmp / entry["graphs"][g.name]["file"], tmp, old["file"], old["recipe"].get("keep_fp32", []))
-    before, after = Graph.load(arts.root / COMPONENT / old["file"]), Graph.load(tmp / old["file"])
+    before, after = Graph.load(arts.root / component / old["file"]), Graph.load(tmp / old["file"])
     changed = [n for n in after.initializers()
                if n not in before.initializers() or digest(after.source(n)) != digest(before.source(n))]
     entry["bf16"][g.name] = {**old, **rec}
-    moves += _moves(arts, tmp, rec)
+    moves += _moves(arts, component, tmp, rec)
     return changed
 
 
-def _refit_engine(arts: Artifacts, engines: dict, g, tmp: Path, changed: dict, record: dict, log) -> Path | None:
+def _refit_engine(arts: Artifacts, component: str, engines: dict, g, tmp: Path, changed: dict, fusion: Fusion,
+                  record: dict, log) -> Path | None:
     """Refit one engine to the graph in ``tmp`` and write it under its new key's name; the old file's path (to
     remove once the manifest names the new one) or None when the name did not change."""
     entry = engines[g.name]
     precision = entry["key"].get("settings", {}).get("precision", "fp32")
-    info, changed = source_entry(arts.manifest, COMPONENT, g.name, precision), changed[precision]
-    old_path = arts.root / COMPONENT / entry["file"]
+    info, changed = source_entry(arts.manifest, component, g.name, precision), changed[precision]
+    old_path = arts.root / component / entry["file"]
     fields = {**entry["key"], "graph_sha256": info["file_sha256"], "weights_sha256": info["data_sha256"]}
     digest = key_digest(fields)
     new_file = engine_filename(g.file, digest)
@@ -248,12 +265,12 @@ def _refit_engine(arts: Artifacts, engines: dict, g, tmp: Path, changed: dict, r
     if engine_mode(entry) == "refit":
         import tensorrt as trt
 
-        log(f"{COMPONENT}/{g.name}: refitting {len(changed)} weights ...")
+        log(f"{component}/{g.name}: refitting {len(changed)} weights ...")
         plan = refit_plan(trt, plan, tmp / info["file"], changed)
-    write_atomic(arts.root / COMPONENT / new_file, plan)
+    write_atomic(arts.root / component / new_file, plan)
     report = {**entry.get("report", {}), "engine_bytes": len(plan), "engine_sha256": hashlib.sha256(plan).hexdigest()}
     engines[g.name] = {**entry, "file": new_file, "key": fields, "digest": digest, "report": report,
-                       "lora": record["lora"]}
-    record["engines"][g.name] = {"mode": engine_mode(entry), "weights": len(changed),
+                       "lora": [a.record() for a in fusion.adapters]}
+    record["engines"][f"{component}/{g.name}"] = {"mode": engine_mode(entry), "weights": len(changed),
                                  "refit_seconds": round(time.perf_counter() - t0, 3)}
     return old_path if new_file != entry["file"] else None

@@ -17,19 +17,26 @@ _WAN_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.t
               "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0",
               "ffn.net.2": "ffn.2"}
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
+TEXT_ENCODER_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # UMT5's attention and gated FFN linears
 
 
 def peft_lora_state(checkpoint: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
-                    targets=DEFAULT_TARGETS) -> tuple[dict, dict]:
-    """(PEFT state dict of a random LoRA on the checkpoint's transformer, its LoraConfig as a dict)."""
+                    targets=DEFAULT_TARGETS, component: str = "transformer") -> tuple[dict, dict]:
+    """(PEFT state dict of a random LoRA on the checkpoint's transformer or text encoder, its LoraConfig as a dict)."""
     import torch
-    from diffusers import HeliosTransformer3DModel
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    model = HeliosTransformer3DModel.from_pretrained(Path(checkpoint) / "transformer", torch_dtype=torch.float32)
+    if component == "text_encoder":
+        from transformers import UMT5EncoderModel
+
+        model = UMT5EncoderModel.from_pretrained(Path(checkpoint) / "text_encoder", torch_dtype=torch.float32)
+    else:
+        from diffusers import HeliosTransformer3DModel
+
+        model = HeliosTransformer3DModel.from_pretrained(Path(checkpoint) / "transformer", torch_dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     torch.manual_seed(seed)
-    model.add_adapter(config)
+    inject_adapter_in_model(config, model)  # PEFT itself (transformers' add_adapter wants a newer PEFT than PyPI has)
     with torch.no_grad():  # PEFT's random init is small; make the adapter's effect clearly visible
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -37,21 +44,38 @@ def peft_lora_state(checkpoint: str | Path, rank: int = 4, alpha: float = 8.0, s
     return get_peft_model_state_dict(model), config.to_dict()
 
 
+def _jsonable(config: dict) -> dict:
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
 def write_tiny_lora(checkpoint: str | Path, out: str | Path, layout: str = "diffusers", rank: int = 4,
-                    alpha: float = 8.0, seed: int = 0, targets=DEFAULT_TARGETS) -> Path:
+                    alpha: float = 8.0, seed: int = 0, targets=DEFAULT_TARGETS, text_encoder: str = "no") -> Path:
     """Write a random LoRA for ``checkpoint``'s transformer to the file ``out``; ``layout`` "diffusers"
-    (save_lora_weights, with the LoraConfig in the file's metadata) or "wan" (original keys, alpha per layer)."""
+    (save_lora_weights, with the LoraConfig in the file's metadata) or "wan" (original keys, alpha per layer).
+    ``text_encoder``: "no", "also" (a LoRA on the UMT5 text encoder's linears too) or "only" (on the text encoder
+    alone), written in the diffusers/PEFT layout (``text_encoder.*`` keys, as diffusers' ``_save_lora_weights``
+    writes a text encoder's adapter)."""
     import torch
     from diffusers import HeliosPipeline
     from safetensors.torch import save_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if text_encoder != "no":
+        if layout != "diffusers":
+            raise ValueError("a text-encoder adapter is written in the diffusers layout only")
+        layers, metadata = {}, {}
+        te_state, te_config = peft_lora_state(checkpoint, rank, alpha, seed + 1, TEXT_ENCODER_TARGETS, "text_encoder")
+        layers["text_encoder"], metadata["text_encoder"] = te_state, _jsonable(te_config)
+        if text_encoder == "also":
+            state, config = peft_lora_state(checkpoint, rank, alpha, seed, targets)
+            layers["transformer"], metadata["transformer"] = state, _jsonable(config)
+        HeliosPipeline._save_lora_weights(out.parent, lora_layers=layers, lora_metadata=metadata, weight_name=out.name)
+        return out
     state, config = peft_lora_state(checkpoint, rank, alpha, seed, targets)
     if layout == "diffusers":
-        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         HeliosPipeline.save_lora_weights(out.parent, transformer_lora_layers=state, weight_name=out.name,
-                                         transformer_lora_adapter_metadata=config)
+                                         transformer_lora_adapter_metadata=_jsonable(config))
         return out
     if layout != "wan":
         raise ValueError(f"unknown layout {layout!r}")

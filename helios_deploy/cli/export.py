@@ -66,7 +66,8 @@ def command(checkpoint, out, revision, height, width, sizes, components, opset, 
     if hub:
         click.echo(f"checkpoint: {hub['repo_id']} at commit {hub['commit']} (revision {hub['revision']})")
     for a in manifest["lora"]:
-        click.echo(f"lora: {a['file']} scale {a['scale']} (sha256 {a['sha256'][:12]}) fused into "
-                   f"{len(manifest['components']['transformer']['lora_targets'])} transformer weights")
+        into = [f"{len(e['lora_targets'])} {c} weights" for c, e in manifest["components"].items()
+                if any(x["sha256"] == a["sha256"] for x in e.get("lora") or [])]
+        click.echo(f"lora: {a['file']} scale {a['scale']} (sha256 {a['sha256'][:12]}) fused into {', '.join(into)}")
     click.echo(f"sizes: {', '.join(f'{h}x{w}' for h, w in manifest['video']['sizes'])} (default first)")
     click.echo(f"artifacts: {out}")

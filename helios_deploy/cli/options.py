@@ -19,7 +19,8 @@ def revision_option(f):
 def lora_option(f):
     return click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
                         help="A LoRA adapter (.safetensors: the diffusers/PEFT layout, or a Wan-style layout diffusers "
-                             "converts) fused into the transformer's weights with SCALE (default 1.0); repeat for "
+                             "converts; text_encoder.* keys in the PEFT layout) fused into the transformer's (and text encoder's) "
+                             "weights with SCALE (default 1.0); repeat for "
                              "several, added in order. The manifest records each file's sha256 and scale.")(f)
 
 

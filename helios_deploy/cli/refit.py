@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import click
 
 from .options import lora_option, parse_loras
@@ -7,7 +9,11 @@ from .options import lora_option, parse_loras
 @click.argument("artifacts", type=click.Path())
 @lora_option
 @click.option("--no-lora", is_flag=True, help="Go back to the checkpoint's own weights (no adapter).")
-def command(artifacts, loras, no_lora):
+@click.option("--repository", type=click.Path(), default=None,
+              help="A Triton model repository (helios-deploy triton) that serves ARTIFACTS by reference: its helios "
+                   "model's lora parameter, README and tensorrt_plan copies are brought up to date. A repository "
+                   "whose helios/artifacts is ARTIFACTS is updated without this option.")
+def command(artifacts, loras, no_lora, repository):
     """Swap the LoRA adapters fused into an export and its engines, without a rebuild.
 
     Rewrites the transformer's ONNX weights with the new adapters fused in (streamed from the checkpoint,
@@ -16,7 +22,9 @@ def command(artifacts, loras, no_lora):
     engine keys in the manifest. Weight-stripped engines (`build --strip-weights`) need no GPU here: the
     runner refits them from the ONNX at load. bf16 graphs (`quantize --precision bf16`) are lowered again
     from the new weights with their recipe; an FP8 graph is dropped from the manifest (re-run `quantize`:
-    its weight scales and calibration come from the weights), and fp8 engines are refused. A Triton repository serving these artifacts picks the new weights up
+    its weight scales and calibration come from the weights), and fp8 engines are refused. The text encoder is
+    rewritten too when an old or a new adapter has weights for it. A Triton repository serving these artifacts
+    (REPO/helios/artifacts, or --repository) is brought up to date; the running server picks the new weights up
     when the helios model is reloaded.
 
     \b
@@ -27,11 +35,22 @@ def command(artifacts, loras, no_lora):
     """
     from ..errors import UserError
     from ..export.tensorrt.refit import refit_artifacts
+    from ..serving.repository import refresh_repository, repository_artifacts, served_by
 
     if bool(loras) == bool(no_lora):
         raise UserError("say which adapters to fuse", expected="--lora FILE[:SCALE] (repeatable) or --no-lora",
                         fix="helios-deploy refit ARTIFACTS --lora my_lora.safetensors:0.8")
+    repo = repository or served_by(artifacts)
+    if repository and repository_artifacts(Path(repository)).resolve() != Path(artifacts).resolve():
+        raise UserError(f"the repository {repository} serves other artifacts",
+                        found=f"its helios model serves {repository_artifacts(Path(repository))}",
+                        fix="pass the repository whose helios model serves ARTIFACTS")
     record = refit_artifacts(artifacts, parse_loras(loras), log=lambda m: click.echo(m, err=True))
+    if repo is not None:
+        for line in refresh_repository(repo, artifacts):
+            click.echo(f"repository: {line}")
+        click.echo(f"repository {repo} is up to date: reload its helios model "
+                   "(POST v2/repository/models/helios/load) to serve the new weights")
     for a in record["lora"]:
         click.echo(f"lora: {a['file']} scale {a['scale']} (sha256 {a['sha256'][:12]})")
     for g, e in record["engines"].items():

@@ -157,6 +157,12 @@ class TritonPythonModel:
         self.pipe = Pipeline.from_artifacts(root, backend=params.get("backend", "onnxruntime"), device=device,
                                             precision=params.get("precision", "fp32"))
         self.max_frames = int(params.get("max_frames", "660"))
+        from .repository import lora_parameter
+
+        served = lora_parameter(self.pipe.artifacts.manifest)  # the artifacts are the record of the fused adapters
+        if params.get("lora", served) != served:
+            pb_utils.Logger.log_warn(f"helios: the config's lora parameter ({params['lora']}) is not what the artifacts "
+                                     f"hold ({served}): run `helios-deploy refit ARTIFACTS --repository REPO ...`")
         t0 = time.perf_counter()
         self._warm_up()
         # every stream of this instance runs on one scheduler (its own thread), nearest playback deadline first

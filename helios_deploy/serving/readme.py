@@ -28,7 +28,7 @@ def _variant_line(v: Variant) -> str:
             f"{settings}; defaults: {defaults}. The others are refused with an error.")
 
 
-def _lora_line(manifest: dict) -> str:
+def lora_line(manifest: dict) -> str:
     adapters = manifest.get("lora") or []
     return ", ".join(f"`{a['file']}` at scale {a['scale']} (sha256 {a['sha256'][:12]})" for a in adapters) or "none"
 
@@ -54,7 +54,7 @@ Video size {' or '.join(map(size_name, sizes))} per request (inputs `height` / `
 other size is refused naming these); the `helios` model runs helios-deploy's runtime with the `{opts.backend}` backend
 ({opts.precision}), {opts.instances} instance(s) {placement}, at most {opts.max_frames} frames per request.
 The artifacts are {where}.
-LoRA adapters fused into the served weights: {_lora_line(arts.manifest)} (the `lora` parameter of
+LoRA adapters fused into the served weights: {lora_line(arts.manifest)} (the `lora` parameter of
 `helios/config.pbtxt`; switch with `helios-deploy refit ARTIFACTS --lora FILE:SCALE` and a reload of `helios`,
 docs/lora.md).
 

@@ -26,6 +26,7 @@ copy; the repository then works only where that path exists).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,13 @@ from ..artifacts import Artifacts
 from ..runtime.runners.base import graph_record
 from ..errors import UserError
 from ..export.tensorrt.engines import profiles
-from ..fsutil import staged_dir
+from ..export.tensorrt.builder import write_atomic
+from ..fsutil import sha256_file, staged_dir
 from ..model.specs import GraphSpec
 from ..model.sizes import size_name, video_sizes
-from .configs import Placement, control_config, helios_config, parse_config, plan_config
+from .configs import Placement, control_config, helios_config, parse_config, plan_config, quoted
 from .containers import Deployment, deployment, engines_tensorrt
-from .readme import repository_readme
+from .readme import lora_line, repository_readme
 from .server import STARTUP_FILE
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -251,3 +253,62 @@ def lora_parameter(manifest: dict) -> str:
     per adapter in fusion order, comma-separated; "none" for the checkpoint's own weights."""
     return ",".join(f"{Path(a['file']).name}:{a['scale']}:{a['sha256'][:12]}" for a in manifest.get("lora") or []) \
         or "none"
+
+
+def served_by(artifacts: Path) -> Path | None:
+    """The repository whose ``helios`` model serves ``artifacts`` copied into it (``REPO/helios/artifacts``)."""
+    artifacts = Path(artifacts).resolve()
+    repo = artifacts.parent.parent
+    if artifacts.name == "artifacts" and artifacts.parent.name == "helios" and (artifacts.parent / "config.pbtxt").is_file():
+        return repo
+    return None
+
+
+def repository_artifacts(repo: Path) -> Path:
+    """The artifacts folder the repository's ``helios`` model serves (its ``artifacts`` parameter)."""
+    config = repo / "helios" / "config.pbtxt"
+    if not config.is_file():
+        raise UserError(f"{repo} is not a model repository written by helios-deploy", found=f"no {config}",
+                        fix="pass the folder `helios-deploy triton` wrote")
+    where = Path(parse_config(config.read_text()).parameters["artifacts"].string_value)
+    return where if where.is_absolute() else repo / "helios" / where
+
+
+def refresh_repository(repo: str | Path, artifacts: str | Path, log: Callable[[str], None] = lambda m: None) -> list[str]:
+    """After ``refit`` of the artifacts a repository serves: the ``helios`` model's ``lora`` parameter and the
+    README's adapter line say what the artifacts now hold, and each ``helios_<component>_<graph>`` plan model's
+    ``1/model.plan`` is the artifacts' current engine (hard link or copy, moved into place). Returns what changed."""
+    repo, arts = Path(repo), Artifacts.open(artifacts)
+    if repository_artifacts(repo).resolve() != arts.root.resolve():
+        raise UserError(f"the repository {repo} serves other artifacts",
+                        found=f"its helios model serves {repository_artifacts(repo)}", expected=str(arts.root),
+                        fix="pass the repository whose helios model serves these artifacts")
+    changed = []
+    config = repo / "helios" / "config.pbtxt"
+    text, value = config.read_text(), lora_parameter(arts.manifest)
+    new = re.sub(r'(key: "lora"\s*value: \{ string_value: )"[^"]*"', lambda m: m.group(1) + quoted(value), text)
+    if new != text:
+        parse_config(new)
+        write_atomic(config, new.encode())
+        changed.append(f"helios/config.pbtxt: lora {value}")
+    readme = repo / "README.md"
+    if readme.is_file():
+        text = readme.read_text()
+        new = re.sub(r"(LoRA adapters fused into the served weights: ).*?( \(the `lora` parameter)",
+                     lambda m: m.group(1) + lora_line(arts.manifest) + m.group(2), text, flags=re.S)
+        if new != text:
+            write_atomic(readme, new.encode())
+    for component in arts.components:
+        for graph, entry in (arts.manifest["components"][component].get("engines") or {}).items():
+            plan = repo / model_name(component, graph) / "1" / "model.plan"
+            engine = arts.root / component / entry["file"]
+            if plan.is_file() and engine.is_file() and not plan.samefile(engine) and \
+                    sha256_file(plan) != sha256_file(engine):
+                tmp = plan.with_name(f".model.plan.partial-{os.getpid()}")
+                tmp.unlink(missing_ok=True)
+                _link_or_copy(str(engine), str(tmp))
+                os.replace(tmp, plan)
+                changed.append(f"{model_name(component, graph)}/1/model.plan: {entry['file']}")
+    for line in changed:
+        log(f"repository {repo}: {line}")
+    return changed

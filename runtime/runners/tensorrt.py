@@ -172,7 +172,7 @@ class TensorRTRunner(Runner):
             if self.device.index:
                 platform = require_gpu_tensorrt(self.device.index)
         check_engine_key(self.entry["key"], runtime_key(self.entry["key"], platform, self.graph_entry), name)
-        check_engine_lora(self.entry, self.manifest, name)
+        check_engine_lora(self.entry, self.manifest, self.component, name)
         import tensorrt as trt
 
         self._trt = trt
