@@ -122,13 +122,13 @@ class FakeWeights:
     """trt.Weights over a numpy array: a pointer, not a copy (the array must outlive refit_cuda_engine)."""
 
     def __init__(self, array, ptr: int | None = None, count: int | None = None):
-        if ptr is not None:  # Weights(type, ptr, count): 2-byte types only here (BF16)
-            assert array == F.DataType.BF16, array
+        if ptr is not None:  # Weights(type, ptr, count): the types numpy lacks (BF16, FP8), by their element size
+            size = {F.DataType.BF16: 2, F.DataType.FP8: 1}[array]
             self.array, self.size = (lambda: True), count
-            self.digest = hashlib.sha256(ctypes.string_at(ptr, 2 * count)).hexdigest()
+            self.digest = hashlib.sha256(ctypes.string_at(ptr, size * count)).hexdigest()
             return
-        if array.dtype.name == "bfloat16":
-            raise TypeError("Weights(ndarray) does not take a bfloat16 array")
+        if array.dtype.name in ("bfloat16", "float8_e4m3fn"):
+            raise TypeError(f"Weights(ndarray) does not take a {array.dtype.name} array")
         self.array, self.size = weakref.ref(array), array.size
         self.digest = digest(array)
 

@@ -322,6 +322,48 @@ def test_refit_relowers_and_refits_a_bf16_engine(fused, adapters, fake_trt, tmp_
     assert entry["key"]["weights_sha256"] == comp["bf16"]["model"]["data_sha256"] != before["key"]["weights_sha256"]
 
 
+def test_refit_requantizes_an_fp8_graph_and_refits_its_engine(tiny_ckpt, fused, adapters, fake_trt, tmp_path):
+    """An FP8 export of the fused weights (quantize --precision fp8) with a refittable fp8 engine, refitted to
+    another adapter: the changed layers' FP8 weights are quantized again with per-channel scales from the new
+    weights, the activation scales stay the calibration's, the engine gets exactly the lowered graph's changed
+    weights (FP8 through Weights(FP8, pointer, count)); the FP8 graph tracks diffusers' model with the new
+    adapter fused within the FP8 thresholds."""
+    from helios_deploy.export.parity.fp8 import FP8_COSINE, FP8_REL_L2
+    from helios_deploy.export.parity.report import parity_report
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+
+    from .fake_tensorrt_refit import digest, onnx_weights
+
+    trt = fake_trt()
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(FP8_PROMPTS[0] + "\n")
+    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=1, seed=0, log=lambda m: None)
+    before = _build(root, precision="fp8", refittable=True)
+    fp8_path, low_path = root / "transformer" / "model.fp8.onnx", root / "transformer" / "model.fp8.bf16.onnx"
+    old_fp8, old_low = onnx_weights(fp8_path), onnx_weights(low_path)
+    record = _refit(root, f"{adapters[0]}:0.9")
+    m = json.loads((root / "manifest.json").read_text())
+    comp = m["components"]["transformer"]
+    new_fp8, new_low = onnx_weights(fp8_path), onnx_weights(low_path)
+    changed = sorted(n for n in new_fp8 if digest(new_fp8[n]) != digest(old_fp8[n]))
+    weights = [n for n in changed if new_fp8[n].dtype.name == "float8_e4m3fn"]
+    assert len(weights) == 20 and changed == sorted(weights + [f"{n}_scale" for n in weights])  # activations kept
+    assert comp["fp8"]["refit"]["fp8_weights_requantized"] == 20
+    low_changed = sorted(n for n in new_low if digest(new_low[n]) != digest(old_low[n]))
+    assert set(weights) <= set(low_changed)
+    assert sorted(c[2] for c in trt.named("set_named_weights")) == low_changed
+    entry = comp["engines"]["model"]
+    plan = json.loads((root / "transformer" / entry["file"]).read_bytes())
+    assert plan["weights"] == {n: digest(a) for n, a in new_low.items()}
+    assert entry["key"]["weights_sha256"] == comp["fp8"]["bf16"]["data_sha256"] != before["key"]["weights_sha256"]
+    assert record["engines"]["transformer/model"]["weights"] == len(low_changed)
+    report = parity_report(tiny_ckpt, root, precision="fp8")
+    for c in report["components"]["transformer"]["cases"]:
+        assert c["cosine"] >= FP8_COSINE and c["rel_l2"] <= FP8_REL_L2, c
+    assert report["passed"]
+
+
 def test_refit_refuses_engines_it_cannot_refit(fused, adapters, fake_trt, tmp_path, capsys):
     fake_trt()
     root = Path(shutil.copytree(fused, tmp_path / "arts"))

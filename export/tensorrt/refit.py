@@ -35,6 +35,7 @@ from .engines import REBUILD, engine_filename, key_digest, source_entry
 LORA_COMPONENTS = ("transformer", "text_encoder")  # the components adapters are fused into (export/exporter/lora.py)
 PREFIX = "model."  # initializer names: the wrapper's attribute + the parameter path
 GROUP_BYTES = 1 << 30  # changed weights handed to the Refitter before each refit_cuda_engine
+_POINTER_TYPES = {"bfloat16": "BF16", "float8_e4m3fn": "FP8"}  # ml_dtypes arrays -> trt.DataType
 
 
 def engine_mode(entry: dict) -> str | None:
@@ -44,19 +45,16 @@ def engine_mode(entry: dict) -> str | None:
 
 
 def check_refittable(arts: Artifacts, component: str) -> dict:
-    """The component's engines, refused (one error) unless every one is refittable and fp32 or bf16 (an FP8
-    graph's weights and scales come from calibration: re-run quantize and build for it)."""
+    """The component's engines, refused (one error) unless every one was built refittable or weight-stripped."""
     engines = arts.manifest["components"][component].get("engines") or {}
     problems = []
     for graph, entry in engines.items():
         precision = entry.get("key", {}).get("settings", {}).get("precision", "fp32")
-        if precision == "fp8":
-            problems.append(f"{component}/{graph}: an fp8 engine (its FP8 weights and scales come from calibration)")
-        elif engine_mode(entry) is None:
+        if engine_mode(entry) is None:
             problems.append(f"{component}/{graph}: built without --refittable")
     if problems:
         raise UserError("these engines cannot be refitted", found="; ".join(problems),
-                        expected="fp32 or bf16 engines built with `build --refittable` or `--strip-weights`",
+                        expected="engines built with `build --refittable` or `--strip-weights`",
                         fix=f"rebuild them: {REBUILD} --precision fp32 --refittable")
     return engines
 
@@ -88,9 +86,15 @@ def rewrite_graph(ckpt: Checkpoint, component: str, src: Path, dst: Path, fusion
 def _fp32(src):
     import onnx_ir as ir
 
+    return _cast(src, ir.DataType.FLOAT)
+
+
+def _cast(src, dtype):
+    import onnx_ir as ir
+
     from ..graphio import cast
 
-    return cast(src, ir.DataType.FLOAT)
+    return cast(src, ir.DataType(dtype))
 
 
 def refit_plan(trt, plan: bytes, onnx_path: Path, changed: Sequence[str]) -> bytes:
@@ -131,8 +135,8 @@ def _set(trt, refitter, graph: Graph, name: str, group: list) -> int:
 
     array = np.ascontiguousarray(graph.source(name).numpy())
     group.append(array)
-    if array.dtype.name == "bfloat16":  # not a numpy dtype TensorRT's Weights(ndarray) knows: type, pointer, count
-        weights = trt.Weights(trt.DataType.BF16, array.ctypes.data, array.size)
+    if array.dtype.name in _POINTER_TYPES:  # not numpy dtypes TensorRT's Weights(ndarray) knows: type, pointer, count
+        weights = trt.Weights(getattr(trt.DataType, _POINTER_TYPES[array.dtype.name]), array.ctypes.data, array.size)
     else:
         weights = trt.Weights(array)
     if not refitter.set_named_weights(name, weights):
@@ -206,14 +210,12 @@ def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
                                         fusion, entry.get("lora_targets") or [])
                 entry["graphs"][g.name] = {**old, **file_record(folder, old["file"], old["data"])}
                 moves += _moves(arts, component, folder, entry["graphs"][g.name])
-                changed = {"fp32": changed, "bf16": _relower(arts, component, entry, g, folder, moves, log)}
+                changed = {"fp32": changed, "bf16": _relower(arts, component, entry, g, folder, moves, log),
+                           "fp8": _requantize(arts, component, entry, g, folder, changed, moves, log)}
                 if g.name in engines[component]:
                     old_files.append(_refit_engine(arts, component, engines[component], g, folder, changed,
                                                    fusion, record, log))
             record["fuse_write_seconds"] = round(time.perf_counter() - t0, 3)
-            if entry.pop("fp8", None):  # derived from the old weights: stale now
-                log(f"warning: the FP8 graph of the {component} was made from the old weights and is no longer "
-                    "listed; re-run `helios-deploy quantize --precision fp8` for it")
             entry["lora_targets"] = fusion.targets()
             entry["lora"] = [a.record() for a in fusion.adapters]
             record["components"].append(component)
@@ -241,12 +243,58 @@ def _relower(arts: Artifacts, component: str, entry: dict, g, tmp: Path, moves: 
         return None
     log(f"{component}/{old['file']}: lowering the new weights to bf16 ...")
     rec = write_lowered(tmp / entry["graphs"][g.name]["file"], tmp, old["file"], old["recipe"].get("keep_fp32", []))
-    before, after = Graph.load(arts.root / component / old["file"]), Graph.load(tmp / old["file"])
-    changed = [n for n in after.initializers()
-               if n not in before.initializers() or digest(after.source(n)) != digest(before.source(n))]
     entry["bf16"][g.name] = {**old, **rec}
     moves += _moves(arts, component, tmp, rec)
-    return changed
+    return _changed_initializers(arts.root / component / old["file"], tmp / old["file"])
+
+
+def _changed_initializers(before_path: Path, after_path: Path) -> list[str]:
+    """The initializers of ``after_path`` that ``before_path`` lacks or holds with other bytes."""
+    before, after = Graph.load(before_path), Graph.load(after_path)
+    return [n for n in after.initializers()
+            if n not in before.initializers() or digest(after.source(n)) != digest(before.source(n))]
+
+
+def _requantize(arts: Artifacts, component: str, entry: dict, g, folder: Path, changed: Sequence[str], moves: list,
+                log) -> list[str] | None:
+    """The component's FP8 graph (``quantize --precision fp8``), if there is one, with the weights that changed
+    quantized again from the new fp32 graph, as ``quantize`` quantizes them: per output channel, each scale
+    from the new weight's own maximum (export/transforms/qdq.py). The activation scales stay those the
+    calibration measured on the weights before the refit (the manifest says so under ``fp8.refit``; re-run
+    ``quantize --precision fp8`` to calibrate the new model). The graph's bf16 lowering for TensorRT is made
+    again; returns the lowered graph's initializers whose bytes changed."""
+    from ..transforms.lowering import write_lowered
+    from ..transforms.prepare import prepare
+    from ..transforms.qdq import FP8, column_amax, fp8_scale, fp8_weight
+    from ..transforms.quantize import FP8_BF16_FILE, FP8_FILE
+
+    old = entry.get("fp8")
+    if not old or g.name != "model":
+        return None
+    log(f"{component}/{old['file']}: quantizing the changed weights to FP8 again ...")
+    new = Graph.load(folder / entry["graphs"][g.name]["file"])
+    transposes = {n.output[0]: n.input[0] for n in new.proto.graph.node if n.op_type == "Transpose"}
+    prepared, touched = prepare(new), set(changed)
+    touched |= {out for out, src in transposes.items() if src in touched}  # [N, K] weights folded to [K, N]
+    graph = Graph.load(arts.root / component / old["file"])
+    inits, count = graph.initializers(), 0
+    for name in sorted(touched & set(inits)):
+        src = prepared.source(name)
+        if inits[name].data_type == FP8:
+            scale = fp8_scale(column_amax(src))
+            graph.set_initializer(name, fp8_weight(src, scale))
+            graph.set_initializer(f"{name}_scale", scale)
+            count += 1
+        else:
+            graph.set_initializer(name, _cast(src, inits[name].data_type))
+    graph.save(folder / FP8_FILE)
+    log(f"{component}/{FP8_FILE}: lowering to bf16 outside the FP8 layers ...")
+    lowered = write_lowered(folder / FP8_FILE, folder, FP8_BF16_FILE)
+    record = {**file_record(folder, FP8_FILE, FP8_FILE + ".data"), "bf16": {**old["bf16"], **lowered}}
+    entry["fp8"] = {**old, **record, "refit": {"fp8_weights_requantized": count, "activation_scales":
+                                               "from the calibration before the refit (re-run quantize to refresh)"}}
+    moves += _moves(arts, component, folder, record) + _moves(arts, component, folder, record["bf16"])
+    return _changed_initializers(arts.root / component / old["bf16"]["file"], folder / FP8_BF16_FILE)
 
 
 def _refit_engine(arts: Artifacts, component: str, engines: dict, g, tmp: Path, changed: dict, fusion: Fusion,
@@ -255,7 +303,8 @@ def _refit_engine(arts: Artifacts, component: str, engines: dict, g, tmp: Path, 
     remove once the manifest names the new one) or None when the name did not change."""
     entry = engines[g.name]
     precision = entry["key"].get("settings", {}).get("precision", "fp32")
-    info, changed = source_entry(arts.manifest, component, g.name, precision), changed[precision]
+    info = source_entry(arts.manifest, component, g.name, precision)
+    changed = changed[precision] if changed.get(precision) is not None else changed["bf16"]
     old_path = arts.root / component / entry["file"]
     fields = {**entry["key"], "graph_sha256": info["file_sha256"], "weights_sha256": info["data_sha256"]}
     digest = key_digest(fields)
