@@ -1,15 +1,17 @@
 """`refit`: other LoRA adapters on built engines, without a rebuild.
 
-1. The transformer's exported graphs get new external data: every weight an old or a new adapter targets is
-   re-fused from the checkpoint (W + the new deltas, export/exporter/lora.py), streamed one block at a time;
-   the other weights are copied from the old data file; a bf16 version of the graph (``quantize --precision
-   bf16``) is lowered again from it with its recorded recipe. Written to a work folder first.
+1. The exported graphs of every component an old or a new adapter has weights for (transformer, text encoder)
+   get new external data: every weight an old or a new adapter targets is re-fused from the checkpoint (W + the
+   new deltas, export/exporter/lora.py), streamed one block at a time; the other weights are copied from the old
+   data file; a bf16 version of the graph (``quantize --precision bf16``) is lowered again from it with its
+   recorded recipe; an FP8 graph gets the changed weights quantized again (activation scales kept). Written to a
+   work folder first.
 2. Each engine built from those graphs (``build --refittable``) is deserialised and only the weights that
    changed are set with ``trt.Refitter.set_named_weights`` (the ONNX parser names engine weights after the
-   ONNX initializers; bf16 as ``Weights(BF16, pointer, count)``), in groups of at most ``GROUP_BYTES`` so host memory stays bounded, each group applied
-   by ``refit_cuda_engine``; the plan is serialised again. A weight-stripped engine (``build --strip-weights``:
-   STRIP_PLAN + REFIT_IDENTICAL) holds no weights: its plan is unchanged and the runner refits it from the
-   ONNX file at load (``OnnxParserRefitter.refit_from_file``).
+   ONNX initializers; bf16 / fp8 as ``Weights(type, pointer, count)``), in groups of at most ``GROUP_BYTES`` so
+   host memory stays bounded, each group applied by ``refit_cuda_engine``; the plan is serialised again. A
+   weight-stripped engine (``build --strip-weights``: STRIP_PLAN + REFIT_IDENTICAL) holds no weights: its plan
+   is unchanged and the runner refits it from the ONNX file at load (``OnnxParserRefitter.refit_from_file``).
 3. The new graphs, engines and manifest (adapters, graph hashes, engine keys) are moved into place together.
 
 The TensorRT part needs a GPU (written against the TensorRT 10/11 Python API; tested on CPU against a fake).

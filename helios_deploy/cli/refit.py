@@ -16,16 +16,16 @@ from .options import lora_option, parse_loras
 def command(artifacts, loras, no_lora, repository):
     """Swap the LoRA adapters fused into an export and its engines, without a rebuild.
 
-    Rewrites the transformer's ONNX weights with the new adapters fused in (streamed from the checkpoint,
-    one tensor at a time), refits each fp32 / bf16 engine built with `build --refittable` in place, setting only the
-    weights that changed (TensorRT Refitter; needs the GPU), and records the new adapters, graph hashes and
-    engine keys in the manifest. Weight-stripped engines (`build --strip-weights`) need no GPU here: the
-    runner refits them from the ONNX at load. bf16 graphs (`quantize --precision bf16`) are lowered again
-    from the new weights with their recipe; an FP8 graph is dropped from the manifest (re-run `quantize`:
-    its weight scales and calibration come from the weights), and fp8 engines are refused. The text encoder is
-    rewritten too when an old or a new adapter has weights for it. A Triton repository serving these artifacts
-    (REPO/helios/artifacts, or --repository) is brought up to date; the running server picks the new weights up
-    when the helios model is reloaded.
+    Rewrites the ONNX weights of the transformer (and of the text encoder, when an old or a new adapter has
+    weights for it) with the new adapters fused in (streamed from the checkpoint, one tensor at a time), refits
+    each engine built with `build --refittable` in place, setting only the weights that changed (TensorRT
+    Refitter; needs the GPU), and records the new adapters, graph hashes and engine keys in the manifest.
+    Weight-stripped engines (`build --strip-weights`) need no GPU here: the runner refits them from the ONNX at
+    load. bf16 graphs (`quantize --precision bf16`) are lowered again from the new weights with their recipe; an
+    FP8 graph gets the changed layers quantized again (weight scales from the new weights, activation scales
+    kept from its calibration: re-run `quantize --precision fp8` to calibrate the new model). A Triton
+    repository serving these artifacts (REPO/helios/artifacts, or --repository) is brought up to date; the
+    running server picks the new weights up when the helios model is reloaded.
 
     \b
     Examples:
