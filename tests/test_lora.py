@@ -583,3 +583,46 @@ def test_refit_rewrites_the_text_encoder_and_the_repository(tiny_ckpt, fused_te,
     before = (root / "manifest.json").read_bytes()
     code, _, err = run_cli(["refit", root, "--no-lora", "--repository", copied], capsys)
     assert code == 1 and "serves other artifacts" in err and (root / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_lora_switch_on_a_running_triton_server(server_env, fused, adapters, tmp_path, capsys):
+    """A deployment switching adapters, as its operator would: a repository holding a copy of the fused export,
+    served by tritonserver (explicit model control, the repository's load_models.txt); `refit
+    REPO/helios/artifacts --lora ...`, then POST v2/repository/models/helios/load. The stream before equals the
+    runtime on the old weights, the stream after equals it on the refitted ones, and the served config names the
+    new adapter."""
+    import time
+    import urllib.request
+
+    from helios_deploy.fsutil import sha256_file
+    from helios_deploy.runtime import Pipeline
+    from helios_deploy.serving.client import HeliosClient
+    from helios_deploy.serving.repository import RepoOptions, write_repository
+    from helios_deploy.serving.server import LocalServer
+
+    prompt, root, repo = "a red fox running through snow", Path(shutil.copytree(fused, tmp_path / "arts")), tmp_path / "repo"
+    write_repository(root, repo, RepoOptions(backend="onnxruntime", chunk_seconds=0.05))
+    served = repo / "helios" / "artifacts"
+
+    def video(srv) -> np.ndarray:
+        with HeliosClient(srv.grpc_url, timeout=300) as c:
+            return np.concatenate([chunk.frames for chunk in c.stream(prompt, num_frames=33, seed=3)])
+
+    with LocalServer(server_env, repo, tmp_path / "server.log") as srv:
+        before = video(srv)
+        code, out, err = run_cli(["refit", served, "--lora", f"{adapters[0]}:0.4"], capsys)
+        assert code == 0 and "reload its helios model" in out, err
+        t0 = time.perf_counter()
+        load = urllib.request.Request(f"{srv.http_url}/v2/repository/models/helios/load", data=b"", method="POST")
+        with urllib.request.urlopen(load, timeout=300) as r:
+            assert r.status == 200
+        reload_seconds = time.perf_counter() - t0
+        after = video(srv)
+        with urllib.request.urlopen(f"{srv.http_url}/v2/models/helios/config", timeout=30) as r:
+            config = json.load(r)
+    assert config["parameters"]["lora"]["string_value"] == f"{adapters[0].name}:0.4:{sha256_file(adapters[0])[:12]}"
+    assert np.array_equal(before, Pipeline.from_artifacts(root).generate(prompt, num_frames=33, seed=3))
+    assert np.array_equal(after, Pipeline.from_artifacts(served).generate(prompt, num_frames=33, seed=3))
+    assert not np.array_equal(before, after)
+    print(f"helios model reload after refit: {reload_seconds:.1f}s")

@@ -38,7 +38,8 @@ def repo(sizes_artifacts, tmp_path_factory) -> Path:
     report = write_repository(sizes_artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660,
                                                                            chunk_seconds=0.05))
     assert report.models == ["helios", "helios_control"] and report.skipped == []  # plan models are opt-in
-    assert not (base / "written" / "load_models.txt").exists()  # every model loads at start
+    # explicit model control: both load at start and can be reloaded (a LoRA switch: refit + load)
+    assert (base / "written" / "load_models.txt").read_text() == "helios\nhelios_control\n"
     (base / "moved").mkdir()
     return (base / "written").rename(base / "moved" / "repo")
 
@@ -454,11 +455,12 @@ def test_tensorrt_repository_pins_the_engines_tensorrt_and_names_a_container_tha
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True))
     assert report.models == ["helios", "helios_control"]
-    assert not (tmp_path / "repo" / "load_models.txt").exists()  # no plan models
+    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\nhelios_control\n"  # no plan models
     command = _readme_command(tmp_path / "repo")
     assert 'pip install torch "numpy<2" tensorrt==10.13.3.9 /opt/helios-deploy' in command
     assert "nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3" in command  # its Python has TensorRT 10.13.3.9
-    assert "check-libnvinfer" not in command and "--model-control-mode" not in command
+    assert "check-libnvinfer" not in command
+    assert "--model-control-mode explicit --load-model helios --load-model helios_control" in command
     readme = (tmp_path / "repo" / "README.md").read_text()
     assert "25.11, 25.12, 26.01, 26.02 ship it" in readme
 

@@ -117,8 +117,7 @@ def _run_sections(backend: str, dep: Deployment, report, h: int, w: int) -> str:
     check = (f"python3 -m helios_deploy.serving.containers check-libnvinfer {dep.tensorrt} && "
              if dep.plan_models else "")
     explicit = "".join(f" --load-model {m}" for m in report.startup)
-    server = "tritonserver --model-repository /models" + (f" --model-control-mode explicit{explicit}"
-                                                         if report.startup else "")
+    server = f"tritonserver --model-repository /models --model-control-mode explicit{explicit}"
     return f"""## Run it with NVIDIA's Triton container (GPU host)
 
 The Python backend needs helios-deploy and its runtime dependencies in the container's Python

@@ -213,7 +213,6 @@ def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, e
 def _plan_models(arts: Artifacts, root: Path, opts: RepoOptions, report: RepoReport) -> None:
     """One tensorrt_plan model per engine, and the startup list that keeps them unloaded until asked for."""
     strategy = report.deployment.allocation_strategy
-    report.startup = list(report.models)
     for component in arts.components:
         engines = arts.manifest["components"][component].get("engines") or {}
         for graph in arts.spec(component).graphs:
@@ -222,7 +221,6 @@ def _plan_models(arts: Artifacts, root: Path, opts: RepoOptions, report: RepoRep
                 report.models.append(_plan_model(arts, root, component, graph, engines[graph.name], opts, strategy))
             else:
                 report.skipped.append(f"{name}: no TensorRT engine in the manifest (run helios-deploy build)")
-    (root / STARTUP_FILE).write_text("".join(f"{m}\n" for m in report.startup))
 
 
 def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions = RepoOptions(),
@@ -237,6 +235,10 @@ def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions =
         _control_model(tmp)
         report.models.append("helios_control")
         log(f"helios: decoupled Python-backend model ({opts.backend}, {opts.precision}); artifacts {report.artifacts}")
+        # explicit model control: the server loads these at start, and a model is reloaded on request
+        # (`refit` + POST v2/repository/models/helios/load); plan models load only when asked for
+        report.startup = list(report.models)
+        (tmp / STARTUP_FILE).write_text("".join(f"{m}\n" for m in report.startup))
         if opts.plan_models:
             _plan_models(arts, tmp, opts, report)
         (tmp / "README.md").write_text(repository_readme(arts, opts, report))
