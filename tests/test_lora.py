@@ -438,6 +438,48 @@ def test_refit_on_a_gpu(fused, adapters, tmp_path):
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-3
 
 
+@pytest.mark.gpu
+def test_fp8_refit_on_a_gpu(fused, adapters, tmp_path):
+    """On a GPU: a refittable fp8 engine (FP8 graph of the fused export), refitted to another adapter (FP8 weights
+    and their scales set through the Refitter), runs like ONNX Runtime on the refitted FP8 graph; where TensorRT
+    does not take new Q/DQ scales, refit must fail with its one message, not produce a wrong engine."""
+    import torch
+
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.errors import UserError
+    from helios_deploy.export.parity.compare import OrtGraph, example_inputs
+    from helios_deploy.export.tensorrt import probe
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+    from helios_deploy.runtime.runners.tensorrt import TensorRTRunner
+
+    info = probe.probe_tensorrt()
+    if info["tensorrt"] is None or info["gpu"] is None:
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {info['error']}")
+    root = Path(shutil.copytree(fused, tmp_path / "arts"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(FP8_PROMPTS[0] + "\n")
+    quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=1, seed=0, log=lambda m: None)
+    _build(root, precision="fp8", refittable=True)
+    try:
+        _refit(root, f"{adapters[0]}:0.5")
+    except UserError as e:
+        pytest.fail(f"TensorRT did not refit the fp8 engine (record this in docs/lora.md): {e}")
+    arts = Artifacts.open(root)
+    spec = arts.spec("transformer")
+    graph = spec.graph("model")
+    runner = TensorRTRunner(root, arts.manifest, "transformer", graph, "cuda")  # the fp8 engine the manifest names
+    ort = OrtGraph(root / "transformer" / "model.fp8.onnx", graph)
+    feeds = example_inputs(spec, graph, graph.operating_points[0].dims, seed=0)
+    runner.activate()
+    try:
+        got = runner.infer({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
+    finally:
+        runner.deactivate()
+    ref = ort(*[feeds[t.name] for t in graph.inputs])[0]
+    ours = next(iter(got.values())).float().cpu().numpy()
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 5e-2
+
+
 def test_triton_repository_names_the_served_adapters(fused, adapters, tmp_path):
     from helios_deploy.fsutil import sha256_file
     from helios_deploy.serving.configs import parse_config
