@@ -282,27 +282,21 @@ def manifest_adapters(manifest: dict) -> list[Adapter]:
 
 
 def _load_text_encoder_adapters(text_encoder, adapters: Sequence[Adapter]):
-    """The text encoder's reference: each adapter's ``text_encoder.*`` weights put on the transformers model by
-    PEFT (``inject_adapter_in_model`` + ``set_peft_model_state_dict``, the calls diffusers'
-    ``_load_lora_into_text_encoder`` reaches through transformers' ``load_adapter``, which asks for a newer PEFT
-    than PyPI has), weighted with their scales (``set_scale``, as diffusers' ``set_adapters_for_text_encoder``)
-    and merged (``merge``, as ``fuse_text_encoder_lora``)."""
-    from diffusers.loaders.lora_pipeline import HeliosLoraLoaderMixin
-    from diffusers.utils.peft_utils import _create_lora_config
+    """The text encoder's reference: each adapter's ``text_encoder.*`` weights (read as ``read_adapter`` reads
+    them) put on the transformers model by PEFT (``inject_adapter_in_model`` + ``set_peft_model_state_dict``, the
+    calls diffusers' ``_load_lora_into_text_encoder`` reaches through transformers' ``load_adapter``, which asks
+    for a newer PEFT than PyPI has), weighted with their scales (``set_scale``, as diffusers'
+    ``set_adapters_for_text_encoder``) and merged by PEFT (``merge``, as ``fuse_text_encoder_lora``)."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    prefix, scales = PREFIXES["text_encoder"], {}
+    scales = {}
     for i, adapter in enumerate(adapters):
-        state, metadata = HeliosLoraLoaderMixin.lora_state_dict(str(adapter.path), return_lora_metadata=True)
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
+        part = read_adapter(adapter.path).get("text_encoder")
+        if part is None:
             continue
-        state = _peft_keys(state)
-        metadata = {k[len(prefix):]: v for k, v in (metadata or {}).items() if k.startswith(prefix)} or None
-        ranks = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
-        name = f"adapter{i}"
-        inject_adapter_in_model(_create_lora_config(state, None, metadata, ranks), text_encoder, adapter_name=name)
+        (state, config), name = part, f"adapter{i}"
+        inject_adapter_in_model(config, text_encoder, adapter_name=name)
         result = set_peft_model_state_dict(text_encoder, state, adapter_name=name)
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"PEFT did not load {result.unexpected_keys[:4]} into the text encoder")

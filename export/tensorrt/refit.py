@@ -51,13 +51,12 @@ def check_refittable(arts: Artifacts, component: str) -> dict:
     engines = arts.manifest["components"][component].get("engines") or {}
     problems = []
     for graph, entry in engines.items():
-        precision = entry.get("key", {}).get("settings", {}).get("precision", "fp32")
         if engine_mode(entry) is None:
             problems.append(f"{component}/{graph}: built without --refittable")
     if problems:
         raise UserError("these engines cannot be refitted", found="; ".join(problems),
                         expected="engines built with `build --refittable` or `--strip-weights`",
-                        fix=f"rebuild them: {REBUILD} --precision fp32 --refittable")
+                        fix=f"rebuild them with --refittable (same --precision): {REBUILD} --refittable")
     return engines
 
 
@@ -76,19 +75,13 @@ def rewrite_graph(ckpt: Checkpoint, component: str, src: Path, dst: Path, fusion
             continue
         base = safetensors_source(index.folder / index.weight_map[local], local)
         fused = fusion.fused(local, base)
-        graph.set_initializer(name, fused if fused.dtype == ir.DataType.FLOAT else _fp32(base))
+        graph.set_initializer(name, fused if fused.dtype == ir.DataType.FLOAT else _cast(base, ir.DataType.FLOAT))
         changed.append(name)
     missing = touched - {n[len(PREFIX):] for n in changed}
     if missing:
         raise RuntimeError(f"{src}: adapter targets without an initializer: {sorted(missing)[:4]}")
     graph.save(dst)
     return changed
-
-
-def _fp32(src):
-    import onnx_ir as ir
-
-    return _cast(src, ir.DataType.FLOAT)
 
 
 def _cast(src, dtype):
@@ -200,16 +193,18 @@ def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
         from .probe import require_gpu_tensorrt
 
         require_gpu_tensorrt()
-    t0, record = time.perf_counter(), {"lora": [a.record() for a in adapters], "engines": {}, "components": []}
+    t0, record = time.perf_counter(), {"lora": [a.record() for a in adapters], "engines": {}, "components": [],
+                                       "fuse_write_seconds": 0.0}
     with staging(arts.root, "refit") as tmp:
         moves, old_files = [], []
         for component, fusion in fusions.items():
             entry, folder = arts.manifest["components"][component], tmp / component
             folder.mkdir()
             for g in arts.spec(component).graphs:
-                old = entry["graphs"][g.name]
+                old, t1 = entry["graphs"][g.name], time.perf_counter()
                 changed = rewrite_graph(ckpt, component, arts.root / component / old["file"], folder / old["file"],
                                         fusion, entry.get("lora_targets") or [])
+                record["fuse_write_seconds"] = round(record["fuse_write_seconds"] + time.perf_counter() - t1, 3)
                 entry["graphs"][g.name] = {**old, **file_record(folder, old["file"], old["data"])}
                 moves += _moves(arts, component, folder, entry["graphs"][g.name])
                 changed = {"fp32": changed, "bf16": _relower(arts, component, entry, g, folder, moves, log),
@@ -217,7 +212,6 @@ def refit_artifacts(artifacts, adapters: Sequence[Adapter], log=print) -> dict:
                 if g.name in engines[component]:
                     old_files.append(_refit_engine(arts, component, engines[component], g, folder, changed,
                                                    fusion, record, log))
-            record["fuse_write_seconds"] = round(time.perf_counter() - t0, 3)
             entry["lora_targets"] = fusion.targets()
             entry["lora"] = [a.record() for a in fusion.adapters]
             record["components"].append(component)
