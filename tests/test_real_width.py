@@ -22,7 +22,7 @@ from helios_deploy.measure.scale import chain, run_step
 pytestmark = pytest.mark.slow
 GB = 1e9
 STEPS = ("export", "parity", "quantize_fp8", "quantize_bf16", "build_dry_run", "generate_fp8")
-# The most this module has on disk at once, measured (14.2 GB: fp32, FP8 and bf16 graphs after quantize_bf16, with
+# The most this module has on disk at once, measured (14.1 GB: fp32, FP8 and bf16 graphs after quantize_bf16, with
 # the checkpoint gone), plus a margin for the files a step writes before it moves them into place.
 NEED_BYTES = 16 * GB
 
@@ -49,18 +49,18 @@ def wide(work) -> Path:
 
 @pytest.fixture(scope="module")
 def chain_run(wide, work) -> tuple[Path, dict]:
-    work = work / "chain"
-    work.mkdir()
-    prompts = work / "prompts.txt"
+    out = work / "chain"
+    out.mkdir()
+    prompts = out / "prompts.txt"
     prompts.write_text("A red sports car driving along a coastal road at sunset.\n")
-    arts, results = work / "artifacts", {}
+    arts, results = out / "artifacts", {}
     steps = {s.name: s for s in chain(64, 64, prompts=str(prompts))}
     steps["parity"] = replace(steps["parity"], args=steps["parity"].args + ("--components", "transformer"))
     steps["quantize_fp8"] = replace(steps["quantize_fp8"], args=steps["quantize_fp8"].args + ("--calibration-chunks", "1"))
     for name in STEPS:
-        results[name] = run_step(steps[name], wide, arts, work, log=print)
+        results[name] = run_step(steps[name], wide, arts, out, log=print)
         if not results[name]["passed"]:
-            pytest.fail(f"{name} failed:\n" + (work / f"{name}.log").read_text()[-4000:], pytrace=False)
+            pytest.fail(f"{name} failed:\n" + (out / f"{name}.log").read_text()[-4000:], pytrace=False)
         if name == "parity":  # its last reader
             shutil.rmtree(wide)
     return arts, results
