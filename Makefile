@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/helios-deploy demo -o $(DEMO_DIR)
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgresql
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Debian's chromium for the API page test (tests/test_api_page.py drives it headless). Installed when missing
@@ -32,6 +32,15 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	else echo "chromium is missing and this is not root: tests/test_api_page.py will be skipped"; fi
+
+# Debian's PostgreSQL server for the job-store tests (tests/pg_fixture.py starts one per session with initdb and
+# pg_ctl as the postgres user). Installed when missing and running as root (CI); without it those tests are skipped.
+.PHONY: postgresql
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else echo "postgresql is missing and this is not root: the PostgreSQL job-store tests will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) engines/demo

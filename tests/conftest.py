@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.pg_fixture import pg_url, postgres_server  # noqa: F401 - the session's PostgreSQL (fixtures)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -26,27 +26,29 @@ def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "o
 def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, insecure_no_key: bool = False, limits: Limits = Limits(),
           fps: float = 24.0, crf: int = 23, max_streams: int | None = None, backend: str = "onnxruntime",
-          device: str = "cpu", log=print) -> None:
+          device: str = "cpu", videos: str | Path | None = None, retention: float | None = None,
+          lease: float | None = None, log=print) -> None:
     """Check everything that can be checked before loading a model, then serve until SIGINT / SIGTERM."""
     import uvicorn
 
     from .app import create_app
-    from .jobs import JobStore
+    from .jobs import LEASE_SECONDS, open_store
 
     if bool(artifacts) == bool(triton):
         raise UserError("pass --artifacts DIR (run in this process) or --triton HOST:PORT, one of them",
                         fix="helios-deploy api --artifacts engines/demo/artifacts")
     keys, made = resolve_keys(parse_keys(api_key if api_key is not None else os.environ.get(KEY_ENV)), host,
                               insecure_no_key)
-    jobs = JobStore(store)
+    jobs = open_store(store, videos=videos, retention=retention, lease=lease or LEASE_SECONDS)
     if jobs.recovered:
-        log(f"{jobs.recovered} job(s) left running by the last run are marked failed")
+        log(f"{jobs.recovered} job(s) left running by the last run are marked failed" if not jobs.requeue else
+            f"{jobs.recovered} job(s) of replicas that stopped renewing their lease are re-queued")
     engine = open_backend(artifacts, triton, backend=backend, device=device, fps=fps, max_streams=max_streams)
     try:
         app = create_app(engine, jobs, keys=keys, limits=limits, fps=fps, crf=crf)
         shown = "localhost" if host in ("127.0.0.1", "::1") else host
         log(f"serving on http://{shown}:{port}/ ({engine.name} backend, {engine.metrics()['capacity']} real-time "
-            f"streams, jobs in {Path(store).resolve()})")
+            f"streams, jobs in {jobs.name}, videos in {jobs.videos.resolve()})")
         if made:
             log(f"API key for this run (no --api-key / {KEY_ENV} given): {made}")
         elif not keys:
