@@ -1,7 +1,7 @@
 """The API in front of a real tritonserver (the CPU one from nvidia-pytriton, `make triton-env`) serving the
 tiny artifacts: the same behaviour as in process. A job through the openai SDK and a live stream with a
-prompt change (through the helios_control model) give the runtime's frames; a client leaving frees its
-stream on the API and on the server."""
+prompt change (a control request in band, over the node's one connection) give the runtime's frames; a
+client leaving frees its stream on the API and on the server; a slow Triton never blocks stop() or /health."""
 
 from __future__ import annotations
 
@@ -84,25 +84,18 @@ def test_stream_with_prompt_change_through_triton(api, pipe):
 
 
 def test_client_leaving_frees_the_stream_on_the_server(api, triton):
-    from helios_deploy.serving.client import HeliosClient
-
     url, app = api
     backend = app.state.api.backend
     with connect(url.replace("http://", "ws://") + "/v1/realtime/video") as ws:
         ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "num_frames": 330}))
         stream = backend.stream(json.loads(ws.recv(timeout=120))["stream_id"])
         assert json.loads(ws.recv(timeout=120))["type"] == "video.chunk_metadata"
-        server_id = stream._client.stream_id
     wait_for(lambda: backend.metrics()["active_streams"] == 0, timeout=30)
-    from helios_deploy.errors import UserError
+    node = backend.cluster.live()[0]
 
-    def stopped_on_server():
-        try:
-            with HeliosClient(triton.grpc_url) as c:
-                c.progress(server_id)
-        except UserError as e:  # the server's scheduler has ended it: "stream ... has been stopped"
-            return "has been stopped" in str(e)
-        return False
+    def stopped_on_server():  # the node's scheduler has ended it
+        answer = node.control("progress", stream.id, stream.owner)
+        return answer.get("status") == "stopped" or (answer.get("error") or {}).get("code") == "finished"
 
     wait_for(stopped_on_server, timeout=30)
 
@@ -144,3 +137,39 @@ def test_server_refusals_keep_their_status(api):
         r = httpx.post(f"{url}/v1/videos", headers=h, json={"prompt": PROMPT, "num_frames": 33}, timeout=120)
         assert r.status_code == 429 and r.json()["error"]["code"] == "over_capacity", r.text
     wait_for(lambda: app.state.api.backend.metrics()["active_streams"] == 0, timeout=30)
+
+
+def test_paused_server_never_blocks_stop_or_health_and_lateness_is_measured(triton):
+    """With the node's processes stopped (SIGSTOP): stop() returns within its timeout, health() says not
+    ready within its probe's timeout; once resumed, the late chunks show in progress as misses."""
+    import os
+    import signal
+    import time
+
+    from helios_deploy.api.backends import TritonBackend
+
+    b = TritonBackend(triton.grpc_url, lost_after=60.0)
+    try:
+        late = b.open(PROMPT, num_frames=165, seed=3)
+        other = b.open(PROMPT, num_frames=330, seed=4)
+        assert late.next(60).index == 0
+        os.killpg(triton.proc.pid, signal.SIGSTOP)
+        try:
+            paused = time.perf_counter()
+            t = time.perf_counter()
+            other.stop(timeout=1.0)
+            assert time.perf_counter() - t < 2.0 and other.status == "stopped"
+            t = time.perf_counter()
+            health = b.health()
+            assert time.perf_counter() - t < 3.0 and health["ready"] is False, health
+            time.sleep(max(0.0, 5.0 - (time.perf_counter() - paused)))
+        finally:
+            os.killpg(triton.proc.pid, signal.SIGCONT)
+        while late.next(60) is not None:
+            pass
+        p = late.progress()
+        assert p["status"] == "completed" and len(p["lateness_s"]) == p["chunks_done"] == 5, p
+        assert p["misses"] == sum(x > 0 for x in p["lateness_s"]) >= 1, p
+        assert b.health()["ready"] is True
+    finally:
+        b.close()

@@ -1,20 +1,22 @@
 """What the API runs requests on, behind one interface: the in-process runtime (the live-stream scheduler
-of runtime/live.py on this host's runners) or a Triton server (gRPC streaming through HeliosClient).
+of runtime/live.py on this host's runners) or a set of Triton nodes (api/cluster.py, api/triton_stream.py).
 
-    backend = InProcessBackend.open("engines/demo/artifacts")      # or TritonBackend("host:8001")
-    s = backend.open("a cat", num_frames=66, seed=0, height=None, width=None, image=None, **settings)
+    backend = InProcessBackend.open_artifacts("engines/demo/artifacts")   # or TritonBackend("h1:8001,h2:8001")
+    s = backend.open("a cat", num_frames=66, seed=0, height=None, width=None, image=None, owner=OWNER, **settings)
     s.id; s.next(timeout) -> Chunk | None; s.set_prompt(p) -> int; s.stop(); s.progress() -> dict
+    backend.steer(stream_id, "set_prompt" | "stop" | "progress", owner, prompt)   # by id, from any replica
     backend.sizes        # ((height, width), ...) the default first
     backend.metrics()    # {"active_streams", "capacity", "load", ...}
+    backend.health()     # {"live": bool, "ready": bool, "detail": str}
 
-A bad request is a UserError, a full server StreamError(code="over_capacity"), an unknown stream
-StreamError(code="not_found"), the same on both backends.
+A bad request is a UserError, a full server StreamError(code="over_capacity"), an unknown stream (or one of
+another owner) StreamError(code="not_found"), the same on both backends. ``owner`` (cluster.owner_of(key
+label)) is kept with each stream: steering by id answers only its owner.
 """
 
 from __future__ import annotations
 
-import queue
-import secrets
+import collections
 import threading
 import time
 
@@ -22,6 +24,23 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime.live import StreamError
+from .cluster import Cluster
+from .triton_stream import TritonStream
+
+ACTIONS = ("set_prompt", "stop", "progress")
+_OWNERS_KEPT = 10_000
+
+
+def _not_found(stream_id: str) -> StreamError:
+    return StreamError("not_found", f"no stream {stream_id!r} for this key",
+                       fix="use the stream_id that session.started returned, with the key that opened it")
+
+
+def _check_action(action: str, prompt) -> None:
+    if action not in ACTIONS:
+        raise UserError(f"unknown action {action!r}", expected=" | ".join(ACTIONS))
+    if action == "set_prompt" and (not isinstance(prompt, str) or not prompt.strip()):
+        raise UserError("empty prompt", expected="a non-empty text prompt")
 
 
 class InProcessBackend:
@@ -30,6 +49,7 @@ class InProcessBackend:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.sizes = tuple(scheduler.pipe.sizes)
+        self._owners: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     @classmethod
     def open_artifacts(cls, artifacts, backend: str = "onnxruntime", device: str = "cpu", fps: float = 24.0,
@@ -41,135 +61,95 @@ class InProcessBackend:
         return cls(LiveScheduler(pipe, fps=fps, max_streams=max_streams, chunk_seconds=chunk_seconds,
                                  queue=False).start())
 
-    def open(self, prompt: str, realtime: bool = True, **request):
+    def open(self, prompt: str, realtime: bool = True, owner: str | None = None, **request):
         """A live stream (paced to playback), or with ``realtime=False`` a job: its chunks may be made as far
         ahead as the runners allow, still after any live stream's nearer deadline."""
-        return self.scheduler.open(prompt, lead=None if realtime else float("inf"), **request)
+        stream = self.scheduler.open(prompt, lead=None if realtime else float("inf"), **request)
+        self._owners[stream.id] = owner or ""
+        while len(self._owners) > _OWNERS_KEPT:
+            self._owners.popitem(last=False)
+        return stream
 
     def stream(self, stream_id: str):
         return self.scheduler.stream(stream_id)
 
+    def steer(self, stream_id: str, action: str, owner: str | None, prompt: str | None = None) -> dict:
+        """Change the prompt of, stop, or read the stream ``stream_id`` if ``owner`` opened it."""
+        _check_action(action, prompt)
+        if self._owners.get(stream_id) != (owner or ""):
+            raise _not_found(stream_id)
+        if action == "set_prompt":
+            return {"stream_id": stream_id, "from_chunk": self.scheduler.set_prompt(stream_id, prompt)}
+        if action == "stop":
+            self.scheduler.stop(stream_id)
+            return {"stream_id": stream_id, "stopped": True}
+        return {"stream_id": stream_id, **self.scheduler.stream(stream_id).progress()}
+
     def metrics(self) -> dict:
         return self.scheduler.metrics()
 
-    def close(self) -> None:
-        self.scheduler.close()
+    def health(self) -> dict:
+        """The scheduler's own health (worker alive, runners working) when it reports one, else its worker."""
+        health = getattr(self.scheduler, "health", None)
+        if callable(health):
+            h = dict(health())
+            h.setdefault("ready", h.get("live", False))
+            return {"live": bool(h.get("live")), "ready": bool(h.get("ready")), "detail": h.get("detail")}
+        worker = getattr(self.scheduler, "_thread", None)
+        alive = worker is not None and worker.is_alive() and not getattr(self.scheduler, "_closed", False)
+        return {"live": alive, "ready": alive, "detail": "the live scheduler's worker runs" if alive
+                else "the live scheduler's worker thread is dead: no stream can make progress"}
+
+    def close(self) -> bool:
+        """Stop the scheduler; free the runners only when its worker has stopped (a worker still inside a
+        runner call would be left driving freed sessions). True when everything was freed."""
+        stopped = self.scheduler.close()
+        if stopped is None:  # a scheduler that does not report it: look at its worker
+            worker = getattr(self.scheduler, "_thread", None)
+            stopped = worker is None or not worker.is_alive()
+        if not stopped:
+            import logging
+
+            logging.getLogger("helios_deploy.api").warning(
+                "the live scheduler's worker did not stop in time: its runners are left to the process exit")
+            return False
         self.scheduler.pipe.close()
-
-
-_END = object()
-
-
-class TritonStream:
-    """One request to the Triton ``helios`` model, read by a thread into a queue (as LiveStream is). The
-    server answers a stream it admits with its id at once, and one it refuses with an error: ``admitted``
-    waits for either."""
-
-    def __init__(self, backend: "TritonBackend", arrays: dict, num_chunks: int):
-        from ..serving.client import HeliosClient
-
-        self.id, self.num_chunks, self.status = secrets.token_hex(8), num_chunks, "running"
-        self.chunks_done, self.error, self.first_chunk_latency = 0, None, None
-        self._backend, self._stopped = backend, threading.Event()
-        self._client = HeliosClient(backend.url, model=backend.model)  # its own: it records this stream's id
-        self._out: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(arrays,), name=f"triton-{self.id}", daemon=True)
-        self._thread.start()
-
-    def _read(self, arrays: dict) -> None:
-        t0 = time.perf_counter()
-        chunks = self._client.stream_arrays(arrays)
-        try:
-            for chunk in chunks:
-                if self._stopped.is_set():
-                    break  # closing the generator cancels the request on the server
-                self.first_chunk_latency = self.first_chunk_latency or time.perf_counter() - t0
-                self.chunks_done += 1
-                self._out.put(chunk)
-            self.status = "stopped" if self._stopped.is_set() else "completed"
-        except Exception as e:  # noqa: BLE001 - the stream's error goes to its reader
-            self.error = _refusal(e)  # before the status: admitted() reads the status first
-            self.status = "failed"
-        finally:
-            chunks.close()
-            self._client.close()
-            self._backend._ended(self)
-            self._out.put(_END)
-
-    def admitted(self, timeout: float) -> None:
-        """Wait until the server has named the stream (admitted it); raise its refusal (bad request, over
-        capacity) as the in-process backend would."""
-        deadline = time.monotonic() + timeout
-        while self._client.stream_id is None and self.status == "running":
-            if time.monotonic() > deadline:
-                self.stop()
-                raise UserError(f"the Triton server did not start the stream within {timeout:g} s")
-            time.sleep(0.005)
-        if self.error is not None and self._client.stream_id is None:
-            raise self.error
-
-    def next(self, timeout: float | None = None):
-        try:
-            item = self._out.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"stream {self.id}: no chunk within {timeout:g} s") from None
-        if item is _END:
-            self._out.put(_END)
-            if self.error is not None:
-                raise self.error
-            return None
-        return item
-
-    def set_prompt(self, prompt: str) -> int:
-        """Through the ``helios_control`` model: from the stream's next chunk not yet started."""
-        return self._client.set_prompt(self._client.stream_id, prompt)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self.status == "running" and self._client.stream_id is not None:
-            try:  # at once on the server, not at the next chunk's arrival
-                self._client.stop(self._client.stream_id)
-            except UserError:
-                pass  # it ended meanwhile
-        self.status = "stopped"
-        self._backend._ended(self)
-
-    def progress(self) -> dict:
-        return {"id": self.id, "status": self.status, "chunks_done": self.chunks_done, "num_chunks": self.num_chunks,
-                "first_chunk_latency_s": self.first_chunk_latency, "misses": 0, "lateness_s": [],
-                "error": None if self.error is None else str(self.error)}
-
-
-def _refusal(e: Exception) -> Exception:
-    """The server's over-capacity refusal as the scheduler's StreamError; anything else as it is."""
-    if isinstance(e, UserError) and "over capacity" in (e.found or ""):
-        return StreamError("over_capacity", "over capacity: the Triton server is serving all the real-time "
-                           "streams it can", found=e.found, fix="retry later, or add a GPU / replica")
-    return e
+        return True
 
 
 class TritonBackend:
-    """Streams through a Triton server, which admits each stream by its capacity; ``max_streams`` caps the
-    streams this API sends at once (None: no cap of its own)."""
+    """Streams through the Triton nodes at ``url`` (several addresses, comma-separated, or a DNS name that
+    resolves to several; re-resolved every ``refresh_s``). Each node admits by its own capacity;
+    ``max_streams`` caps what this API sends at once (None: no cap of its own). With ``failover``, each
+    stream's snapshot travels with its chunks and a stream whose node is lost or drains continues elsewhere."""
 
     name = "triton"
 
-    def __init__(self, url: str, model: str = "helios", max_streams: int | None = None,
-                 admit_timeout: float = 60.0):
-        from ..serving.client import HeliosClient
-
-        self.url, self.model, self.max_streams, self.admit_timeout = url, model, max_streams, admit_timeout
-        with HeliosClient(url, model=model) as client:
-            client.check_ready()
-            self.sizes = client.sizes()
-        self._streams: dict[str, TritonStream] = {}
+    def __init__(self, url, model: str = "helios", max_streams: int | None = None, admit_timeout: float = 60.0,
+                 failover: bool = False, fps: float = 24.0, lost_after: float = 5.0, job_lost_after: float = 60.0,
+                 refresh_s: float = 10.0, buffer: int = 4, job_buffer: int = 8):
+        self.model, self.max_streams, self.admit_timeout, self.failover = model, max_streams, admit_timeout, failover
+        self.fps, self.lost_after, self.job_lost_after = fps, lost_after, job_lost_after
+        self.buffer, self.job_buffer = buffer, job_buffer
+        self.cluster = Cluster(url, model=model, refresh_s=refresh_s)
+        self.url = ",".join(self.cluster.targets)
+        ready = self.cluster.ready()
+        if not ready:
+            self.cluster.close()
+            raise UserError(f"no Triton node at {self.url} has model {model!r} ready",
+                            found=", ".join(n.address for n in self.cluster.live(True)),
+                            fix="start the servers, and pass their gRPC addresses (default port 8001)")
+        self.sizes = ready[0].sizes()
+        self._streams: dict[int, TritonStream] = {}
         self._lock = threading.Lock()
-        self.totals = {"streams": 0, "refused": 0}
+        self.totals = {"streams": 0, "refused": 0, "failovers": 0}
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, name="helios-stream-watchdog", daemon=True).start()
 
     def open(self, prompt: str, *, num_frames: int = 33, seed: int = 0, image=None, height=None, width=None,
-             realtime: bool = True, **settings):
-        from ..serving.client import request_arrays
+             realtime: bool = True, owner: str | None = None, **settings):
         from ..model.sizes import check_size_exported
+        from ..serving.client import request_arrays
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("empty prompt", expected="a non-empty text prompt")
@@ -180,40 +160,91 @@ class TritonBackend:
             image = np.asarray(image.convert("RGB").resize((w, h), resample=Image.LANCZOS))
         arrays = request_arrays(prompt, image=image, height=h, width=w, num_frames=num_frames, seed=seed,
                                 realtime=realtime, **{k: v for k, v in settings.items() if v is not None})
+        if owner:
+            arrays["owner"] = np.array([owner.encode("utf-8")], dtype=np.object_)
+        stream = TritonStream(self, arrays, max(1, (num_frames + 32) // 33), realtime, owner)
         with self._lock:
             if self.max_streams is not None and len(self._streams) >= self.max_streams:
                 self.totals["refused"] += 1
                 raise StreamError("over_capacity", "over capacity: this API's --max-streams are all streaming",
                                   found=f"{len(self._streams)} streams of {self.max_streams}",
                                   fix="retry later, or add a GPU / replica")
-            stream = TritonStream(self, arrays, max(1, (num_frames + 32) // 33))
-            self._streams[stream.id] = stream
+            self._streams[id(stream)] = stream
         try:
-            stream.admitted(self.admit_timeout)
-        except StreamError:
-            self.totals["refused"] += 1
+            stream.place()
+        except UserError as e:
+            self._ended(stream)
+            if getattr(e, "code", None) in ("over_capacity", "draining"):
+                self.totals["refused"] += 1
+                if getattr(e, "code", None) == "draining":
+                    raise StreamError("over_capacity", str(e), found=e.found, fix=e.fix) from None
             raise
         self.totals["streams"] += 1
         return stream
 
     def _ended(self, stream: TritonStream) -> None:
         with self._lock:
-            self._streams.pop(stream.id, None)
+            self._streams.pop(id(stream), None)
+
+    def _local(self, stream_id: str) -> TritonStream | None:
+        with self._lock:
+            return next((s for s in self._streams.values() if s.id == stream_id), None)
 
     def stream(self, stream_id: str):
-        with self._lock:
-            if stream_id not in self._streams:
-                raise StreamError("not_found", f"no stream {stream_id!r}")
-            return self._streams[stream_id]
+        s = self._local(stream_id)
+        if s is None:
+            raise StreamError("not_found", f"no stream {stream_id!r}")
+        return s
+
+    def steer(self, stream_id: str, action: str, owner: str | None, prompt: str | None = None) -> dict:
+        """A stream held here is steered through its own node connection; any other is asked of every node
+        (the one holding it for this owner answers)."""
+        _check_action(action, prompt)
+        s = self._local(stream_id)
+        if s is not None:
+            if s.owner != (owner or ""):
+                raise _not_found(stream_id)
+            if action == "set_prompt":
+                return {"stream_id": stream_id, "from_chunk": s.set_prompt(prompt)}
+            if action == "stop":
+                s.stop()
+                return {"stream_id": stream_id, "stopped": True}
+            return {"stream_id": stream_id, **s.progress()}
+        _node, answer = self.cluster.broadcast(action, stream_id, owner or "", prompt)
+        if "error" in answer:
+            error = answer["error"]
+            raise StreamError(error.get("code", "not_found"), error.get("message") or f"stream {stream_id}")
+        return answer
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.25):
+            now = time.perf_counter()
+            with self._lock:
+                streams = list(self._streams.values())
+            for s in streams:
+                s.check(now)
 
     def metrics(self) -> dict:
         """Active streams of this API; capacity and load are its --max-streams cap's (0 without one: the
-        servers' own load is Triton's helios_live_load)."""
+        nodes' own load is Triton's helios_live_load); ``cluster_demand`` from the nodes' capacity answers."""
         with self._lock:
-            active = len(self._streams)
+            active = sum(s.status in ("running", "moving") for s in self._streams.values())
         cap = self.max_streams or 0
-        return {"active_streams": active, "capacity": cap, "load": active / cap if cap else 0.0, **self.totals}
+        return {"active_streams": active, "capacity": cap, "load": active / cap if cap else 0.0,
+                "nodes": len(self.cluster.live()), "cluster_demand": self.cluster.demand(), **self.totals}
+
+    def health(self) -> dict:
+        """Live while this process runs; ready when at least one node's ``helios`` model is ready."""
+        nodes = self.cluster.live(include_down=True)
+        ready = self.cluster.ready()
+        return {"live": True, "ready": bool(ready),
+                "detail": f"{len(ready)} of {len(nodes)} Triton node(s) ready"
+                          + ("" if ready else f" at {self.url}: none can serve")}
 
     def close(self) -> None:
-        for s in list(self._streams.values()):
-            s.stop()
+        self._closed.set()
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            s.stop(timeout=2.0)
+        self.cluster.close()

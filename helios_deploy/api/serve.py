@@ -12,7 +12,8 @@ KEY_ENV = "HELIOS_API_KEY"
 
 
 def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "onnxruntime", device: str = "cpu",
-                 fps: float = 24.0, max_streams: int | None = None, triton_model: str = "helios"):
+                 fps: float = 24.0, max_streams: int | None = None, triton_model: str = "helios",
+                 failover: bool = False):
     if artifacts:
         from .backends import InProcessBackend
 
@@ -20,14 +21,14 @@ def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "o
                                                max_streams=max_streams)
     from .backends import TritonBackend
 
-    return TritonBackend(triton, model=triton_model, max_streams=max_streams)
+    return TritonBackend(triton, model=triton_model, max_streams=max_streams, fps=fps, failover=failover)
 
 
 def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, insecure_no_key: bool = False, limits: Limits = Limits(),
           fps: float = 24.0, crf: int = 23, max_streams: int | None = None, backend: str = "onnxruntime",
           device: str = "cpu", videos: str | Path | None = None, retention: float | None = None,
-          lease: float | None = None, log=print) -> None:
+          lease: float | None = None, failover: bool = False, log=print) -> None:
     """Check everything that can be checked before loading a model, then serve until SIGINT / SIGTERM."""
     import uvicorn
 
@@ -43,7 +44,8 @@ def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host:
     if jobs.recovered:
         log(f"{jobs.recovered} job(s) left running by the last run are marked failed" if not jobs.requeue else
             f"{jobs.recovered} job(s) of replicas that stopped renewing their lease are re-queued")
-    engine = open_backend(artifacts, triton, backend=backend, device=device, fps=fps, max_streams=max_streams)
+    engine = open_backend(artifacts, triton, backend=backend, device=device, fps=fps, max_streams=max_streams,
+                          failover=failover)
     try:
         app = create_app(engine, jobs, keys=keys, limits=limits, fps=fps, crf=crf)
         shown = "localhost" if host in ("127.0.0.1", "::1") else host
