@@ -3,6 +3,9 @@ transformers (unless a component is run on the torch backend)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +26,8 @@ from .runners import make_runner
 from .runners.base import BACKENDS, graph_record
 from .sampler import BlockNoise, ChunkRequest, ChunkState, HISTORY_SIZES, denoise_chunk_steps, update_history
 from .scheduler import DMDScheduler
-from .settings import Sampling, resolve_sampling
-from .stream_state import CHUNK_FRAMES, StreamState
+from .settings import MAX_SEED, Sampling, resolve_sampling
+from .stream_state import CHUNK_FRAMES, StreamState, snapshot_meta
 from .text import PromptTokenizer
 from .vae import to_unit
 
@@ -36,6 +39,7 @@ PROMPT_CACHE_SIZE = 64  # prompt embeddings kept (least recently used dropped)
 class Chunk:
     index: int
     frames: np.ndarray  # uint8 [T, H, W, 3] (or float32 in [0, 1] with output="float")
+    snapshot: bytes | None = None  # the stream's state after this chunk (LiveScheduler.open(failover=True))
 
 
 def parse_backend(backend: str | Mapping[str, str]) -> dict[str, str]:
@@ -84,6 +88,8 @@ class Pipeline:
         self.block_noise = BlockNoise(self.scheduler.gamma, tuple(patch[1:]))
         self.tokenizer = PromptTokenizer(artifacts.root / "tokenizer", self.text_length)
         self._runners: dict[tuple[str, str], object] = {}
+        self._runner_lock = threading.RLock()  # runners are made once, whichever thread asks first
+        self._driver: int | None = None  # bound: the one thread allowed to drive the runners (LiveScheduler's)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         # the VAE's latent normalisation on the device (the decoder's input is un-normalised with it)
         self.latent_norm = Normaliser.from_attrs(artifacts.spec("vae_decoder").attrs).to(self.device)
@@ -100,18 +106,30 @@ class Pipeline:
         return cls(arts, parse_backend(backend), device, precision, low_memory)
 
     # -- components ------------------------------------------------------------------------------
+    def bind(self, thread_id: int | None) -> None:
+        """Allow only the thread ``thread_id`` (threading.get_ident()) to use the runners from now on (None:
+        any thread): the LiveScheduler binds its worker, so a TensorRT context or CUDA stream is only ever
+        driven by one thread; another thread that asks for a runner gets a RuntimeError."""
+        self._driver = thread_id
+
     def runner(self, component: str, graph: str = "model"):
+        if self._driver is not None and threading.get_ident() != self._driver:
+            raise RuntimeError(f"runner {component}/{graph} asked for from thread {threading.current_thread().name}: "
+                               "this pipeline's runners are driven by its LiveScheduler's worker only")
         key = (component, graph)
-        if key not in self._runners:
-            spec = self.artifacts.spec(component)
-            backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
-            if backend == "onnxruntime":  # the graph it loads is there, with its recorded sizes
-                self.artifacts.require_present(component, *graph_record(self.artifacts.manifest, component, graph,
-                                                                         self.precision))
-            self._runners[key] = make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
-                                             spec.graph(graph), str(self.device), self.precision,
-                                             self.low_memory).activate()
-        return self._runners[key]
+        with self._runner_lock:
+            if key not in self._runners:
+                self._runners[key] = self._make_runner(component, graph)
+            return self._runners[key]
+
+    def _make_runner(self, component: str, graph: str):
+        spec = self.artifacts.spec(component)
+        backend = self.backend.get(component, self.backend.get("*", "onnxruntime"))
+        if backend == "onnxruntime":  # the graph it loads is there, with its recorded sizes
+            self.artifacts.require_present(component, *graph_record(self.artifacts.manifest, component, graph,
+                                                                     self.precision))
+        return make_runner(backend, self.artifacts.root, self.artifacts.manifest, component,
+                           spec.graph(graph), str(self.device), self.precision, self.low_memory).activate()
 
     def set_runner(self, component: str, graph: str, runner) -> None:
         """Use ``runner`` (active, same spec) for one graph instead of the one the backend would make: how
@@ -187,15 +205,47 @@ class Pipeline:
         its chunks with chunk_job, in any order with other streams' (runtime/live.py)."""
         schedule = self._prompt_schedule(prompt)
         size = self._check_request(num_frames, height, width, image, video)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed {seed!r} out of range", expected=f"an integer from 0 to {MAX_SEED}")
         sampling = self.sampling(**settings)
         spec = self.artifacts.spec("transformer")
         # noise is drawn on the device the sampler runs on: on the CPU the same as the reference with
         # torch.Generator().manual_seed(seed); on a GPU as the reference given a generator on that GPU
-        generator = torch.Generator(self.device).manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(int(seed))
         chunk_state = self._initial_state(spec.attrs["in_channels"], image, video, generator, *size)
         indices = {k: torch.tensor([v], dtype=torch.int64, device=self.device)
                    for k, v in spec.attrs["frame_indices"].items()}
         return StreamState(schedule, sampling, size, num_frames, output, generator, chunk_state, indices)
+
+    @property
+    def model_id(self) -> str:
+        """What a stream's frames depend on besides its state: the checkpoint's identity and the LoRA adapters
+        fused into the artifacts (a snapshot resumes only on the same model)."""
+        m = self.artifacts.manifest
+        ident = {"checkpoint": m["checkpoint"]["identity"]["sha256"], "lora": m.get("lora"),
+                 "precision": self.precision}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def snapshot(self, state: StreamState, **extra) -> bytes:
+        """``state`` as bytes (StreamState.snapshot) with this model's identity in it."""
+        return state.snapshot({**extra, "model": self.model_id})
+
+    def resume_stream(self, data: bytes) -> tuple[StreamState, dict]:
+        """The StreamState of a snapshot (Pipeline.snapshot) on this pipeline's device, and its extra fields
+        (``id``, ...), checked against these artifacts: same model, an exported size, the latent shape; a
+        UserError otherwise. Prompt embeddings are encoded again from the text when its chunks run."""
+        meta = snapshot_meta(data)
+        if meta["extra"].get("model") != self.model_id:
+            raise UserError("stream state was made by another model", found=f"model {meta['extra'].get('model')}, "
+                            f"this node {self.model_id}", fix="resume it on a node serving the same artifacts")
+        state = StreamState.restore(data, self.device)
+        self.check_size(*state.size)
+        channels = self.artifacts.spec("transformer").attrs["in_channels"]
+        h, w = state.size
+        if tuple(state.chunk_state.history.shape[:2]) != (1, channels) or \
+                tuple(state.chunk_state.history.shape[3:]) != (h // 8, w // 8):
+            raise UserError("stream state does not fit this model", found=f"history {tuple(state.chunk_state.history.shape)}")
+        return state, meta["extra"]
 
     def sampling(self, **settings) -> Sampling:
         """The sampler settings of a request (see runtime/settings.py), checked against the variant."""

@@ -8,11 +8,15 @@ them (the step itself in float32, see dmd_step).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
+
+
+SCHEDULE_CACHE_SIZE = 64  # stage schedules kept per scheduler (least recently used dropped)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -96,7 +100,8 @@ class DMDScheduler:
         self.time_shift_type = c.get("time_shift_type", "linear")
         self.ori_start_sigmas, self.timesteps_per_stage, self.sigmas_per_stage = stage_tables(
             self.num_train_timesteps, self.shift, self.stages, self.stage_range, self.gamma)
-        self._schedules: dict[tuple, StageSchedule] = {}  # a schedule depends only on its arguments
+        # a schedule depends only on its arguments; the most recently used SCHEDULE_CACHE_SIZE are kept
+        self._schedules: OrderedDict[tuple, StageSchedule] = OrderedDict()
 
     def _time_shift(self, mu: float, t: torch.Tensor) -> torch.Tensor:
         if self.time_shift_type == "exponential":
@@ -107,8 +112,12 @@ class DMDScheduler:
         """set_timesteps(num_steps, stage, mu=mu, is_amplify_first_chunk=amplify), computed once per
         distinct arguments (the same for every chunk of a request)."""
         key = (num_steps, stage, mu, amplify)
-        if key not in self._schedules:
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+        else:
             self._schedules[key] = self._stage_schedule(num_steps, stage, mu, amplify)
+            while len(self._schedules) > SCHEDULE_CACHE_SIZE:
+                self._schedules.popitem(last=False)
         return self._schedules[key]
 
     def _stage_schedule(self, num_steps: int, stage: int, mu: float, amplify: bool) -> StageSchedule:

@@ -14,6 +14,14 @@ from .guidance import Guidance
 
 _NAMES = {"base": "Helios-Base", "mid": "Helios-Mid", "distilled": "Helios-Distilled"}
 
+# Upper bounds of a request (the API imports and reports them): one request must not hold the runners for
+# hours nor grow the per-schedule caches without end. The references use 1-10 steps per pyramid stage
+# (Distilled 1,1,1 / Mid 10,10,10), 50 for Helios-Base, guidance 5.0.
+MAX_PYRAMID_STEPS = 50  # each pyramid stage
+MAX_INFERENCE_STEPS = 100  # Helios-Base
+MAX_GUIDANCE_SCALE = 20.0
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range that also fits an INT64 (Triton) input
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -47,15 +55,17 @@ def _steps(variant: Variant, pyramid_steps, num_inference_steps) -> tuple[int, .
         if pyramid_steps is not None:
             raise _not_for(variant, "pyramid_steps", "Helios-Base has no pyramid: pass num_inference_steps (--num-inference-steps)")
         n = variant.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UserError(f"num_inference_steps {n!r} invalid", expected="a positive integer, e.g. 50")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_INFERENCE_STEPS:
+            raise UserError(f"num_inference_steps {n!r} invalid",
+                            expected=f"an integer from 1 to {MAX_INFERENCE_STEPS}, e.g. 50")
         return (n,)
     if num_inference_steps is not None:
         raise _not_for(variant, "num_inference_steps", "pass pyramid_steps, steps per pyramid stage (--steps 2,2,2)")
     steps = variant.defaults["pyramid_steps"] if pyramid_steps is None else tuple(pyramid_steps)
-    if len(steps) != PYRAMID_STAGES or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+    if len(steps) != PYRAMID_STAGES or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= MAX_PYRAMID_STEPS
+                                           for s in steps):
         raise UserError(f"pyramid steps {tuple(steps)} invalid",
-                        expected=f"{PYRAMID_STAGES} positive integers, e.g. 1,1,1 or 2,2,2")
+                        expected=f"{PYRAMID_STAGES} integers from 1 to {MAX_PYRAMID_STEPS}, e.g. 1,1,1 or 2,2,2")
     return tuple(int(s) for s in steps)
 
 
@@ -69,8 +79,9 @@ def _guidance(variant: Variant, scale, negative_prompt, cfg_zero_star, use_zero_
             raise _not_for(variant, "negative_prompt", "leave negative_prompt out: the distilled model runs without "
                            "classifier-free guidance")
     scale = float(variant.defaults["guidance_scale"] if scale is None else scale)
-    if not math.isfinite(scale) or scale < 1.0:
-        raise UserError(f"guidance_scale {scale} invalid", expected="a number >= 1 (1: no guidance; 5.0 is the reference's)")
+    if not math.isfinite(scale) or not 1.0 <= scale <= MAX_GUIDANCE_SCALE:
+        raise UserError(f"guidance_scale {scale} invalid",
+                        expected=f"a number from 1 to {MAX_GUIDANCE_SCALE:g} (1: no guidance; 5.0 is the reference's)")
     if cfg_zero_star is not None and variant.name != "mid":
         raise _not_for(variant, "cfg_zero_star", "CFG-Zero* is a HeliosPyramidPipeline guidance (Helios-Mid)")
     zero_star = variant.is_cfg_zero_star if cfg_zero_star is None else bool(cfg_zero_star)

@@ -1,0 +1,133 @@
+"""The live scheduler's books (runtime/live.py): what a stream's chunk costs on these runners, the load of the
+admitted streams, admission, and the counters its metrics report.
+
+A stream's chunk costs its weight (transformer calls x video area, relative to a default chunk; doubled steps
+for a first chunk with amplify_first_chunk) x the default chunk time. When the chunk time was measured (not
+given), each shape's cost then follows its real runs (a moving average of the seconds per stream-chunk of that
+shape), and the default chunk time too: admission and the slack given to jobs track what the runners take
+now, not what two idle warm-up chunks took."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from .stream_state import StreamState
+
+EWMA = 0.3  # weight of the newest run in a moving average
+REFUSAL_WINDOW = 60.0  # seconds a refusal counts in refused_recent (demand)
+
+
+def batch_key(state: StreamState) -> tuple:
+    """Streams whose next chunks run the same calls at the same shapes (and so can share them)."""
+    s = state.sampling
+    amplify = s.amplify_first_chunk and state.next_index == 0
+    return state.size, s.steps, amplify, s.guidance is None, s.sampler
+
+
+class Admission:
+    """Mixed into LiveScheduler (which holds ``pipe``, ``period``, ``_streams``, ``_lock``, ``queue``)."""
+
+    def __init__(self, chunk_seconds: float | None, max_streams: int | None):
+        self.chunk_seconds, self.max_streams = chunk_seconds, max_streams
+        self._adapt = chunk_seconds is None  # a given chunk time is kept; a measured one follows the runs
+        self._cost: dict[tuple, float] = {}  # batch key -> moving average of seconds per stream-chunk
+        self._refusals: collections.deque[float] = collections.deque(maxlen=100_000)
+        self._last_shed = float("-inf")
+        self.totals = {"streams": 0, "refused": 0, "chunks": 0, "misses": 0, "first_chunk_latency_sum": 0.0,
+                       "first_chunks": 0, "late_seconds": 0.0, "chunk_seconds_sum": 0.0, "shed": 0, "moved": 0}
+
+    # -- costs -----------------------------------------------------------------------------------
+    def _weight(self, state: StreamState) -> float:
+        """A stream's steady chunk in default chunks: scaled by transformer calls per chunk and the video area."""
+        default = self.pipe.sampling()
+        h, w = state.size
+        dh, dw = self.pipe.sizes[0]
+        calls = sum(state.sampling.steps) * (1 if state.sampling.guidance is None else 2)
+        base_calls = sum(default.steps) * (1 if default.guidance is None else 2)
+        return (calls / base_calls) * (h * w) / (dh * dw)
+
+    @staticmethod
+    def _first_factor(state: StreamState | None) -> float:
+        """amplify_first_chunk runs each stage's steps twice on chunk 0."""
+        return 2.0 if state is not None and state.sampling.amplify_first_chunk and state.next_index == 0 else 1.0
+
+    def chunk_cost(self, s) -> float:
+        """Seconds the stream's next chunk takes on these runners (measured for its shape when known)."""
+        if self._adapt and s.state is not None and batch_key(s.state) in self._cost:
+            return self._cost[batch_key(s.state)]
+        return s.weight * self._first_factor(s.state) * (self.chunk_seconds or 0.0)
+
+    def _observe(self, key: tuple, weights: float, made: int, seconds: float) -> None:
+        """Under the lock, after a chunk job of ``made`` streams (``weights``: their chunks in default chunks)."""
+        if not made or not self._adapt:
+            return
+        per = seconds / made
+        self._cost[key] = per if key not in self._cost else (1 - EWMA) * self._cost[key] + EWMA * per
+        if weights:
+            self.chunk_seconds = (1 - EWMA) * self.chunk_seconds + EWMA * seconds / weights
+
+    # -- admission -------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Real-time streams at the default settings these runners hold."""
+        whole = int(self.period / self.chunk_seconds) if self.chunk_seconds else 0
+        return whole if self.max_streams is None else min(whole, self.max_streams)
+
+    def load(self) -> float:
+        """The admitted streams' share of the runners (their next chunks' costs per chunk period)."""
+        return sum(self.chunk_cost(s) for s in self._streams.values() if s.status == "running") / self.period
+
+    def _share(self, stream) -> float:
+        return self.chunk_cost(stream) / self.period
+
+    def _fits(self, stream) -> bool:
+        running = [s for s in self._streams.values() if s.status == "running"]
+        if self.max_streams is not None and len(running) >= self.max_streams:
+            return False
+        return not running or self.load() + self._share(stream) <= 1.0 + 1e-9  # one stream always fits
+
+    def _admit(self, stream) -> bool:
+        """Under the lock: admit a new stream now (running) or queue it (``queue``); False: refused."""
+        if self._fits(stream) and not any(s.status == "queued" for s in self._streams.values()):
+            stream.start(time.perf_counter(), self.period)
+            return True
+        return self.queue  # stays queued; admitted in order as streams end
+
+    def _refused(self) -> None:
+        self.totals["refused"] += 1
+        self._refusals.append(time.monotonic())
+
+    def refused_recent(self, window: float = REFUSAL_WINDOW) -> int:
+        """Refusals in the last ``window`` seconds (a refused viewer stays demand for a while)."""
+        since = time.monotonic() - window
+        return sum(1 for t in self._refusals if t >= since)
+
+    def _load_text(self, stream) -> str:
+        running = sum(1 for s in self._streams.values() if s.status == "running")
+        return (f"{running} streams at load {self.load():.2f} of 1.00; this one would add {self._share(stream):.2f} "
+                f"(chunk {self.chunk_seconds:.3f} s per {self.period:.3f} s of video at {self.fps:g} fps)")
+
+    # -- counters --------------------------------------------------------------------------------
+    def _count(self, s) -> None:
+        t, totals = s.timing, self.totals
+        totals["chunks"] += 1
+        totals["misses"] += t.lateness[-1] > 0
+        totals["late_seconds"] += max(0.0, t.lateness[-1])
+        totals["chunk_seconds_sum"] += t.chunk_seconds[-1]
+        if len(t.lateness) == 1:
+            totals["first_chunks"] += 1
+            totals["first_chunk_latency_sum"] += t.first_chunk_latency
+
+    def metrics(self) -> dict:
+        """active_streams, queued_streams (waiting for admission), queued_chunks (made, unread), capacity, load,
+        chunk_seconds, fps, draining, refused_recent (last 60 s) and the totals (streams, refused, shed, moved,
+        chunks, misses, ...)."""
+        with self._lock:
+            streams = list(self._streams.values())
+            return {"active_streams": sum(s.status == "running" for s in streams),
+                    "queued_streams": sum(s.status == "queued" for s in streams),
+                    "queued_chunks": sum(s.queued_chunks for s in streams),
+                    "capacity": self.capacity, "load": self.load(), "chunk_seconds": self.chunk_seconds,
+                    "fps": self.fps, "draining": self.draining, "refused_recent": self.refused_recent(),
+                    **self.totals}
