@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.pg_fixture import pg_url, postgres_server  # noqa: F401 - the session's PostgreSQL (fixtures)
+from tests.trained_fixture import trained_artifacts, trained_ckpt  # noqa: F401 - the trained tiny checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -137,6 +138,19 @@ def quantized(artifacts, tmp_path_factory) -> Path:
     prompts = root.parent / "prompts.txt"
     prompts.write_text("\n".join(FP8_PROMPTS) + "\n\n")
     quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=2, seed=0, log=lambda m: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def quantized_attention(artifacts, tmp_path_factory) -> Path:
+    """The same, with FP8 attention too (``quantize --fp8-attention``; issue 30)."""
+    import shutil
+
+    from helios_deploy.export.transforms.quantize import quantize_artifacts
+
+    root = Path(shutil.copytree(artifacts, tmp_path_factory.mktemp("fp8att") / "arts"))
+    quantize_artifacts(root, ["transformer"], prompts=FP8_PROMPTS, keep=FP8_KEEP, chunks=2, seed=0, log=lambda m: None,
+                       attention=True)
     return root
 
 

@@ -140,7 +140,7 @@ def test_14b_roofline_h100_sxm(helios_14b):
     # the distilled 14B transformer is compute-bound at every stage on H100
     assert all(r["bf16"]["calls"][f"transformer/stage{s}"]["bound"] == "compute" for s in range(3))
     # fp8 halves the transformer's linear weights: 14.31B params -> about 28.6 GB bf16, 14.5 GB fp8
-    w16, w8 = (helios_14b.call("transformer/stage0").weight_bytes[p] / 1e9 for p in PRECISIONS)
+    w16, w8 = (helios_14b.call("transformer/stage0").weight_bytes[p] / 1e9 for p in ("bf16", "fp8"))
     assert w16 == pytest.approx(28.6, rel=0.01) and 14.0 < w8 < 15.0
     assert r["fp8"]["memory"]["weights_gb"] < r["bf16"]["memory"]["weights_gb"]
     seconds = helios_14b.predicted_seconds("H100 SXM", "fp8")
@@ -166,6 +166,7 @@ def test_cli_on_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
                               "--json", out_json, "--plot", out_png], capsys)
     assert code == 0, err
     assert "H100 SXM" in out and "transformer stage2" in out and "real time" in out
+    assert all(f"H100 SXM   {p} " in out for p in ("bf16", "fp8", "fp8+attn", "fp8+attn+vae"))  # three FP8 variants
     d = json.loads(out_json.read_text())
     assert {"source", "calls", "params", "check", "roofline", "gpus", "per_chunk", "per_prompt", "steps"} <= set(d)
     assert [c["key"] for c in d["calls"]] == list(CALL_KEYS)
@@ -232,3 +233,26 @@ def test_missing_config_file(tiny_ckpt, tmp_path, capsys):
         shutil.copy(tiny_ckpt / folder / "config.json", ckpt / folder / "config.json")
     code, _, err = run_cli(["cost", ckpt, "--height", 64, "--width", 128], capsys)
     assert code == 1 and "vae/config.json" in err and "Traceback" not in err
+
+
+def test_14b_fp8_attention_and_vae_variants(helios_14b):
+    """Issue 30: FP8 attention runs both attention matmuls at the FP8 peak, FP8 VAE the decoder's convolutions;
+    each variant is faster than the one before on every GPU, by exactly the work it moves to FP8."""
+    for gpu in GPU_NAMES:
+        r = helios_14b.roofline[gpu]
+        fps = [r[p]["fps"] for p in ("bf16", "fp8", "fp8+attn", "fp8+attn+vae")]
+        assert fps == sorted(fps) and fps[1] < fps[2] < fps[3], (gpu, fps)
+    h100 = next(g for g in helios_14b.gpus if g["name"] == "H100 SXM")
+    stage2 = helios_14b.call("transformer/stage2")
+    attn = stage2.flops["attention_self"] + stage2.flops["attention_cross"]
+    rest = stage2.total_flops - stage2.flops["linear"] - attn
+    expected = (stage2.flops["linear"] + attn) / (h100["fp8_tflops"] * 1e12) + rest / (h100["bf16_tflops"] * 1e12)
+    got = helios_14b.roofline["H100 SXM"]["fp8+attn"]["calls"]["transformer/stage2"]
+    assert got["bound"] == "compute" and got["compute_s"] == pytest.approx(expected, rel=1e-9)
+    vae = {p: helios_14b.roofline["H100 SXM"][p]["calls"]["vae_decoder/chunk"] for p in ("fp8+attn", "fp8+attn+vae")}
+    assert vae["fp8+attn+vae"]["seconds"] < vae["fp8+attn"]["seconds"]
+    # the README's line: whole real-time streams per H100 SXM, linears only -> + attention -> + VAE
+    r = helios_14b.roofline["H100 SXM"]
+    # (fp8+attn: 96.0 FPS is 3.999 streams, just short of a fourth whole one)
+    assert [r[p]["realtime_streams_whole"] for p in ("fp8", "fp8+attn", "fp8+attn+vae")] == [3, 3, 4]
+    assert r["fp8+attn"]["fps"] == pytest.approx(96, rel=0.03) and r["fp8+attn+vae"]["fps"] == pytest.approx(107, rel=0.03)

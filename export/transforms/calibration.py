@@ -62,8 +62,10 @@ def calibration_hash(prompts: Sequence[str], settings: dict) -> str:
     return sha256_bytes(json.dumps({"prompts": list(prompts), "settings": settings}, sort_keys=True).encode())
 
 
-def calibration_graph(src: Path, activations: Sequence[str], work: Path) -> tuple[Path, dict[str, str]]:
-    """``src`` plus two outputs per activation to calibrate: ReduceMax(Abs(x)) and Size(x) (scalars), written
+def calibration_graph(src: Path, activations: Sequence[str], work: Path,
+                      shapes: Sequence[str] = ()) -> tuple[Path, dict[str, str]]:
+    """``src`` plus two outputs per activation to calibrate: ReduceMax(Abs(x)) and Size(x) (scalars), and
+    Shape(x) for those in ``shapes`` (an attention's V: its last dimension is the head size), written
     weightless into ``work`` beside a link to ``src``'s external data, so the calibration session reads the
     exported weights where they are (nothing is copied). Returns the graph and output name -> activation."""
     graph = Graph.load(src)
@@ -79,6 +81,11 @@ def calibration_graph(src: Path, activations: Sequence[str], work: Path) -> tupl
         g.output.extend([helper.make_tensor_value_info(amax, TensorProto.FLOAT, []),
                          helper.make_tensor_value_info(size, TensorProto.INT64, [])])
         outputs[amax] = outputs[size] = x
+        if x in shapes:
+            shape = f"calibration/shape_{i}"
+            g.node.append(helper.make_node("Shape", [x], [shape], name=shape))
+            g.output.append(helper.make_tensor_value_info(shape, TensorProto.INT64, [None]))
+            outputs[shape] = x
     link_data(src, work)
     path = work / src.name
     graph.save_referencing(path)
@@ -95,6 +102,7 @@ class RangeRunner(OnnxRuntimeRunner):
         self.outputs, self.rows_of = dict(outputs), dict(rows_of)
         self.amax = {x: 0.0 for x in self.outputs.values()}
         self.min_rows = {x: None for x in self.outputs.values()}
+        self.last_dim: dict[str, int] = {}  # activations with a Shape output: their last dimension
         self.shapes: Counter = Counter()
 
     def _activate_impl(self) -> None:
@@ -109,6 +117,8 @@ class RangeRunner(OnnxRuntimeRunner):
             x = self.outputs[name]
             if name.startswith("calibration/amax_"):
                 self.amax[x] = float(np.fmax(self.amax[x], value))
+            elif name.startswith("calibration/shape_"):
+                self.last_dim[x] = int(value[-1])
             else:
                 rows = int(value) // self.rows_of[x]
                 self.min_rows[x] = rows if self.min_rows[x] is None else min(self.min_rows[x], rows)

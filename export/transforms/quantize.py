@@ -36,6 +36,7 @@ from ...measure.memory import measure_peak, release_memory
 from ...model.variants import Variant
 from ...model.sizes import video_sizes
 from ..graphio import Graph
+from .attention import SOFTMAX_SCALE, Attention, attention_problems, find_attention, head_size_ok, insert_attention_qdq
 from .calibration import RangeRunner, calibration_graph, calibration_hash, read_prompts, run_calibration
 from .lowering import write_lowered
 from .prepare import LINEAR_OPS, block_count, linear_nodes, precision_map, prepare, weight_bytes
@@ -94,12 +95,14 @@ class Plan:
     excluded: list[str]
     patterns: list[str]
     warnings: list[str] = field(default_factory=list)
+    attention: list[Attention] = field(default_factory=list)  # --fp8-attention: candidates (not kept)
 
     def activation(self, node_name: str) -> str:
         return next(n.input[0] for n in self.graph.proto.graph.node if n.name == node_name)
 
 
-def plan_component(arts: Artifacts, component: str, keep: Sequence[str] | None, log: Callable[[str], None]) -> Plan:
+def plan_component(arts: Artifacts, component: str, keep: Sequence[str] | None, log: Callable[[str], None],
+                   attention: bool = False) -> Plan:
     graph = prepare(Graph.load(arts.graph_path(component, "model")))
     linear = linear_nodes(graph.proto)
     layers = linear + [n.name for n in graph.proto.graph.node if n.op_type == "Conv"]
@@ -118,7 +121,13 @@ def plan_component(arts: Artifacts, component: str, keep: Sequence[str] | None, 
                         found=f"{len(linear)} linear layers, all matched by {patterns}",
                         fix=r"choose the layers with --keep-high-precision, e.g. --keep-high-precision '^patch_' "
                             r"--keep-high-precision '^condition_embedder\.' --keep-high-precision '^proj_out/'")
-    return Plan(component, graph, linear, layers, targets, excluded, patterns, warnings)
+    kept = set(matched)
+    mha = [a for a in find_attention(graph.proto, linear) if a.bmm1 not in kept] if attention else []
+    if attention and not mha:
+        raise UserError(f"--fp8-attention: no attention of {component} can be FP8",
+                        found="no MatMul -> Softmax -> MatMul outside the layers kept in high precision",
+                        fix="leave some blocks in FP8 (--keep-high-precision) or drop --fp8-attention")
+    return Plan(component, graph, linear, layers, targets, excluded, patterns, warnings, mha)
 
 
 def calibrate(arts: Artifacts, plans: Sequence[Plan], prompts: Sequence[str], chunks: int, seed: int,
@@ -134,9 +143,12 @@ def calibrate(arts: Artifacts, plans: Sequence[Plan], prompts: Sequence[str], ch
         for t in plan.targets:
             node = next(n for n in plan.graph.proto.graph.node if n.name == t)
             rows_of[node.input[0]] = int(inits[node.input[1]].dims[0])  # K of the weight [K, N]
+        for a in plan.attention:  # Q, K, V: a range each (rows are not used: the GEMV rule is for linears)
+            rows_of.update({x: 1 for x in a.calibrated})
         folder = work[plan.component] / "calibration"
         folder.mkdir()
-        path, outputs = calibration_graph(arts.graph_path(plan.component, "model"), sorted(rows_of), folder)
+        path, outputs = calibration_graph(arts.graph_path(plan.component, "model"), sorted(rows_of), folder,
+                                          shapes=[a.value for a in plan.attention])
         runners[plan.component] = RangeRunner(path, arts.spec(plan.component).graph("model"), plan.component,
                                               device, outputs, rows_of)
     run_calibration(pipe, runners, prompts, chunks, seed)
@@ -153,8 +165,14 @@ def quantize_component(plan: Plan, runner: RangeRunner, out: Path, log: Callable
         log(f"warning: {plan.warnings[-1]}")
     log(f"{plan.component}: {len(targets)} of {len(plan.linear)} linear layers to FP8 ...")
     fp32_bytes = weight_bytes(plan.graph.proto, plan.linear)
+    attention = _fp8_attention(plan, runner, set(targets), log)
     with measure_peak() as memory:
         insert_qdq(plan.graph, targets, runner.amax)
+        if attention:
+            attention["scales"] = insert_attention_qdq(plan.graph, plan.attention, runner.amax)
+            problems = attention_problems(plan.graph.proto, attention["nodes"])
+            if problems:
+                raise RuntimeError(f"{plan.component}: FP8 attention misplaced: {problems[:3]}")
         plan.graph.save(out / FP8_FILE)
     precision = precision_map(plan.graph.proto, plan.layers)
     if sum(v == "fp8" for v in precision.values()) != len(targets):
@@ -166,16 +184,42 @@ def quantize_component(plan: Plan, runner: RangeRunner, out: Path, log: Callable
     return {**file_record(out, FP8_FILE, FP8_FILE + ".data"), "keep_high_precision": plan.patterns,
             "excluded_nodes": sorted(plan.excluded + gemv), "layer_precision": precision, "warnings": plan.warnings,
             "weight_bytes": {"fp32_graph": fp32_bytes, "fp8_graph": weight_bytes(plan.graph.proto, plan.linear)},
-            "bf16": {**lowered, "memory": lowering_memory}, "memory": {"qdq": memory}}
+            "bf16": {**lowered, "memory": lowering_memory}, "memory": {"qdq": memory},
+            **({"attention": attention} if attention else {})}
 
 
-def _recipe() -> dict:
+def _fp8_attention(plan: Plan, runner: RangeRunner, targets: set[str], log: Callable[[str], None]) -> dict | None:
+    """Which of the planned attentions become FP8 (their out projection FP8, head size in Model Optimizer's
+    range); narrows ``plan.attention`` to them and returns the manifest record (None without --fp8-attention)."""
+    if not plan.attention:
+        return None
+    fp8, kept = [], []
+    for a in plan.attention:
+        head = runner.last_dim.get(a.value)
+        if a.out_proj not in targets:
+            kept.append({"bmm1": a.bmm1, "reason": f"its out projection {a.out_proj} is not FP8"})
+        elif not head_size_ok(head):
+            kept.append({"bmm1": a.bmm1, "reason": f"head size {head} outside (8, 256]"})
+        else:
+            fp8.append(a)
+    for k in kept:
+        plan.warnings.append(f"attention {k['bmm1']} stays in high precision: {k['reason']}")
+        log(f"warning: {plan.warnings[-1]}")
+    plan.attention = fp8
+    log(f"{plan.component}: {len(fp8)} of {len(fp8) + len(kept)} attentions to FP8 ...")
+    return {"nodes": [{"bmm1": a.bmm1, "softmax": a.softmax, "bmm2": a.bmm2, "head_size": runner.last_dim[a.value]}
+                      for a in fp8], "kept": kept, "softmax_scale": float(SOFTMAX_SCALE),
+            "placement": "Q->DQ on both inputs of BMM1 and BMM2 (softmax output at 1/448), TensorRT FP8 MHA fusion "
+                         "(Model Optimizer 0.47 fp8_exporter / match_fp8_mha_pattern)"} if fp8 else None
+
+
+def _recipe(attention: bool = False) -> dict:
     import modelopt
 
     return {"tool": "helios-deploy streamed Q/DQ (Model Optimizer's FP8 recipe)",
             "modelopt_version": modelopt.__version__, "quantize_mode": "fp8", "format": "float8e4m3fn",
             "calibration_method": CALIBRATION_METHOD, "high_precision_dtype": "fp32",
-            "quantized_ops": list(LINEAR_OPS), "attention_matmuls": "high precision"}
+            "quantized_ops": list(LINEAR_OPS), "attention_matmuls": "fp8" if attention else "high precision"}
 
 
 def _check_request(arts: Artifacts, components: list[str], chunks: int, device: str) -> None:
@@ -199,9 +243,10 @@ def _check_request(arts: Artifacts, components: list[str], chunks: int, device: 
 def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),
                        prompts_file: str | Path | None = None, keep: Sequence[str] | None = None,
                        chunks: int = 2, seed: int = 0, prompts: Sequence[str] | None = None, device: str = "cpu",
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print, attention: bool = False) -> dict:
     """Calibrate on the real sampler loop, quantize each component and record it in the manifest. Nothing in
-    ARTIFACTS changes unless every component succeeds."""
+    ARTIFACTS changes unless every component succeeds. ``attention``: FP8 attention matmuls in the transformer
+    too (export/transforms/attention.py)."""
     t0 = time.perf_counter()
     arts = Artifacts.open(artifacts)
     components = list(components)
@@ -213,10 +258,13 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
                 "method": CALIBRATION_METHOD,
                 "video": arts.manifest["video"], "text_length": arts.manifest["text_length"],
                 "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
+    if attention:
+        settings["fp8_attention"] = True  # its calibration records Q, K and V too
     manifest = json.loads(json.dumps(arts.manifest))
     with contextlib.ExitStack() as stack:
         work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components}
-        plans = [plan_component(arts, c, keep if c == "transformer" else None, log) for c in components]
+        plans = [plan_component(arts, c, keep if c == "transformer" else None, log,
+                                attention=attention and c == "transformer") for c in components]
         sizes = len(video_sizes(arts.manifest))  # every prompt at every exported size
         log(f"calibrating: {len(prompts)} prompts x {chunks} chunks x {sizes} size(s) through the fp32 pipeline "
             f"on {device} ...")
@@ -231,7 +279,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
             out.mkdir()
             entry = quantize_component(plan, runners[plan.component], out, log)
             runner = runners[plan.component]
-            entry.update(recipe=_recipe(), calibration={
+            entry.update(recipe=_recipe(attention="attention" in entry), calibration={
                 "sha256": calibration_hash(prompts, {**settings, "device": device}), "prompts": len(prompts),
                 "calls": sum(runner.shapes.values()), "shapes": dict(runner.shapes), "device": device, **settings})
             entry["memory"]["calibration"] = calibration_memory

@@ -21,8 +21,12 @@ import click
               help="fp8: where calibration runs the fp32 sampler loop (ONNX Runtime's CPU provider, or CUDA on a GPU "
                    "host with onnxruntime-gpu). It holds one copy of the fp32 weights of the text encoder, transformer "
                    "and VAE decoder graphs (docs/scale.md gives the memory per model size).")
+@click.option("--fp8-attention", "fp8_attention", is_flag=True,
+              help="fp8: also Q/DQ on both attention matmuls (Q.K^T and softmax.V) in the placement TensorRT's fused "
+                   "FP8 attention needs, calibrated like the linear layers (opt-in: see docs/quantize-and-build.md).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed):
+def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed,
+            fp8_attention):
     """Quantize exported graphs to FP8 (E4M3 Q/DQ on the linear layers, FP8 weights), calibrated on the real
     sampler loop (all three pyramid stages, chunks with history). Writes ARTIFACTS/<component>/model.fp8.onnx
     (+ .data) and records the recipe, calibration hash and per-layer precision in the manifest.
@@ -31,6 +35,7 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
     Examples:
       helios-deploy quantize engines/helios --precision fp8
       helios-deploy quantize engines/helios --precision fp8 --device cuda   # calibrate on the GPU
+      helios-deploy quantize engines/helios --precision fp8 --fp8-attention  # + FP8 attention
       helios-deploy quantize ARTIFACTS --calibration-prompts prompts.txt --components transformer,text_encoder
       helios-deploy quantize ARTIFACTS --keep-high-precision '^patch_' --keep-high-precision '^proj_out/'
       helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
@@ -39,6 +44,10 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
 
     patterns = None if not keep else [] if list(keep) == ["none"] else list(keep)
     if precision == "bf16":
+        if fp8_attention:
+            from ..errors import UserError
+
+            raise UserError("--fp8-attention is an option of --precision fp8", fix="pass --precision fp8")
         from ..export.transforms.lowering import lower_artifacts
         from .options import parse_components
 
@@ -53,11 +62,14 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
     names = [c.strip() for c in (components or "transformer").split(",") if c.strip()]
     result = quantize_artifacts(artifacts, names, prompts_file=calibration_prompts, keep=patterns,
                                 chunks=calibration_chunks, seed=seed, device=device,
-                                log=lambda m: click.echo(m, err=True))
+                                log=lambda m: click.echo(m, err=True), attention=fp8_attention)
     for name, e in result["components"].items():
         counts = {p: sum(1 for v in e["layer_precision"].values() if v == p) for p in ("fp8", "fp32")}
         w = e["weight_bytes"]
         click.echo(f"{name}: {counts['fp8']} fp8 / {counts['fp32']} fp32 layers (linear + conv); quantized weights "
                    f"{w['fp32_graph']['fp32'] - w['fp8_graph']['fp32']} B fp32 -> {w['fp8_graph']['fp8']} B fp8; "
                    f"{e['file']} + {e['data']} ({e['data_bytes']} B)")
+        if e.get("attention"):
+            click.echo(f"{name}: {len(e['attention']['nodes'])} attentions in FP8 (Q.K^T and softmax.V), "
+                       f"{len(e['attention']['kept'])} kept in high precision")
     click.echo(f"quantized in {result['seconds']:.1f}s")

@@ -17,7 +17,7 @@ from .calls import Call, chunk_frames, prompt_calls
 from .configs import ModelConfigs, Workload, check_workload, load_configs
 from .flops import (BF16, text_encoder_count, text_encoder_params, transformer_count, transformer_params,
                     transformer_tokens)
-from .roofline import GPUS, PRECISIONS, Gpu, call_time, realtime_chunk_seconds, throughput
+from .roofline import FAST_KINDS, GPUS, PRECISIONS, Gpu, call_time, realtime_chunk_seconds, throughput
 from .vae_flops import vae_decode_count, vae_params
 
 _COUNTERS = {"transformer": transformer_count, "text_encoder": text_encoder_count, "vae_decoder": vae_decode_count}
@@ -48,10 +48,15 @@ class CallCost:
         return sum(self.flops.values())
 
     def bytes_moved(self, precision: str) -> float:
-        return self.weight_bytes[precision] + self.activation_bytes + self.io_bytes
+        """Weights at the variant's precision (fp8 variants: the transformer's linear weights in 1 byte; with
+        +vae the decoder's conv weights too) + activation traffic (bf16 in every variant) + call I/O."""
+        fp8_weights = self.component in FAST_KINDS[precision] and "fp8" in self.weight_bytes
+        weights = self.weight_bytes["fp8" if fp8_weights else "bf16"]
+        return weights + self.activation_bytes + self.io_bytes
 
     def time(self, gpu: Gpu, precision: str) -> dict:
-        fast = self.flops.get("linear", 0.0) if self.component == "transformer" else 0.0
+        kinds = FAST_KINDS[precision].get(self.component, ())
+        fast = sum(n for kind, n in self.flops.items() if kind in kinds)
         return call_time(gpu, fast, self.total_flops - fast, self.bytes_moved(precision), precision)
 
 
@@ -120,8 +125,8 @@ def _weight_bytes(configs: ModelConfigs, call: Call) -> dict:
         rows = math.prod(call.inputs["input_ids"][0])  # a call reads only its tokens' embedding rows
         n = BF16 * (p["linear_weights"] + p["other"] + rows * int(configs.text_encoder["d_model"]))
         return {"bf16": n, "fp8": n}
-    n = BF16 * vae_params(configs.vae)["decoder"]
-    return {"bf16": n, "fp8": n}
+    n = vae_params(configs.vae)["decoder"]  # almost all conv weights: 1 byte each with FP8 convolutions
+    return {"bf16": BF16 * n, "fp8": 1 * n}
 
 
 def _cost(configs: ModelConfigs, call: Call) -> CallCost:
@@ -164,11 +169,13 @@ def _check(calls: list[CallCost], params: dict, meta_params: dict) -> dict:
 
 
 def _resident_weight_bytes(configs: ModelConfigs, precision: str) -> float:
-    """All weights held on the GPU: the transformer at ``precision``, text encoder and VAE in bf16."""
+    """All weights held on the GPU: the transformer's linears at ``precision``, the VAE decoder in FP8 with
+    +vae, the rest in bf16."""
     t = transformer_params(configs.transformer)
-    linear = t["linear_weights"] * (1 if precision == "fp8" else BF16)
+    linear = t["linear_weights"] * (1 if precision.startswith("fp8") else BF16)
     p = analytic_params(configs)
-    return linear + BF16 * (t["other"] + p["text_encoder"] + p["vae"])
+    vae = p["vae"] - (p["vae_decoder"] / 2 if "vae_decoder" in FAST_KINDS[precision] else 0)
+    return linear + BF16 * (t["other"] + p["text_encoder"] + vae)
 
 
 def _roofline(est: CostEstimate, configs: ModelConfigs, gpu: Gpu, precision: str) -> dict:

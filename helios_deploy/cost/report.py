@@ -71,14 +71,14 @@ def _params_lines(est: CostEstimate) -> list[str]:
 def _roofline_table(est: CostEstimate) -> list[str]:
     stages = [c.key for c in est.calls if c.per_chunk]
     head = " ".join(f"{_label(k).replace('transformer ', ''):>10}" for k in stages)
-    lines = [f"{'GPU':<10} {'prec':<5} {head} {'chunk s':>8} {'FPS':>7} {'streams':>8} "
+    lines = [f"{'GPU':<10} {'prec':<12} {head} {'chunk s':>8} {'FPS':>7} {'streams':>8} "
              f"{'weights GB':>10} {'act GB':>7} {'fits':>5}"]
     for gpu in est.gpus:
         for p in PRECISIONS:
             r = est.roofline[gpu["name"]][p]
             parts = " ".join(f"{r['chunk_parts_s'][k]:10.3f}" for k in stages)
             mem = r["memory"]
-            lines.append(f"{gpu['name']:<10} {p:<5} {parts} {r['chunk_s']:8.3f} {r['fps']:7.1f} "
+            lines.append(f"{gpu['name']:<10} {p:<12} {parts} {r['chunk_s']:8.3f} {r['fps']:7.1f} "
                          f"{r['realtime_streams']:8.2f} {mem['weights_gb']:10.1f} {mem['activations_gb']:7.2f} "
                          f"{'yes' if mem['fits'] else 'NO':>5}")
     return lines
@@ -99,7 +99,8 @@ def format_report(est: CostEstimate) -> str:
               "writes its output once in bf16, attention fused; peak live = activation memory estimate)"]
     lines += _bytes_table(est)
     lines += ["", "Roofline seconds per chunk at peak (max of compute and memory time per call; fp8 = transformer",
-              "linear layers in fp8, attention and VAE bf16); streams = FPS / 24; memory = all weights + peak live"]
+              "linear layers in fp8, attention and VAE bf16; fp8+attn = also both attention matmuls at the FP8 peak;",
+              "fp8+attn+vae = also the VAE decoder's convolutions); streams = FPS / 24; memory = all weights + peak live"]
     lines += _roofline_table(est)
     prompt = ", ".join(f"{g['name']} {est.roofline[g['name']]['bf16']['prompt_s'] * 1e3:.1f} ms" for g in est.gpus)
     lines.append(f"real time: {est.chunk_frames} frames / 24 fps = {est.realtime_chunk_s:.3f} s per chunk; "
@@ -114,12 +115,12 @@ def format_sizes(ests: list[CostEstimate]) -> str:
     lines = [format_report(e) + "\n" for e in ests]
     lines.append(f"Per video size (roofline at peak; chunk s and FPS; real time = {ests[0].realtime_chunk_s:.3f} s "
                  "per chunk)")
-    lines.append(f"{'size':<10} {'GPU':<10} " + " ".join(f"{p + ' chunk s':>13} {p + ' FPS':>9}" for p in PRECISIONS))
+    lines.append(f"{'size':<10} {'GPU':<10} " + " ".join(f"{p + ' chunk s':>20} {p + ' FPS':>16}" for p in PRECISIONS))
     for e in ests:
         for gpu in e.gpus:
             r = e.roofline[gpu["name"]]
             lines.append(f"{f'{e.height}x{e.width}':<10} {gpu['name']:<10} "
-                         + " ".join(f"{r[p]['chunk_s']:13.3f} {r[p]['fps']:9.1f}" for p in PRECISIONS))
+                         + " ".join(f"{r[p]['chunk_s']:20.3f} {r[p]['fps']:16.1f}" for p in PRECISIONS))
     return "\n".join(lines)
 
 
@@ -142,7 +143,8 @@ def write_json(est: CostEstimate | list[CostEstimate], path: str | Path) -> Path
 
 
 def write_plot(est: CostEstimate, path: str | Path) -> Path:
-    """Stacked bars of seconds per chunk by component, two bars (bf16, fp8) per GPU, and the real-time line."""
+    """Stacked bars of seconds per chunk by component, one bar per precision variant and GPU, and the real-time
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,23 +155,23 @@ def write_plot(est: CostEstimate, path: str | Path) -> Path:
     names = [g["name"] for g in est.gpus]
     colors = plt.get_cmap("tab10").colors
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    width = 0.38
+    width = 0.8 / len(PRECISIONS)
     for j, p in enumerate(PRECISIONS):
-        xs = [i + (j - 0.5) * width for i in range(len(names))]
+        xs = [i + (j - (len(PRECISIONS) - 1) / 2) * width for i in range(len(names))]
         bottom = [0.0] * len(names)
         for k, key in enumerate(keys):
             vals = [est.roofline[n][p]["chunk_parts_s"][key] for n in names]
             ax.bar(xs, vals, width, bottom=bottom, color=colors[k], edgecolor="white",
-                   hatch="//" if p == "fp8" else None, label=_label(key) if j == 0 else None)
+                   hatch=None if p == "bf16" else "/" * j, label=_label(key) if j == 0 else None)
             bottom = [b + v for b, v in zip(bottom, vals)]
         for x, n, top in zip(xs, names, bottom):
-            ax.text(x, top, f"{p}\n{est.roofline[n][p]['fps']:.0f} FPS", ha="center", va="bottom", fontsize=7)
+            ax.text(x, top, f"{p}\n{est.roofline[n][p]['fps']:.0f} FPS", ha="center", va="bottom", fontsize=5)
     ax.axhline(est.realtime_chunk_s, color="red", linestyle="--",
                label=f"real time: {est.chunk_frames} frames at 24 fps = {est.realtime_chunk_s:.3f} s")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("seconds per 33-frame chunk (roofline, peak)")
     ax.set_title(f"Helios {est.source} at {est.height}x{est.width}, steps {','.join(map(str, est.steps))}: "
-                 "time per chunk by component (left bf16, right fp8 linears)", fontsize=10)
+                 f"time per chunk by component ({', '.join(PRECISIONS)}, left to right)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_ylim(0, max(est.realtime_chunk_s, max(est.roofline[n]["bf16"]["chunk_s"] for n in names)) * 1.35)
     fig.tight_layout()

@@ -1,8 +1,8 @@
 """Roofline time of each call on a few GPUs: max(compute time, memory time) per call, summed per chunk.
 
 Compute time uses the dense tensor-core peaks (datasheets print them "with sparsity", twice the dense
-figure; we halve those). Only the transformer's linear layers change precision in the fp8 variant;
-attention, the text encoder and the VAE stay bf16. Memory time is the call's bytes moved (weights read
+figure; we halve those). The fp8 variant runs the transformer's linear layers at the FP8 peak; fp8+attn also
+its attention matmuls; fp8+attn+vae also the VAE decoder's convolutions (FAST_KINDS); the rest stays bf16. Memory time is the call's bytes moved (weights read
 once per call at their precision + activation traffic + the call's inputs/outputs) over the peak
 bandwidth. Real kernels reach perhaps 60-80% of these peaks, so these are lower bounds on time.
 """
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRECISIONS = ("bf16", "fp8")
+# Which FLOP kinds run on the FP8 tensor cores, per component, in each engine variant: linears only (`quantize
+# --precision fp8`), + attention (`--fp8-attention`: both attention matmuls, self and cross, in TensorRT's fused
+# FP8 attention at the FP8 peak), + VAE (the decoder's convolutions in FP8). Everything else runs at bf16.
+_ATTENTION = ("linear", "attention_self", "attention_cross")
+FAST_KINDS = {"bf16": {}, "fp8": {"transformer": ("linear",)}, "fp8+attn": {"transformer": _ATTENTION},
+              "fp8+attn+vae": {"transformer": _ATTENTION, "vae_decoder": ("conv",)}}
+PRECISIONS = tuple(FAST_KINDS)
 REALTIME_FPS = 24.0
 
 
@@ -52,8 +58,9 @@ def gpu_by_name(name: str) -> Gpu:
 
 
 def call_time(gpu: Gpu, flops_fast: float, flops_bf16: float, bytes_moved: float, precision: str) -> dict:
-    """Roofline of one call: ``flops_fast`` run at ``precision``, ``flops_bf16`` always at bf16."""
-    fast = gpu.fp8_tflops if precision == "fp8" else gpu.bf16_tflops
+    """Roofline of one call: ``flops_fast`` run at ``precision`` (any fp8 variant: the FP8 peak), ``flops_bf16``
+    always at bf16."""
+    fast = gpu.fp8_tflops if precision.startswith("fp8") else gpu.bf16_tflops
     compute = flops_fast / (fast * 1e12) + flops_bf16 / (gpu.bf16_tflops * 1e12)
     memory = bytes_moved / (gpu.bandwidth_tbs * 1e12)
     return {"compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
