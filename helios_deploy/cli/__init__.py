@@ -37,6 +37,7 @@ COMMANDS = {
     "long-stream": "long_stream",
     "api": "api",
     "doctor": "doctor",
+    "adherence": "adherence",
 }
 
 
