@@ -83,6 +83,21 @@ def test_fp8_psnr_holds_over_12_chunks(quantized, long_cases, long_reference):
     assert r["max_abs_err"] > 1e-3  # really the FP8 graph
 
 
+def test_fp8_attention_psnr_holds_over_12_chunks(quantized_attention, long_cases, long_reference):
+    """Issue 30: FP8 attention's drift audit, on the same targets as the FP8 linears (>= 30 dB every chunk, the
+    last chunk within DRIFT_DB of the first)."""
+    from helios_deploy.export.parity.pipeline import DRIFT_DB, PSNR_THRESHOLD, compare_psnr, runtime_video
+    from helios_deploy.runtime import Pipeline
+
+    case = long_cases["t2v_111"]
+    fp8 = Pipeline.from_artifacts(quantized_attention, precision="fp8")
+    r = compare_psnr(case, long_reference[case.name], runtime_video(fp8, case))
+    print(f"fp8 attention PSNR per chunk (dB): {', '.join(f'{v:.2f}' for v in r['psnr_db'])}; slope "
+          f"{r['slope_db_per_chunk']:+.3f} dB/chunk; chunk 12 - chunk 1 {r['drift_db']:+.2f} dB")
+    assert len(r["psnr_db"]) == LONG and min(r["psnr_db"]) >= PSNR_THRESHOLD, r
+    assert r["psnr_db"][-1] >= r["psnr_db"][0] - DRIFT_DB and r["passed"], r
+
+
 def test_parity_cli_reports_each_chunk(tiny_ckpt, artifacts, monkeypatch, capsys):
     import helios_deploy.export.parity.pipeline as P
 
