@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime.live import StreamError
-from .cluster import Node, NodeUnavailable, Reply, text_array
+from .node_client import Node, NodeUnavailable, Reply, text_array
 
 CHUNK_FRAMES = 33
 STOP_TIMEOUT = 5.0
@@ -147,6 +147,9 @@ class TritonStream:
             self._t0 = self._t0 or now
             self._last = now
         node.forget_capacity()  # its free room changed
+        if self.status == "stopped":  # stopped while it was moving: not on the new node either
+            self._stop_on(node)
+            return node.forget(attempt.request_id)
         for at, prompt in sorted(self._prompts.items()):
             if at >= self.chunks_done:  # a change after the last snapshot: the resumed stream does not know it
                 self._control("set_prompt", prompt)
@@ -163,6 +166,7 @@ class TritonStream:
             if index is not None and int(index.reshape(-1)[0]) >= 0:
                 self._deliver(attempt, int(index.reshape(-1)[0]), reply)
             elif note.get("moved"):
+                attempt.node.drained()
                 self._keep_state(reply)
                 self._lose(attempt, "the node drained the stream (moved)")
             elif "error" in note:
@@ -319,6 +323,7 @@ class TritonStream:
                 "first_chunk_latency_s": self.first_chunk_latency, "lateness_s": list(self.lateness),
                 "misses": sum(1 for x in self.lateness if x > 0), "nodes": list(self.nodes),
                 "failovers": self.failovers, "max_gap_s": max(self.gaps, default=None),
+                "state_bytes": None if self._state is None else len(self._state),
                 "error": None if self.error is None else str(self.error)}
 
 

@@ -121,8 +121,12 @@ def run_streams(artifacts, concurrent: int, chunks: int, via: str = "api", seed:
 
     if concurrent < 1 or chunks < 1:
         raise UserError("--concurrent and --chunks must be >= 1", found=f"{concurrent}, {chunks}")
+    if via == "cluster":  # nodes and API replicas in their own processes: measure/cluster_streams.py
+        from .cluster_streams import run_cluster
+
+        return run_cluster(artifacts, concurrent, chunks, seed=seed, compare=compare, **settings)
     if via not in ("api", "triton"):
-        raise UserError(f"unknown --via {via!r}", expected="api or triton")
+        raise UserError(f"unknown --via {via!r}", expected="api, triton or cluster")
     pipe = Pipeline.from_artifacts(artifacts)
     records = [StreamRecord(seed + i) for i in range(concurrent)]
     t = time.perf_counter()
