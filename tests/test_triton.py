@@ -37,9 +37,9 @@ def repo(sizes_artifacts, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("triton")
     report = write_repository(sizes_artifacts, base / "written", RepoOptions(backend="onnxruntime", max_frames=660,
                                                                            chunk_seconds=0.05))
-    assert report.models == ["helios", "helios_control"] and report.skipped == []  # plan models are opt-in
-    # explicit model control: both load at start and can be reloaded (a LoRA switch: refit + load)
-    assert (base / "written" / "load_models.txt").read_text() == "helios\nhelios_control\n"
+    assert report.models == ["helios"] and report.skipped == []  # plan models are opt-in
+    # explicit model control: helios loads at start and can be reloaded (a LoRA switch: refit + load)
+    assert (base / "written" / "load_models.txt").read_text() == "helios\n"
     (base / "moved").mkdir()
     return (base / "written").rename(base / "moved" / "repo")
 
@@ -196,11 +196,15 @@ def test_four_concurrent_clients_get_complete_correct_streams(server, pipe):
         assert_same_video(results[seed], local(pipe, num_frames=66, seed=seed))
 
 
-def test_client_leaving_mid_stream_does_not_wedge_the_model(server, client):
-    stream = client.stream(PROMPT, num_frames=660, seed=2)  # 20 chunks
-    assert next(stream).index == 0
-    stream.close()  # leave after the first chunk: the client cancels the request
-    good_request_completes(client)  # a wedged model would never answer this
+def test_client_leaving_mid_stream_does_not_wedge_the_model(server):
+    from helios_deploy.serving.client import HeliosClient
+
+    with HeliosClient(server.grpc_url, timeout=300) as gone:
+        stream = gone.stream(PROMPT, num_frames=660, seed=2)  # 20 chunks
+        assert next(stream).index == 0
+    # the client closed its connection after the first chunk: the node sees the request cancelled
+    with HeliosClient(server.grpc_url, timeout=300) as client:
+        good_request_completes(client)  # a wedged model would never answer this
     end = time.time() + 60  # the stream is dropped at its next denoising step, beside the other stream
     while "request cancelled by the client; stopped" not in server.log() and time.time() < end:
         time.sleep(0.2)
@@ -288,17 +292,18 @@ def test_client_cli_sends_base_settings(monkeypatch, tmp_path, capsys):
 
 
 def test_every_config_parses_and_the_server_loaded_the_declared_tensors(repo, client):
-    from helios_deploy.serving.configs import HELIOS_INPUTS, parse_config
+    from helios_deploy.serving.configs import CONTROL_INPUTS, HELIOS_INPUTS, HELIOS_OUTPUTS, parse_config
 
     configs = sorted(repo.rglob("config.pbtxt"))
-    assert [p.parent.name for p in configs] == ["helios", "helios_control"]
+    assert [p.parent.name for p in configs] == ["helios"]
     cfg = parse_config(configs[0].read_text())
     assert cfg.model_transaction_policy.decoupled and cfg.backend == "python"
     assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_CPU]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["artifacts"] == "artifacts" and (repo / "helios" / "artifacts" / "manifest.json").is_file()
     loaded = client._client.get_model_config("helios", as_json=True)["config"]
-    assert [i["name"] for i in loaded["input"]] == [t.name for t in HELIOS_INPUTS]
+    assert [i["name"] for i in loaded["input"]] == [t.name for t in HELIOS_INPUTS + CONTROL_INPUTS]
+    assert [o["name"] for o in loaded["output"]] == [t.name for t in HELIOS_OUTPUTS]  # stream_id: input and output
     # two sizes: height and width per request, so the image dims are open; the sizes are a parameter
     assert [int(d) for d in next(i for i in loaded["input"] if i["name"] == "image")["dims"]] == [-1, -1, 3]
     assert params["sizes"] == "64x128,128x64"
@@ -331,14 +336,21 @@ def test_triton_cli_bad_inputs_exit_1_and_write_nothing(artifacts, tmp_path, cap
 
 
 def test_triton_cli_reference_mode(artifacts, tmp_path, capsys):
-    code, out, _ = run_cli(["triton", artifacts, "-o", tmp_path / "repo", "--reference-artifacts", "--instances", 2],
+    code, out, _ = run_cli(["triton", artifacts, "-o", tmp_path / "repo", "--reference-artifacts", "--gpus", "0,1"],
                            capsys)
-    assert code == 0 and "models helios, helios_control " in out and "skipped" not in out  # no plans unless asked
+    assert code == 0 and "models helios " in out and "skipped" not in out  # no plans unless asked
     from helios_deploy.serving.configs import parse_config
 
     cfg = parse_config((tmp_path / "repo" / "helios" / "config.pbtxt").read_text())
     assert cfg.parameters["artifacts"].string_value == str(Path(artifacts).resolve())
-    assert cfg.instance_group[0].count == 2 and not (tmp_path / "repo" / "helios" / "artifacts").exists()
+    assert not (tmp_path / "repo" / "helios" / "artifacts").exists()
+    # one instance per node; the model runs one scheduler per GPU itself (KIND_MODEL, the gpus parameter)
+    group = cfg.instance_group[0]
+    assert len(cfg.instance_group) == 1 and group.count == 1 and group.kind == group.KIND_MODEL
+    assert cfg.parameters["gpus"].string_value == "0,1"
+    code, _, err = run_cli(["triton", artifacts, "-o", tmp_path / "r2", "--instances", 2], capsys)
+    assert code == 1 and "--instances 2 applies to the tensorrt_plan models only" in err and "--gpus" in err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_client_cli_writes_a_playable_mp4(server, tmp_path, capsys):
@@ -408,9 +420,8 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", gpus=(0, 1), reference=True,
                                                                    plan_models=True))
-    assert report.models == ["helios", "helios_control", "helios_transformer", "helios_text_encoder",
-                             "helios_vae_decoder"]
-    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\nhelios_control\n"  # plans on request only
+    assert report.models == ["helios", "helios_transformer", "helios_text_encoder", "helios_vae_decoder"]
+    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\n"  # plans on request only
     assert report.skipped == [f"helios_vae_encoder_{g}: no TensorRT engine in the manifest (run helios-deploy build)"
                               for g in ("first", "step")]
     cfg = {m: parse_config((tmp_path / "repo" / m / "config.pbtxt").read_text()) for m in report.models}
@@ -441,7 +452,9 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     assert (tmp_path / "repo" / "helios_transformer" / "1" / "model.plan").read_bytes() == b"fake engine transformer/model"
     helios = cfg["helios"]
     assert helios.parameters["backend"].string_value == "tensorrt"
-    assert list(helios.instance_group[0].gpus) == [0, 1] and helios.instance_group[0].kind == group.KIND_GPU
+    # one helios instance per node; it puts a scheduler on each GPU itself (serving/node.py)
+    assert helios.instance_group[0].count == 1 and helios.instance_group[0].kind == group.KIND_MODEL
+    assert helios.parameters["gpus"].string_value == "0,1"
 
 
 def _readme_command(repo: Path) -> str:
@@ -454,13 +467,13 @@ def test_tensorrt_repository_pins_the_engines_tensorrt_and_names_a_container_tha
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True))
-    assert report.models == ["helios", "helios_control"]
-    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\nhelios_control\n"  # no plan models
+    assert report.models == ["helios"]
+    assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\n"  # no plan models
     command = _readme_command(tmp_path / "repo")
     assert 'pip install torch "numpy<2" tensorrt==10.13.3.9 /opt/helios-deploy' in command
     assert "nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3" in command  # its Python has TensorRT 10.13.3.9
     assert "check-libnvinfer" not in command
-    assert "--model-control-mode explicit --load-model helios --load-model helios_control" in command
+    assert "--model-control-mode explicit --load-model helios" in command and "helios_control" not in command
     readme = (tmp_path / "repo" / "README.md").read_text()
     assert "25.11, 25.12, 26.01, 26.02 ship it" in readme
 
@@ -474,9 +487,8 @@ def test_plan_models_check_libnvinfer_and_start_with_explicit_model_control(arti
     command = _readme_command(tmp_path / "repo")
     assert "nvcr.io/nvidia/tritonserver:25.02-py3" in command  # the plain image: it has the tensorrt backend
     assert "check-libnvinfer 10.8.0.43 && tritonserver --model-repository /models --model-control-mode explicit " \
-           "--load-model helios --load-model helios_control" in command
-    assert startup_args(tmp_path / "repo") == ["--model-control-mode", "explicit", "--load-model", "helios",
-                                               "--load-model", "helios_control"]
+           "--load-model helios" in command
+    assert startup_args(tmp_path / "repo") == ["--model-control-mode", "explicit", "--load-model", "helios"]
     config = (tmp_path / "repo" / "helios_transformer" / "config.pbtxt").read_text()
     assert "execution_context_allocation_strategy" not in config  # 25.02's backend has no such parameter
     readme = (tmp_path / "repo" / "README.md").read_text()
@@ -539,7 +551,7 @@ def test_a_real_tritonserver_loads_only_helios_from_a_repository_with_plan_model
     write_repository(arts, repo, RepoOptions(backend="onnxruntime", reference=True, plan_models=True))
     with LocalServer(server_env, repo, tmp_path / "server.log") as srv:
         states = _model_states(srv)
-    assert states["helios"] == "READY" and states["helios_control"] == "READY"
+    assert states["helios"] == "READY" and "helios_control" not in states
     assert {m: states[m] for m in ("helios_transformer", "helios_text_encoder", "helios_vae_decoder")} == \
         {"helios_transformer": "", "helios_text_encoder": "", "helios_vae_decoder": ""}  # listed, never loaded
     (repo / "load_models.txt").unlink()

@@ -20,15 +20,18 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
 @click.option("--precision", type=click.Choice(["fp32", "fp8"]), default="fp32", show_default=True,
               help="fp8: the quantized transformer (run `quantize` first; with --backend tensorrt, engines "
                    "built --precision fp8).")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per GPU (or on CPU).")
-@click.option("--gpus", default=None, metavar="LIST", help="GPU indices, e.g. 0,1: one instance group per GPU "
-              "(KIND_GPU). Default: CPU for onnxruntime, GPU 0 for tensorrt.")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="With --plan-models: the plan models' instances per GPU. The helios model always runs ONE "
+                   "instance per node, with one live-stream scheduler per GPU (--gpus).")
+@click.option("--gpus", default=None, metavar="LIST", help="GPU indices, e.g. 0,1: the node's one helios instance "
+              "runs a scheduler per GPU (KIND_MODEL); a new stream goes to the GPU with the most room. Default: "
+              "CPU for onnxruntime, GPU 0 for tensorrt.")
 @click.option("--max-frames", type=int, default=660, show_default=True, help="Largest num_frames a request may ask for.")
 @click.option("--copy-artifacts/--reference-artifacts", "copy", default=True, show_default=True,
               help="Copy the artifacts into the repository (self-contained, relocatable; hard links where "
                    "possible) or record their absolute path.")
 @click.option("--max-streams", type=int, default=None,
-              help="Live streams per instance at most (default: as many as its measured chunk time allows).")
+              help="Live streams per GPU (scheduler) at most (default: as many as its measured chunk time allows).")
 @click.option("--chunk-seconds", type=float, default=None,
               help="A chunk's time for admission (default: measured on a warm-up chunk when the model loads).")
 @click.option("--fps", type=float, default=24.0, show_default=True, help="Playback rate the stream deadlines follow.")
@@ -50,7 +53,7 @@ def command(artifacts, out, backend, precision, instances, gpus, max_frames, cop
       helios-deploy triton engines/tiny-onnx -o model_repo                        # CPU, onnxruntime
       helios-deploy triton engines/helios -o model_repo --backend tensorrt --precision fp8 --gpus 0,1
       helios-deploy triton engines/helios -o model_repo --reference-artifacts     # no copy of the weights
-      helios-deploy triton engines/tiny-onnx -o model_repo --max-streams 4 --queue  # live streams per instance
+      helios-deploy triton engines/tiny-onnx -o model_repo --max-streams 4 --queue  # live streams per scheduler
       helios-deploy triton engines/helios -o model_repo --backend tensorrt --plan-models --triton-release 26.02
     """
     from ..serving.repository import RepoOptions, write_repository

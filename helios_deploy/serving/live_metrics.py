@@ -4,9 +4,11 @@ tritonserver on its metrics port (8002, /metrics) next to Triton's own, so an au
 | metric | kind | meaning |
 |---|---|---|
 | helios_live_streams{state="active"/"queued"} | gauge | streams being made / waiting for capacity |
-| helios_live_capacity | gauge | real-time streams this instance holds at the default settings |
-| helios_live_load | gauge | the runners' share the active streams take (1 = full); scale out above ~0.8 |
-| helios_live_chunk_seconds | gauge | time of one chunk at the default settings (measured at start) |
+| helios_live_capacity | gauge | real-time streams this node holds at the default settings (sum over its GPUs) |
+| helios_live_demand | gauge | (active + queued + refused in the last 60 s) / capacity: passes 1 when more is asked than fits; the autoscaler's metric |
+| helios_live_draining | gauge | 1 while the node drains (shutting down: it takes no new streams) |
+| helios_live_load | gauge | the runners' share the active streams take (1 = full; mean over the node's GPUs) |
+| helios_live_chunk_seconds | gauge | time of one chunk at the default settings (the slowest GPU's; measured at start) |
 | helios_live_chunks_total | counter | chunks made |
 | helios_live_deadline_misses_total | counter | chunks decoded after their playback deadline |
 | helios_live_lateness_seconds_total | counter | sum over chunks of max(0, decoded - deadline) |
@@ -14,7 +16,8 @@ tritonserver on its metrics port (8002, /metrics) next to Triton's own, so an au
 | helios_live_first_chunk_seconds_total, helios_live_first_chunks_total | counter | first-chunk latency sum, count |
 | helios_live_streams_total, helios_live_streams_refused_total | counter | streams opened, refused over capacity |
 
-Every metric carries the labels model="helios" and instance=<model instance name>.
+Every metric carries the labels model="helios" and instance=<model instance name> (one instance per node:
+these are the node's figures, its schedulers' summed: serving/node.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from __future__ import annotations
 import threading
 import urllib.request
 
-GAUGES = {"helios_live_capacity": ("capacity", "real-time streams this instance holds at the default settings"),
+GAUGES = {"helios_live_capacity": ("capacity", "real-time streams this node holds at the default settings"),
+          "helios_live_demand": ("demand", "(active + queued + refused in the last 60 s) / capacity; above 1: more "
+                                           "is asked than fits"),
+          "helios_live_draining": ("draining", "1 while the node drains (takes no new streams)"),
           "helios_live_load": ("load", "share of the runners the active streams take (1 = full)"),
           "helios_live_chunk_seconds": ("chunk_seconds", "time of one chunk at the default settings")}
 COUNTERS = {"helios_live_chunks_total": ("chunks", "chunks made"),
@@ -36,11 +42,12 @@ COUNTERS = {"helios_live_chunks_total": ("chunks", "chunks made"),
 
 
 class LiveMetrics:
-    """Publishes ``scheduler.metrics()`` every ``interval`` seconds through ``pb_utils``'s metric families."""
+    """Publishes ``node.metrics()`` (serving/node.py: the node's schedulers summed, with demand) every
+    ``interval`` seconds through ``pb_utils``'s metric families."""
 
-    def __init__(self, pb_utils, scheduler, labels: dict, interval: float = 1.0):
+    def __init__(self, pb_utils, node, labels: dict, interval: float = 1.0):
         kind = pb_utils.MetricFamily
-        self._scheduler, self._interval = scheduler, interval
+        self._node, self._interval = node, interval
         streams = kind(name="helios_live_streams", description="live streams by state", kind=kind.GAUGE)
         self._streams = {state: streams.Metric(labels={**labels, "state": state}) for state in ("active", "queued")}
         self._families = [streams]
@@ -56,7 +63,7 @@ class LiveMetrics:
         self._thread.start()
 
     def publish(self) -> None:
-        m = self._scheduler.metrics()
+        m = self._node.metrics()
         self._streams["active"].set(m["active_streams"])
         self._streams["queued"].set(m["queued_streams"])
         for key, metric in self._gauges.items():

@@ -5,13 +5,13 @@ from __future__ import annotations
 from ..artifacts import Artifacts
 from ..model.variants import Variant
 from ..model.sizes import size_name, video_sizes
-from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS, served_dims, size_dims
+from .configs import CONTROL_INPUTS, HELIOS_INPUTS, HELIOS_OUTPUTS, served_dims, size_dims
 from .containers import Deployment, pip_line
 
 
 def _tensor_table(height: int, width: int) -> str:
     rows = ["| tensor | type | dims | |", "|---|---|---|---|"]
-    for kind, tensors in (("in", HELIOS_INPUTS), ("out", HELIOS_OUTPUTS)):
+    for kind, tensors in (("in", HELIOS_INPUTS + CONTROL_INPUTS), ("out", HELIOS_OUTPUTS)):
         for t in tensors:
             dtype = "BYTES" if t.dtype == "bytes" else t.dtype.upper()
             note = ("optional; " if getattr(t, "optional", False) else "") + t.doc
@@ -40,7 +40,7 @@ def repository_readme(arts: Artifacts, opts, report) -> str:
                       for m in report.models[2:])
     skipped = "\n".join(f"- {s}" for s in report.skipped) or ("- none" if opts.plan_models else
                                                              "- tensorrt_plan models (not asked for: --plan-models)")
-    placement = ("per GPU " + ",".join(map(str, opts.gpus)) if opts.gpus
+    placement = ("with one scheduler per GPU (" + ",".join(map(str, opts.gpus)) + ")" if opts.gpus
                  else "on GPU 0" if opts.backend == "tensorrt" else "on CPU")
     where = ("copied into `helios/artifacts` (hard links where possible): the repository is self-contained and "
              "can be moved or mounted anywhere" if not opts.reference else
@@ -52,7 +52,7 @@ def repository_readme(arts: Artifacts, opts, report) -> str:
 
 Video size {' or '.join(map(size_name, sizes))} per request (inputs `height` / `width`; default {h}x{w}; any
 other size is refused naming these); the `helios` model runs helios-deploy's runtime with the `{opts.backend}` backend
-({opts.precision}), {opts.instances} instance(s) {placement}, at most {opts.max_frames} frames per request.
+({opts.precision}) as one instance per node {placement}, at most {opts.max_frames} frames per request.
 The artifacts are {where}.
 LoRA adapters fused into the served weights: {lora_line(arts.manifest)} (the `lora` parameter of
 `helios/config.pbtxt`; switch with `helios-deploy refit ARTIFACTS --lora FILE:SCALE` and a reload of `helios`,
@@ -61,13 +61,13 @@ docs/lora.md).
 ## Models
 - `helios`: decoupled Python-backend model. Send one request; its first response carries the stream's
   `stream_id` (`chunk_index` -1, no frames), then it streams one response per 33-frame chunk as soon as the
-  chunk is decoded (`frames`, `chunk_index`), then an empty response with the final flag. Each instance serves
-  many streams at once, the chunk whose playback deadline is nearest first (capacity: {_capacity(opts)}); a
-  stream over capacity is refused with UNAVAILABLE{" (queued: --queue)" if opts.queue else ""}. Bad requests get an
-  error response (INVALID_ARG) and the model keeps serving; a cancelled request stops at the next denoising step.
-- `helios_control`: `stream_id` + `action` (`set_prompt` with `prompt`, `stop`, `progress`) -> `result` (JSON).
-  A new prompt takes effect from the stream's next chunk not yet started (`from_chunk`); `stop` ends the stream
-  at once (its client gets the final response); an unknown id is NOT_FOUND, a finished stream INVALID_ARG.
+  chunk is decoded (`frames`, `chunk_index`), then an empty response with the final flag. The node serves
+  many streams at once, the chunk whose playback deadline is nearest first (capacity: {_capacity(opts)}; per GPU,
+  a new stream going to the GPU with the most room); a stream over capacity is refused{" (queued: --queue)" if opts.queue else ""}.
+  Control goes to the same model, in band: a request with `action` (`set_prompt` with `stream_id` and `prompt`,
+  `stop`, `progress`, `capacity`, `drain`) gets one JSON answer in `control` with the final flag; refusals and bad
+  requests are answered the same way (`{{"error": {{"code", "message"}}}}`) and the model keeps serving. With
+  `failover` true every chunk response carries `state` (a snapshot to `resume` the stream on another node).
 {plans or "- no tensorrt_plan models (no engines built)"}
 
 Not written:
@@ -131,8 +131,8 @@ docker run --gpus all --rm --shm-size=2g -p 8000:8000 -p 8001:8001 -p 8002:8002 
 
 `torch` from PyPI is a CUDA build; `numpy<2` because the Python backend stub of tritonserver 2.51 failed with numpy 2.x
 (every response: "output tensor shape does not match size"). (Or build an image `FROM {dep.image}` with that `pip install` line, so the server starts at once.)
-Scale with `--instances` / `--gpus` when generating the repository (one instance group per GPU), and
-with more servers behind a load balancer.
+Scale with `--gpus` when generating the repository (one scheduler per GPU in the node's one `helios` instance),
+and with more nodes behind the API (`helios-deploy api --triton host1:8001,host2:8001`, docs/cluster.md).
 
 ## Run it on CPU without Docker (from a helios-deploy checkout; what its tests do)
 

@@ -2,10 +2,10 @@
 
     MODEL_REPO/
       README.md                       how to run it (NVIDIA's container, or tritonserver on CPU), a client example
-      helios/config.pbtxt             decoupled Python-backend model streaming 33-frame chunks
+      helios/config.pbtxt             decoupled Python-backend model streaming 33-frame chunks; its control
+                                      requests (prompt change, stop, progress, capacity, drain) go to it too
       helios/1/model.py               shim: from helios_deploy.serving.model import TritonPythonModel
       helios/artifacts/               the artifact folder (copied: hard links where the file system allows)
-      helios_control/                 Python-backend model: a running stream's prompt, stop, progress
       helios_<component>[_<graph>]/   with plan_models: one tensorrt_plan model per engine in the manifest
         config.pbtxt, 1/model.plan
       load_models.txt                 with plan_models: the models tritonserver loads at start (explicit model
@@ -40,10 +40,10 @@ from ..export.tensorrt.builder import write_atomic
 from ..fsutil import sha256_file, staged_dir
 from ..model.specs import GraphSpec
 from ..model.sizes import size_name, video_sizes
-from .configs import Placement, control_config, helios_config, parse_config, plan_config, quoted
+from .configs import Placement, helios_config, parse_config, plan_config, quoted
 from .containers import Deployment, deployment, engines_tensorrt
 from .readme import lora_line, repository_readme
-from .server import STARTUP_FILE
+from .tritonserver import STARTUP_FILE
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp8")
@@ -57,11 +57,11 @@ SHIM = ('"""The {name} model: the code is helios-deploy\'s (pip install helios-d
 class RepoOptions:
     backend: str = "onnxruntime"
     precision: str = "fp32"
-    instances: int = 1
-    gpus: tuple[int, ...] = ()
+    instances: int = 1  # plan models' instances per GPU; the helios model runs ONE instance per node
+    gpus: tuple[int, ...] = ()  # the helios model: one LiveScheduler per GPU in one instance (KIND_MODEL)
     max_frames: int = 660
     reference: bool = False  # record the artifacts' absolute path instead of copying them
-    device: str = "auto"  # cuda:<instance GPU> for KIND_GPU instances, else cpu
+    device: str = "auto"  # cuda:<g> per GPU in gpus, else cpu; or a list, one scheduler each (e.g. "cpu,cpu")
     # live streams per instance (runtime/live.py): None -> the scheduler's defaults
     max_streams: int | None = None  # cap on real-time streams per instance (default: from the measured chunk time)
     chunk_seconds: float | None = None  # a chunk's time for admission (default: measured when the model loads)
@@ -106,6 +106,11 @@ def _check_values(arts: Artifacts, opts: RepoOptions) -> None:
     for name, value in (("--fps", opts.fps), ("--chunk-seconds", 1.0 if opts.chunk_seconds is None else opts.chunk_seconds)):
         if not value > 0:
             raise UserError(f"{name} must be positive", found=str(value))
+    if opts.instances > 1 and not opts.plan_models:
+        raise UserError(f"--instances {opts.instances} applies to the tensorrt_plan models only",
+                        found="no --plan-models",
+                        fix="the helios model runs one instance per node with one scheduler per GPU: pass --gpus 0,1 "
+                            "(several GPUs), or run more nodes")
     if any(g < 0 for g in opts.gpus):
         raise UserError("GPU indices must be >= 0", found=",".join(map(str, opts.gpus)), fix="pass --gpus 0,1")
     missing = [f"{c}/{g}" for c, g in REQUIRED if c not in arts.components or not arts.graph_path(c, g).is_file()]
@@ -170,24 +175,16 @@ def _helios_model(arts: Artifacts, root: Path, opts: RepoOptions) -> str:
         where, how = "artifacts", "copied into helios/artifacts"
     gpus = opts.gpus or ((0,) if opts.backend == "tensorrt" else ())
     params = {"artifacts": where, "backend": opts.backend, "precision": opts.precision, "device": opts.device,
-              "max_frames": str(opts.max_frames)}
+              "gpus": ",".join(map(str, gpus)), "max_frames": str(opts.max_frames)}
     sizes = video_sizes(arts.manifest)
     params["sizes"] = ",".join(map(size_name, sizes))  # what clients may ask for (HeliosClient.sizes)
     live = {"max_streams": opts.max_streams, "chunk_seconds": opts.chunk_seconds, "fps": opts.fps,
             "queue": str(opts.queue).lower(), "max_batch": opts.max_batch}
     params.update({k: "auto" if v is None else str(v) for k, v in live.items()})
     params["lora"] = lora_parameter(arts.manifest)  # the adapters fused into the served weights (docs/lora.md)
-    _write_config(folder, helios_config(sizes, Placement(opts.instances, gpus), params))
+    _write_config(folder, helios_config(sizes, gpus, params))
     (folder / "1" / "model.py").write_text(SHIM.format(name="helios", module="model"))
     return how
-
-
-def _control_model(root: Path) -> None:
-    """helios_control: changes a running stream's prompt, stops it, reads its progress (serving/control.py)."""
-    folder = root / "helios_control"
-    (folder / "1").mkdir(parents=True)
-    _write_config(folder, control_config({}))
-    (folder / "1" / "model.py").write_text(SHIM.format(name="helios_control", module="control"))
 
 
 def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, entry: dict, opts: RepoOptions,
@@ -232,8 +229,6 @@ def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions =
     with staged_dir(out, force) as tmp:
         report.artifacts = _helios_model(arts, tmp, opts)
         report.models.append("helios")
-        _control_model(tmp)
-        report.models.append("helios_control")
         log(f"helios: decoupled Python-backend model ({opts.backend}, {opts.precision}); artifacts {report.artifacts}")
         # explicit model control: the server loads these at start, and a model is reloaded on request
         # (`refit` + POST v2/repository/models/helios/load); plan models load only when asked for
@@ -242,8 +237,7 @@ def write_repository(artifacts: str | Path, out: str | Path, opts: RepoOptions =
         if opts.plan_models:
             _plan_models(arts, tmp, opts, report)
         (tmp / "README.md").write_text(repository_readme(arts, opts, report))
-    log("helios_control: Python-backend model: set_prompt / stop / progress of running streams")
-    for name in report.models[2:]:
+    for name in report.models[1:]:
         log(f"{name}: tensorrt_plan (loaded on request: {STARTUP_FILE} lists {', '.join(report.startup)})")
     for line in report.skipped:
         log(f"skipped {line}")

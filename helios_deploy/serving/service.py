@@ -1,9 +1,14 @@
 """`python -m helios_deploy.serving.server serve MODEL_REPO`: the local tritonserver run as a service.
 
-Triton's ports by default (gRPC 8001, HTTP 8000, metrics 8002), refused up front when one is taken. SIGTERM
-(what systemd, Docker and Kubernetes send) and SIGINT (Ctrl-C) are forwarded to tritonserver, which
-finishes in-flight requests for up to --exit-timeout-secs and stops its Python backend stubs; `serve`
-waits for it and exits with its status (128 + N if it died of signal N). tritonserver runs in its own
+Triton's ports by default (gRPC 8001, HTTP 8000, metrics 8002), refused up front when one is taken.
+
+SIGTERM (what systemd, Docker and Kubernetes send on scale-down or a rolling update) drains the node first:
+`serve` sends ``action=drain`` to its own ``helios`` model over gRPC (the node takes no new streams; each of
+its streams ends after its current chunk with a last response ``{"moved": true}`` carrying its state, which
+the API resumes on another node), waits until no stream is left (or --drain-timeout-secs pass), then
+forwards SIGTERM to tritonserver. SIGINT (Ctrl-C), a second SIGTERM, or a repository without the helios
+model stop at once. tritonserver finishes in-flight requests for up to --exit-timeout-secs and stops its
+Python backend stubs; `serve` waits for it and exits with its status (128 + N if it died of signal N). tritonserver runs in its own
 session, so a terminal's Ctrl-C reaches it once, through `serve`; should `serve` itself be killed, the
 kernel sends tritonserver SIGTERM (Linux parent-death signal). Anything of the server's process group
 still alive after it exits is killed, so no stub keeps the ports.
@@ -13,19 +18,23 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import UserError
 from ..measure.procfs import live_processes
-from .server import LocalServer, ServerEnv, find_env, prepare_backend, wait_ready
+from .tritonserver import LocalServer, ServerEnv, find_env, loopback, prepare_backend, system_env, wait_ready
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}  # tritonserver's own defaults
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+DRAIN_TIMEOUT = 30.0  # seconds; streams end after their current chunk (a few seconds), so this is a bound
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 for all interfaces)")
     s.add_argument("--exit-timeout-secs", type=int, default=5,
                    help="how long tritonserver waits for in-flight requests after SIGTERM/SIGINT (default 5)")
+    s.add_argument("--tritonserver", default=None, metavar="PATH",
+                   help="a tritonserver installed the usual way (NVIDIA's container: /opt/tritonserver/bin/tritonserver) "
+                        "instead of the nvidia-pytriton environment's")
+    s.add_argument("--drain-timeout-secs", type=float, default=DRAIN_TIMEOUT,
+                   help=f"on SIGTERM: how long to wait for the node's streams to move before stopping "
+                        f"(default {DRAIN_TIMEOUT:g})")
     return p.parse_args(argv)
 
 
@@ -66,11 +81,13 @@ def check_ports(ports: dict[str, int], address: str) -> None:
 
 
 class _Forwarder:
-    """Signal handlers that pass SIGTERM/SIGINT on to the server (or hold them until it has started)."""
+    """Signal handlers: SIGTERM drains the node (``drain``, on a thread of its own) and then reaches the server;
+    SIGINT and a second SIGTERM reach it at once; a signal before the server started is held until then."""
 
-    def __init__(self):
+    def __init__(self, drain=None):
         self.proc: subprocess.Popen | None = None
         self.pending: list[int] = []
+        self.drain, self.draining = drain, None
 
     def __enter__(self) -> "_Forwarder":
         self.previous = {s: signal.signal(s, self._handle) for s in FORWARDED}
@@ -81,15 +98,49 @@ class _Forwarder:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
-        elif self.proc is None:
+        if self.proc is None:
             self.pending.append(signum)
+        elif self.proc.poll() is None:
+            if signum == signal.SIGTERM and self.drain is not None and self.draining is None:
+                self.draining = threading.Thread(target=self._drain_then_stop, name="drain", daemon=True)
+                self.draining.start()
+            else:
+                self.proc.send_signal(signum)
+
+    def _drain_then_stop(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
 
     def attach(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         for signum in self.pending:
-            proc.send_signal(signum)
+            proc.send_signal(signum)  # before the server was up: nothing to drain
+
+
+def drain_node(grpc_url: str, timeout: float, log=lambda m: print(m, file=sys.stderr, flush=True)) -> bool:
+    """Drain the node at ``grpc_url`` (its helios model: action=drain) and wait until no stream of it is left
+    (each has sent its last response, moved) or ``timeout`` seconds pass; True when it emptied in time."""
+    from .client import HeliosClient
+
+    deadline = time.monotonic() + timeout
+    try:
+        with HeliosClient(grpc_url, timeout=min(10.0, timeout)) as client:
+            answer = client.drain()
+            log(f"serve: draining: {answer['streams']} stream(s) to move (at most {timeout:g} s)")
+            while time.monotonic() < deadline:
+                left = client.capacity()["streams"]
+                if left == 0:
+                    log("serve: drained: no stream left")
+                    return True
+                time.sleep(0.2)
+    except UserError as e:  # not a helios node, or it is not answering: stop at once
+        log(f"serve: could not drain the node ({e.what}); stopping now")
+        return False
+    log(f"serve: drain timed out after {timeout:g} s with streams left; stopping now")
+    return False
 
 
 def _die_with_parent() -> None:
@@ -101,18 +152,25 @@ def _die_with_parent() -> None:
 
 
 def serve(repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-          address: str = "127.0.0.1", exit_timeout: int = 5, env: ServerEnv | None = None) -> int:
+          address: str = "127.0.0.1", exit_timeout: int = 5, env: ServerEnv | None = None,
+          drain_timeout: float = DRAIN_TIMEOUT, tritonserver: str | None = None) -> int:
     """Run tritonserver on ``repo`` until it exits; returns the exit status for ``sys.exit``."""
     repo = Path(repo)
     if not (repo.is_dir() and any(repo.glob("*/config.pbtxt"))):
         raise UserError(f"{repo} is not a Triton model repository", found="no <model>/config.pbtxt in it",
                         fix="write one with `helios-deploy triton ARTIFACTS -o MODEL_REPO`")
     check_ports({"--grpc-port": grpc_port, "--http-port": http_port, "--metrics-port": metrics_port}, address)
-    env = env or find_env()
-    prepare_backend(env.root, env.python_version)
+    if tritonserver is not None:
+        env = system_env(tritonserver)
+    else:
+        env = env or find_env()
+        prepare_backend(env.root, env.python_version)
     server = LocalServer(env, repo, address=address, exit_timeout=exit_timeout)
     server.grpc_port, server.http_port, server.metrics_port = grpc_port, http_port, metrics_port
-    with _Forwarder() as forward:
+    drain = None
+    if (repo / "helios" / "config.pbtxt").is_file():
+        drain = functools.partial(drain_node, f"{loopback(address)}:{grpc_port}", drain_timeout)
+    with _Forwarder(drain) as forward:
         proc = subprocess.Popen(server.command(), env=env.process_env(), stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         forward.attach(proc)
