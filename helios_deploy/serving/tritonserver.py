@@ -2,18 +2,11 @@
 from its own environment (`make triton-env` -> .venv-triton), because the Python backend stub needs
 numpy<2 while the project's environment has numpy 2 (see /work/shared/docs/PLATFORM.md).
 
-Used by the tests and by users without a GPU:
-
-    python -m helios_deploy.serving.server prepare                  # copy the stub into place (idempotent)
-    python -m helios_deploy.serving.server serve MODEL_REPO         # a service: gRPC 8001, HTTP 8000, metrics 8002
-        [--grpc-port P] [--http-port P] [--metrics-port P] [--address A] [--exit-timeout-secs S]
-
     with LocalServer(find_env(), repo) as server:                    # free loopback ports, stopped by PID
         client = HeliosClient(server.grpc_url)
 
-`serve` behaves like a service under systemd, Docker or Kubernetes: it forwards SIGTERM and SIGINT to
-tritonserver (which finishes in-flight requests for up to --exit-timeout-secs, then stops its backend
-stubs), waits for it, and exits with its status; tritonserver's output goes to serve's stdout/stderr.
+The service wrapper (`python -m helios_deploy.serving.server serve`, drain on SIGTERM) is serving/service.py;
+serving/server.py is its entry point.
 
 The recipe: the stub for this Python version is copied into pytriton's backends/python folder; the
 interpreter's libpython is put on LD_LIBRARY_PATH and the environment's bin first on PATH, so the stub's
@@ -97,6 +90,15 @@ def find_env(venv: str | Path | None = None) -> ServerEnv:
     return ServerEnv(venv, Path(info["root"]), info["libdir"], info["python"], info["numpy"])
 
 
+def system_env(tritonserver: str | Path) -> ServerEnv:
+    """A tritonserver installed the usual way (NVIDIA's container: /opt/tritonserver/bin/tritonserver, its Python
+    backend using this interpreter's environment): nothing to prepare."""
+    binary = Path(tritonserver)
+    if not binary.is_file() or binary.parent.name != "bin":
+        raise UserError(f"no tritonserver at {binary}", expected="<root>/bin/tritonserver, e.g. /opt/tritonserver/bin/tritonserver")
+    return ServerEnv(Path(sys.prefix), binary.parent.parent, "", "%d.%d" % sys.version_info[:2], "system")
+
+
 def prepare_backend(root: Path, python_version: str) -> Path:
     """Copy the Python backend stub for this interpreter into backends/python (idempotent)."""
     src = root / "python_backend_stubs" / python_version / "triton_python_backend_stub"
@@ -176,11 +178,11 @@ class LocalServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://{_loopback(self.address)}:{self.http_port}"
+        return f"http://{loopback(self.address)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{_loopback(self.address)}:{self.metrics_port}/metrics"
+        return f"http://{loopback(self.address)}:{self.metrics_port}/metrics"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else "(no log)"
@@ -219,7 +221,7 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout: float, address: 
     """Poll /v2/health/ready until it answers 200 (True) or the server exits (False); RuntimeError after
     ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    url = f"http://{_loopback(address)}:{http_port}/v2/health/ready"
+    url = f"http://{loopback(address)}:{http_port}/v2/health/ready"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
@@ -233,27 +235,6 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout: float, address: 
     raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s")
 
 
-def _loopback(address: str) -> str:
+def loopback(address: str) -> str:
     """Where to reach a server listening on ``address`` from this host."""
     return "127.0.0.1" if address in ("0.0.0.0", "") else address
-
-
-def main(argv: list[str]) -> int:
-    from .service import parse_args, serve
-
-    if argv[:1] == ["prepare"]:
-        env = find_env(argv[1] if len(argv) > 1 else sys.prefix)
-        print(f"python backend stub: {prepare_backend(env.root, env.python_version)}")
-        print(f"runtime imports under numpy {env.numpy}: {check_runtime_imports()}")
-        return 0
-    args = parse_args(argv)
-    try:
-        return serve(args.repo, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
-                     address=args.address, exit_timeout=args.exit_timeout_secs)
-    except UserError as e:
-        print(f"error: {e.render()}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
