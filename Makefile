@@ -46,8 +46,9 @@ clean:
 	rm -rf $(VENV) engines/demo
 
 # GPU smoke run (one NVIDIA GPU, TensorRT >= 10.1 installed in .venv: pip install 'tensorrt>=10.1'): tiny checkpoint,
-# export, tiny engines, the gpu-marked tests and `verify`; one JSON of results. Without a GPU or TensorRT it stops at
-# once with one message (exit 1).
+# export, tiny engines, the gpu-marked tests, `verify`, then the checks only a GPU settles (export/tensorrt/gpuchecks.py:
+# refit in three groups, refittable profiles, FP8 scale refit, TF32); one JSON of results, what to do with each answer
+# in docs/tensorrt.md. Without a GPU or TensorRT it stops at once with one message (exit 1).
 GPU_CHECK_OUT ?= gpu-check.json
 gpu-check: $(STAMP)
 	$(BIN)/python -m helios_deploy.export.tensorrt.gpucheck -o $(GPU_CHECK_OUT)

@@ -20,6 +20,10 @@ the sum of the inputs plus the profile index), so a replayed CUDA graph can be t
   fake of version >= 10.1, ``EngineStat`` / ``get_engine_stat`` only from 10.14 (the runner's gate);
 - ``set_optimization_profile_async`` raises RuntimeError on failure, as the binding does (it never returns
   False);
+- ``BuilderFlag.TF32`` is set on a new config (TensorRT's default); ``add_optimization_profile`` returns -1 for a
+  second profile of a REFIT / REFIT_IDENTICAL config while ``refit_one_profile`` is on (the documented rule, a
+  switch because what a given TensorRT does is only known on a GPU); an engine the fake built has the profiles
+  its config was given (so ``build --max-batch`` widens them), other engines the spec's (``max_batch`` option);
 - every tracked object records its destruction (``__del__``) with the device that is current then.
 It is not a simulator: kernels, streams and devices are bookkeeping only.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import types
 import weakref
 
@@ -55,7 +60,7 @@ TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT", start=0)
 ExecutionContextAllocationStrategy = enum.IntEnum("ExecutionContextAllocationStrategy",
                                                   "STATIC ON_PROFILE_CHANGE USER_MANAGED", start=0)
 EngineStat = enum.IntEnum("EngineStat", "TOTAL_WEIGHTS_SIZE STRIPPED_WEIGHTS_SIZE", start=0)
-BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING", start=0)
+BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING TF32", start=0)
 MemoryPoolType = enum.IntEnum("MemoryPoolType", "WORKSPACE", start=0)
 NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", "EXPLICIT_BATCH STRONGLY_TYPED", start=0)
 TO_TRT = {"float32": DataType.FLOAT, "int64": DataType.INT64, "uint8": DataType.UINT8}
@@ -114,9 +119,13 @@ class FakeTensorRT(types.ModuleType):
     """``sys.modules["tensorrt"]`` for a test. ``graph`` is the GraphSpec every engine stands for;
     ``engine_options`` go to FakeEngine."""
 
-    def __init__(self, graph, version: str = "10.14.1", gpu: str = "NVIDIA H100", **engine_options):
+    def __init__(self, graph, version: str = "10.14.1", gpu: str = "NVIDIA H100", refit_one_profile: bool = True,
+                 **engine_options):
         super().__init__("tensorrt")
         self.__version__, self.gpu, self.graph, self.engine_options = version, gpu, graph, engine_options
+        # IBuilderConfig::addOptimizationProfile's documentation: a refittable engine may have one profile (the
+        # second returns -1). A switch, as what a given TensorRT does is settled by `make gpu-check` only.
+        self.refit_one_profile = refit_one_profile
         self.calls: list[tuple] = []
         self.alive = weakref.WeakSet()
         self.counter = itertools.count()
@@ -139,6 +148,28 @@ class FakeTensorRT(types.ModuleType):
 
 
 # -- the build --------------------------------------------------------------------------------------------
+
+
+PLAN_MAGIC = b"fake engine: "
+
+
+def profile_json(config) -> list:
+    return [{n: [list(x) for x in s] for n, s in p.shapes.items()} for p in config.profiles]
+
+
+def plan_profiles(data) -> list | None:
+    """The profiles a plan this fake built records ({name: (min, opt, max)} each), or None for other bytes."""
+    raw = bytes(data[:len(PLAN_MAGIC)])
+    if raw != PLAN_MAGIC:
+        text = bytes(data)
+        if not text.startswith(b"{"):
+            return None
+        profiles = json.loads(text).get("profiles")
+    else:
+        profiles = json.loads(bytes(data[len(PLAN_MAGIC):]))["profiles"]
+    if profiles is None:
+        return None
+    return [{n: tuple(tuple(x) for x in s) for n, s in p.items()} for p in profiles]
 
 
 class FakeHostMemory(bytearray):
@@ -201,7 +232,7 @@ class FakeConfig(_Obj):
 
     def __init__(self, trt):
         super().__init__(trt, "config")
-        self.flags, self.profiles, self.pools, self.cache = set(), [], {}, None
+        self.flags, self.profiles, self.pools, self.cache = {trt.BuilderFlag.TF32}, [], {}, None  # TF32: on by default
         self.builder_optimization_level = 3
 
     def set_memory_pool_limit(self, pool, size):
@@ -211,7 +242,15 @@ class FakeConfig(_Obj):
         self._call("set_flag", flag)
         self.flags.add(flag)
 
+    def clear_flag(self, flag):
+        self._call("clear_flag", flag)
+        self.flags.discard(flag)
+
     def add_optimization_profile(self, profile) -> int:
+        refit = {f.name for f in self.flags} & {"REFIT", "REFIT_IDENTICAL"}
+        if refit and self.trt.refit_one_profile and self.profiles:
+            self._call("add_optimization_profile", -1)
+            return -1  # the binding returns the index, -1 when refused (it does not raise)
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
@@ -266,7 +305,7 @@ class FakeBuilder(_Obj):
         self._call("build_serialized_network", sorted(config.flags), len(config.profiles))
         if config.cache is not None:
             config.cache.entries += 1
-        return FakeHostMemory(self.trt, f"fake engine: {len(config.profiles)} profiles".encode())
+        return FakeHostMemory(self.trt, PLAN_MAGIC + json.dumps({"profiles": profile_json(config)}).encode())
 
 
 # -- the runtime ------------------------------------------------------------------------------------------
@@ -280,6 +319,9 @@ class FakeRuntime(_Obj):
         device = self.trt.cuda.current_device_index if self.trt.cuda else None
         self._call("deserialize_cuda_engine", memoryview(data).nbytes, sorted(self.trt.alive_kinds()), device)
         engine = FakeEngine(self.trt, self.trt.graph, **self.trt.engine_options)
+        built = plan_profiles(data)
+        if built is not None:  # an engine this fake built has the profiles its config was given
+            engine.profiles = built
         self.trt.engines.append(weakref.proxy(engine))
         return engine
 
@@ -295,12 +337,12 @@ class FakeEngine(_Obj):
                      "streamable_weights_size"})
 
     def __init__(self, trt, graph, dtypes=None, wrong_outputs=None, memory=None, total_weights=10_000,
-                 streamable=8_000, shape_memory=None, uncapturable=()):
+                 streamable=8_000, shape_memory=None, uncapturable=(), max_batch=None):
         super().__init__(trt, "engine")
         self.uncapturable = set(uncapturable)  # profiles with a layer that cannot be captured into a CUDA graph
         self.shape_memory = dict(shape_memory or {})  # profile -> what update_device_memory_size_for_shapes says
         self.graph, self.wrong_outputs = graph, dict(wrong_outputs or {})
-        self.profiles = E.profiles(graph)
+        self.profiles = E.profiles(graph, max_batch)  # built with --max-batch: the batch axis may grow
         self.dtypes = {t.name: TO_TRT[t.dtype] for t in graph.tensors} | dict(dtypes or {})
         self.memory = list(memory or [4096 * (i + 1) for i in range(len(self.profiles))])
         self.total_weights, self.streamable, self._budget = total_weights, streamable, None

@@ -1,12 +1,21 @@
 """The refit side of the fake `tensorrt` module (tests/fake_tensorrt.py): builder flags REFIT, REFIT_IDENTICAL,
-STRIP_PLAN; ``Refitter``, ``OnnxParserRefitter``, ``Weights``; an engine's serialization config.
+STRIP_PLAN; ``Refitter``, ``OnnxParserRefitter``, ``Weights``; an engine's serialization.
 
 A fake plan is JSON naming the engine's weights (ONNX initializer name -> sha256 of its bytes, as the ONNX
-parser names weights after the initializers), whether it is refittable and whether it was stripped. The fake
-refuses what the API documents as an error: set_named_weights of an unknown name or another element count
-(returns False), refitting a non-refittable engine, refit_cuda_engine while weights are missing (False; a
-stripped engine misses all of them until refitted), and weights whose host memory was freed before
-refit_cuda_engine (TensorRT reads it then).
+parser names weights after the initializers; None while stripped), each weight's type and element count, the
+build-time digests, its profiles and how it was built. It behaves as the binding and the headers say
+(NvInferRuntime.h IRefitter, python/src/infer/pyFoundationalTypes.cpp Weights, pyCore.cpp):
+- the Refitter keeps every weight it was given until ``unset_named_weights`` and reads all of them again at each
+  ``refit_cuda_engine`` (weights "can be unset and released ... after refitCudaEngine returns");
+- ``Weights(type, pointer, count)`` keeps nothing alive and is read at refit time (freed or reused memory gives
+  other bytes); ``Weights(ndarray)`` pins the array for the Refitter's whole life (the binding's keep_alive), and
+  ``pinned_peak`` records the most bytes a Refitter held at one ``refit_cuda_engine``;
+- ``set_named_weights`` returns False for an unknown name, another element count or another type;
+- a REFIT_IDENTICAL engine refitted with other weights than its build's is undefined behaviour: refused loudly;
+- ``SerializationFlag.INCLUDE_REFIT`` exists from 10.14 only and matters only for a weight-stripping engine
+  serialised with its weights (10.14.1 release notes); other refittable engines stay refittable;
+- refit_cuda_engine returns False while weights are missing (a stripped engine misses all until refitted;
+  ``trt.combined`` ({name: [names]}) stands for weights TensorRT combined at build time).
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ import ctypes
 import enum
 import hashlib
 import json
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +32,12 @@ from onnx import numpy_helper
 
 from . import fake_tensorrt as F
 
-BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING REFIT REFIT_IDENTICAL STRIP_PLAN", start=0)
+BuilderFlag = enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING TF32 REFIT REFIT_IDENTICAL STRIP_PLAN", start=0)
 SerializationFlag = enum.IntEnum("SerializationFlag", "EXCLUDE_WEIGHTS EXCLUDE_LEAN_RUNTIME INCLUDE_REFIT", start=0)
+SerializationFlag_10_8 = enum.IntEnum("SerializationFlag", "EXCLUDE_WEIGHTS EXCLUDE_LEAN_RUNTIME", start=0)
+TYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "float8_e4m3fn": "FP8", "int8": "INT8",
+         "int32": "INT32", "int64": "INT64"}
+SIZES = {"FLOAT": 4, "HALF": 2, "BF16": 2, "FP8": 1, "INT8": 1, "INT32": 4, "INT64": 8}
 
 
 def onnx_weights(path) -> dict[str, np.ndarray]:
@@ -41,14 +53,18 @@ def digest(array: np.ndarray) -> str:
 class FakeRefitTensorRT(F.FakeTensorRT):
     def __init__(self, graph, strip_plan: bool = True, **options):
         super().__init__(graph, **options)
-        flags = BuilderFlag if strip_plan else enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING REFIT", start=0)
-        self.BuilderFlag, self.SerializationFlag = flags, SerializationFlag
+        flags = BuilderFlag if strip_plan else enum.IntEnum("BuilderFlag", "FP16 WEIGHT_STREAMING TF32 REFIT", start=0)
+        self.BuilderFlag = flags
+        self.SerializationFlag = SerializationFlag if F._version(self.__version__) >= (10, 14) \
+            else SerializationFlag_10_8
         self.OnnxParser = lambda network, logger: _Parser(self, network)
         self.Builder = lambda logger: _Builder(self)
         self.Runtime = lambda logger: _Runtime(self)
         self.Refitter = lambda engine, logger: FakeRefitter(self, engine)
         self.OnnxParserRefitter = lambda refitter, logger: FakeParserRefitter(self, refitter)
         self.Weights = FakeWeights
+        self.pinned_peak = 0  # most bytes one Refitter held (pinned or pointed at) at a refit_cuda_engine
+        self.refit_reads: list[int] = []  # weights read by each refit_cuda_engine
 
 
 class _Network(F.FakeNetwork):
@@ -70,15 +86,23 @@ class _Builder(F.FakeBuilder):
         super().build_serialized_network(network, config)
         flags = {f.name for f in config.flags}
         stripped = "STRIP_PLAN" in flags
-        weights = {n: (None if stripped else digest(a)) for n, a in onnx_weights(network.onnx_path).items()}
-        plan = {"weights": weights, "refittable": bool(flags & {"REFIT", "REFIT_IDENTICAL"}), "stripped": stripped}
+        arrays = onnx_weights(network.onnx_path)
+        build = {n: digest(a) for n, a in arrays.items()}
+        plan = {"weights": {n: (None if stripped else d) for n, d in build.items()}, "build": build,
+                "meta": {n: [TYPES[a.dtype.name], int(a.size)] for n, a in arrays.items()},
+                "refittable": bool(flags & {"REFIT", "REFIT_IDENTICAL"}), "identical": "REFIT_IDENTICAL" in flags,
+                "stripped": stripped, "strip_plan": stripped, "profiles": F.profile_json(config)}
         return F.FakeHostMemory(self.trt, json.dumps(plan, sort_keys=True).encode())
 
 
 class _Engine(F.FakeEngine):
     """A FakeEngine that knows its weights (digests; None in a stripped plan) and can be serialized again."""
 
-    _state = F.FakeEngine._state | {"weights", "refittable", "stripped"}
+    _state = F.FakeEngine._state | {"plan"}
+
+    weights = property(lambda self: self.plan["weights"])
+    refittable = property(lambda self: self.plan["refittable"])
+    stripped = property(lambda self: self.plan["stripped"])
 
     def create_serialization_config(self):
         return _SerializationConfig()
@@ -86,13 +110,16 @@ class _Engine(F.FakeEngine):
     def serialize_with_config(self, config):
         return _serialize(self.trt, self, config)
 
+    def serialize(self):
+        return _serialize(self.trt, self, _SerializationConfig())
+
 
 class _Runtime(F.FakeRuntime):
     def deserialize_cuda_engine(self, data):
         engine = super().deserialize_cuda_engine(data)
         object.__setattr__(engine, "__class__", _Engine)  # the base fake builds a plain FakeEngine
-        plan = json.loads(bytes(data))
-        engine.weights, engine.refittable, engine.stripped = plan["weights"], plan["refittable"], plan["stripped"]
+        engine.plan = json.loads(bytes(data))
+        self.trt.calls.append((engine.label, "deserialized_from", type(data).__name__))
         return engine
 
 
@@ -110,44 +137,53 @@ class _SerializationConfig:
 
 
 def _serialize(trt, engine, config):
-    trt.calls.append((engine.label, "serialize_with_config", sorted(f.name for f in config.flags)))
-    strip = SerializationFlag.EXCLUDE_WEIGHTS in config.flags
-    weights = {n: (None if strip else w) for n, w in engine.weights.items()}
-    refittable = engine.refittable and SerializationFlag.INCLUDE_REFIT in config.flags
-    plan = {"weights": weights, "refittable": refittable, "stripped": strip}
+    names = {f.name for f in config.flags}
+    trt.calls.append((engine.label, "serialize_with_config", sorted(names)))
+    strip = "EXCLUDE_WEIGHTS" in names
+    plan = dict(engine.plan, weights={n: (None if strip else w) for n, w in engine.weights.items()}, stripped=strip)
+    if engine.plan["strip_plan"] and not strip and "INCLUDE_REFIT" not in names:
+        plan["refittable"] = False  # a weight-stripping engine serialised with its weights (10.14.1 notes)
     return F.FakeHostMemory(trt, json.dumps(plan, sort_keys=True).encode())
 
 
 class FakeWeights:
-    """trt.Weights over a numpy array: a pointer, not a copy (the array must outlive refit_cuda_engine)."""
+    """trt.Weights. Over an ndarray it pins the array (the binding keeps it alive); ``Weights(type, ptr, count)``
+    keeps nothing alive: its memory is read when the Refitter reads it (refit_cuda_engine)."""
 
     def __init__(self, array, ptr: int | None = None, count: int | None = None):
-        if ptr is not None:  # Weights(type, ptr, count): the types numpy lacks (BF16, FP8), by their element size
-            size = {F.DataType.BF16: 2, F.DataType.FP8: 1}[array]
-            self.array, self.size = (lambda: True), count
-            self.digest = hashlib.sha256(ctypes.string_at(ptr, size * count)).hexdigest()
+        if ptr is not None:  # Weights(type, ptr, count)
+            self.type, self.ptr, self.size, self.pinned = array.name, ptr, count, None
             return
-        if array.dtype.name in ("bfloat16", "float8_e4m3fn"):
+        if array.dtype.name not in ("float32", "float16", "int8", "int32", "int64"):
             raise TypeError(f"Weights(ndarray) does not take a {array.dtype.name} array")
-        self.array, self.size = weakref.ref(array), array.size
-        self.digest = digest(array)
+        self.type, self.size, self.pinned = TYPES[array.dtype.name], array.size, np.ascontiguousarray(array)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * SIZES[self.type]
+
+    def read(self) -> str:
+        """The digest of the bytes as they are now (what TensorRT uploads)."""
+        if self.pinned is not None:
+            return digest(self.pinned)
+        return hashlib.sha256(ctypes.string_at(self.ptr, self.nbytes)).hexdigest()
 
     @classmethod
     def internal(cls, array: np.ndarray) -> "FakeWeights":
         """Weights the ONNX parser refitter hands over itself (any dtype; it keeps the array)."""
         w = cls.__new__(cls)
-        w.array, w.size, w.digest = (lambda: array), array.size, digest(array)
+        w.type, w.size, w.pinned, w.ptr = TYPES[array.dtype.name], array.size, np.ascontiguousarray(array), None
         return w
 
 
 class FakeRefitter(F._Obj):
-    _state = F._Obj._state | {"engine", "pending", "filled"}
+    _state = F._Obj._state | {"engine", "held", "filled"}
 
     def __init__(self, trt, engine):
         super().__init__(trt, "refitter")
         if not engine.refittable:
             raise AssertionError("Refitter on an engine built without REFIT / REFIT_IDENTICAL")
-        self.engine, self.pending = engine, {}
+        self.engine, self.held = engine, {}
         self.filled = not engine.stripped
 
     def get_all_weights(self) -> list[str]:
@@ -155,28 +191,37 @@ class FakeRefitter(F._Obj):
 
     def set_named_weights(self, name: str, weights: FakeWeights) -> bool:
         self._call("set_named_weights", name)
-        if name not in self.engine.weights:
-            return False
-        self.pending[name] = weights
+        meta = self.engine.plan["meta"].get(name)
+        if meta is None or weights.size != meta[1] or weights.type != meta[0]:
+            return False  # unknown name, other count or other type
+        self.held[name] = weights
         return True
 
+    def unset_named_weights(self, name: str) -> bool:
+        self._call("unset_named_weights", name)
+        return self.held.pop(name, None) is not None
+
     def get_missing_weights(self) -> list[str]:
-        """A stripped engine misses every weight until refitted; ``trt.combined`` ({name: [names]}) stands for
-        weights TensorRT combined at build time: setting one makes the others missing until they are set."""
+        """A stripped engine misses every weight until refitted; weights combined with a set one (``trt.combined``,
+        which may chain) are missing until they are set too."""
         if not self.filled:
-            return [n for n in self.engine.weights if n not in self.pending]
+            return [n for n in self.engine.weights if n not in self.held]
         combined = getattr(self.trt, "combined", {})
-        return sorted({o for n in self.pending for o in combined.get(n, ()) if o not in self.pending})
+        return sorted({o for n in self.held for o in combined.get(n, ()) if o not in self.held})
 
     def refit_cuda_engine(self) -> bool:
-        self._call("refit_cuda_engine", len(self.pending))
+        self._call("refit_cuda_engine", len(self.held))
         if self.get_missing_weights():
             return False
-        for name, w in self.pending.items():
-            if w.array() is None:
-                raise AssertionError(f"the host memory of weight {name} was freed before refit_cuda_engine")
-            self.engine.weights[name] = w.digest
-        self.pending, self.filled = {}, True
+        self.trt.pinned_peak = max(self.trt.pinned_peak, sum(w.nbytes for w in self.held.values()))
+        self.trt.refit_reads.append(len(self.held))
+        for name, w in self.held.items():  # every weight it holds is read again
+            got = w.read()
+            if self.engine.plan["identical"] and got != self.engine.plan["build"][name]:
+                raise AssertionError(f"REFIT_IDENTICAL engine refitted with other weights than its build's ({name}): "
+                                     "undefined behaviour (NvInfer.h BuilderFlag::kREFIT_IDENTICAL)")
+            self.engine.weights[name] = got
+        self.filled = True
         return True
 
 

@@ -29,3 +29,27 @@ def test_gpu_test_counts_come_from_the_junit_report(tmp_path):
     counts = gpucheck._pytest(TESTS, tmp_path)
     assert counts["tests"] > 0 and counts["skipped"] == counts["tests"]  # no GPU here: every gpu test skips
     assert counts["passed"] == 0 and counts["failed"] == [] and counts["exit_code"] == 0
+
+
+def test_gpu_checks_are_a_list_each_answered_or_its_error_recorded(tmp_path):
+    """The checks only a GPU settles (issue 28) are registered in order; another issue adds one with @check; a
+    check that raises is recorded as not ok with its message, and the others still run."""
+    from helios_deploy.errors import UserError
+    from helios_deploy.export.tensorrt import gpuchecks as G
+
+    assert [n for n, _ in G.CHECKS][:4] == ["refittable_every_point", "refit_three_groups", "fp8_scales_refittable",
+                                            "fp32_tf32"]
+
+    def bad(ctx):
+        raise UserError("TensorRT refused it", fix="see docs/tensorrt.md")
+
+    ctx = G.Context(tmp_path, tmp_path, export=None)
+    out = G.run_checks(ctx, [("answer", lambda c: {"accepted": False}), ("bad", bad), ("after", lambda c: {"x": 1})])
+    assert out["answer"] == {"ok": True, "accepted": False} and out["after"] == {"ok": True, "x": 1}
+    assert out["bad"]["ok"] is False and out["bad"]["error"].startswith("TensorRT refused it")
+    before = len(G.CHECKS)
+    try:
+        G.check("issue-30 variant")(lambda c: {})
+        assert G.CHECKS[-1][0] == "issue-30 variant" and len(G.CHECKS) == before + 1
+    finally:
+        del G.CHECKS[before:]

@@ -245,6 +245,9 @@ def fake_trt(monkeypatch, fused):
     from .test_tensorrt_runner import PLATFORM
 
     def make(**options):
+        # a TensorRT that takes several profiles in a refittable engine (the documented one-profile rule is
+        # tests/test_tensorrt_round3.py's; `make gpu-check` records what a real one does)
+        options.setdefault("refit_one_profile", False)
         trt = FakeRefitTensorRT(Artifacts.open(fused).spec("transformer").graph("model"), **options)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setattr(build_module, "require_gpu_tensorrt", lambda index=0: PLATFORM)
@@ -368,31 +371,52 @@ def test_refit_refuses_engines_it_cannot_refit(fused, adapters, fake_trt, tmp_pa
     assert (root / "manifest.json").read_bytes() == before
 
 
-def test_weight_stripped_engine_is_refitted_from_the_onnx_at_load(fused, adapters, fake_trt, tmp_path):
+def test_weight_stripped_engine_is_refitted_only_with_its_build_weights(fused, adapters, fake_trt, tmp_path,
+                                                                      monkeypatch):
+    """A weight-stripped engine (STRIP_PLAN + REFIT_IDENTICAL) is refitted at load from the very ONNX files it was
+    built from, and from nothing else (NvInfer.h: other weights are undefined behaviour): after `refit` changes
+    the weights it is stale (its record untouched, the runner refuses it naming `build`), `build` rebuilds it, and
+    the rebuilt engine loads with the new weights. Plan models of stripped engines are refused (Triton's
+    tensorrt backend never refits a plan)."""
+    from helios_deploy.artifacts import Artifacts
     from helios_deploy.errors import UserError
     from helios_deploy.export.tensorrt import builder as B
     from helios_deploy.export.tensorrt.engines import BuildSettings
-    from helios_deploy.export.tensorrt.refit import check_engine_lora, refit_stripped
+    from helios_deploy.runtime.runners import tensorrt as R
+    from helios_deploy.serving.repository import RepoOptions, write_repository
 
+    from .fake_cuda import FakeCuda
     from .fake_tensorrt_refit import digest, onnx_weights
+    from .test_tensorrt_runner import PLATFORM
 
     trt = fake_trt()
+    monkeypatch.setattr(R, "require_gpu_tensorrt", lambda index=0: PLATFORM)
+    monkeypatch.setattr(R.TensorRTRunner, "cuda", FakeCuda(trt))
     root = Path(shutil.copytree(fused, tmp_path / "arts"))
-    entry = _build(root, strip_weights=True)
+    before = _build(root, strip_weights=True)
     assert {"STRIP_PLAN", "REFIT_IDENTICAL"} <= {f.name for f in trt.named("build_serialized_network")[0][2]}
-    record = _refit(root, f"{adapters[0]}:0.25")  # no GPU work: the plan has no weights
-    assert record["engines"]["transformer/model"]["mode"] == "strip" and not trt.named("set_named_weights")
+
+    def load():
+        arts = Artifacts.open(root)
+        runner = R.TensorRTRunner(root, arts.manifest, "transformer", arts.spec("transformer").graph("model"), "cuda")
+        runner.activate()
+        return runner._engine
+
+    assert load().weights == {n: digest(a) for n, a in onnx_weights(root / "transformer" / "model.onnx").items()}
+    loaded = len(trt.named("set_named_weights"))  # the load's refit from the ONNX
+    record = _refit(root, f"{adapters[0]}:0.25")  # no GPU work, and the engine is not touched
+    with pytest.raises(UserError, match="stale") as stale:  # never refitted with the new weights
+        load()
+    assert "rebuild" in str(stale.value)
+    assert record["engines"]["transformer/model"]["rebuild"] and len(trt.named("set_named_weights")) == loaded
     m = json.loads((root / "manifest.json").read_text())
-    entry = m["components"]["transformer"]["engines"]["model"]
-    data = (root / "transformer" / entry["file"]).read_bytes()
-    engine = trt.Runtime(None).deserialize_cuda_engine(data)
-    assert set(engine.weights.values()) == {None}
-    refit_stripped(trt, None, engine, root / "transformer" / "model.onnx")
-    assert engine.weights == {n: digest(a) for n, a in onnx_weights(root / "transformer" / "model.onnx").items()}
-    check_engine_lora(entry, m, "transformer", "transformer/model")
-    m["components"]["transformer"]["lora"] = []
-    with pytest.raises(UserError, match="other LoRA weights"):
-        check_engine_lora(entry, m, "transformer", "transformer/model")
+    assert m["components"]["transformer"]["engines"]["model"] == before
+    after = _build(root, strip_weights=True)  # the stale engine is rebuilt from the new graph
+    assert after["digest"] != before["digest"]
+    assert load().weights == {n: digest(a) for n, a in onnx_weights(root / "transformer" / "model.onnx").items()}
+    with pytest.raises(UserError, match="weight-stripped engines cannot be served as tensorrt_plan models"):
+        write_repository(root, tmp_path / "repo", RepoOptions(backend="onnxruntime", reference=True, plan_models=True,
+                                                              triton_release="26.03"))
     old = fake_trt(strip_plan=False)
     with pytest.raises(UserError, match="cannot build weight-stripped plans"):
         B.refit_flags(old, BuildSettings(strip_weights=True))

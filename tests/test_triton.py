@@ -419,7 +419,7 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", gpus=(0, 1), reference=True,
-                                                                   plan_models=True))
+                                                                   plan_models=True, triton_release="26.02"))
     assert report.models == ["helios", "helios_transformer", "helios_text_encoder", "helios_vae_decoder"]
     assert (tmp_path / "repo" / "load_models.txt").read_text() == "helios\n"  # plans on request only
     assert report.skipped == [f"helios_vae_encoder_{g}: no TensorRT engine in the manifest (run helios-deploy build)"
@@ -436,7 +436,7 @@ def test_plan_configs_from_engine_records(artifacts, tmp_path):
     group = tr.instance_group[0]
     assert list(group.gpus) == [0, 1] and group.kind == group.KIND_GPU
     assert list(group.profile) == ["0", "1", "2"]  # one profile per pyramid stage
-    # TensorRT 10.13.3.9 -> the newest listed release that ships it, 26.02: its backend reads the strategy
+    # the named -py3 release 26.02 (>= 25.05): its backend reads the strategy
     assert tr.parameters["execution_context_allocation_strategy"].string_value == "ON_PROFILE_CHANGE"
     text = (tmp_path / "repo" / "helios_transformer" / "config.pbtxt").read_text()
     # stage 0 at 64x128: latent 8x16 quartered -> 2x4; stage 2: the full 8x16
@@ -483,7 +483,8 @@ def test_plan_models_check_libnvinfer_and_start_with_explicit_model_control(arti
     from helios_deploy.serving.server import startup_args
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS, tensorrt="10.8.0.43")
-    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True, plan_models=True))
+    report = write_repository(arts, tmp_path / "repo", RepoOptions(backend="tensorrt", reference=True, plan_models=True,
+                                                                   triton_release="25.02"))  # -py3: named, not guessed
     command = _readme_command(tmp_path / "repo")
     assert "nvcr.io/nvidia/tritonserver:25.02-py3" in command  # the plain image: it has the tensorrt backend
     assert "check-libnvinfer 10.8.0.43 && tritonserver --model-repository /models --model-control-mode explicit " \
@@ -501,7 +502,7 @@ def test_plan_models_check_libnvinfer_and_start_with_explicit_model_control(arti
     ("10.0.1.6", {}, "TensorRT 10.0.1.6, which helios-deploy cannot run"),
     ("10.13.3.9", {"--triton-release": "25.02"}, "Triton 25.02 cannot load these engines: it ships TensorRT 10.8.0.43"),
     ("10.13.3.9", {"--triton-release": "99.01"}, "unknown Triton release '99.01'"),
-    ("10.5.0.18", {"--plan-models": None}, "no listed Triton release ships TensorRT 10.5.0.18"),
+    ("10.5.0.18", {"--plan-models": None}, "no table of the -py3 images' TensorRT"),
 ])
 def test_combinations_that_cannot_load_are_refused(artifacts, tmp_path, capsys, tensorrt, options, needle):
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS, tensorrt=tensorrt)
@@ -548,7 +549,8 @@ def test_a_real_tritonserver_loads_only_helios_from_a_repository_with_plan_model
 
     arts = _with_fake_engines(artifacts, tmp_path / "arts", T2V_GRAPHS)
     repo = tmp_path / "repo"
-    write_repository(arts, repo, RepoOptions(backend="onnxruntime", reference=True, plan_models=True))
+    write_repository(arts, repo, RepoOptions(backend="onnxruntime", reference=True, plan_models=True,
+                                             triton_release="26.02"))
     with LocalServer(server_env, repo, tmp_path / "server.log") as srv:
         states = _model_states(srv)
     assert states["helios"] == "READY" and "helios_control" not in states

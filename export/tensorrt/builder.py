@@ -73,10 +73,25 @@ def _timing_cache(config, path: Path, log):
     return cache
 
 
+# TensorRT minor versions whose documentation warns that BuilderFlag.REFIT can drop a GEMM's bias even when the
+# engine is never refitted (issue 28, finding 5): every Helios linear layer has a bias, so --refittable is refused
+REFIT_DROPS_BIAS = ((11, 3),)
+
+
 def refit_flags(trt, settings: BuildSettings) -> list:
-    """REFIT for --refittable; STRIP_PLAN + REFIT_IDENTICAL for --strip-weights (TensorRT >= 10)."""
+    """REFIT for --refittable; STRIP_PLAN + REFIT_IDENTICAL for --strip-weights (TensorRT >= 10). REFIT_IDENTICAL
+    promises TensorRT the plan is only ever refitted with the weights it was built from (NvInfer.h: other weights
+    are undefined behaviour): the runner refits it from the ONNX file only while that file's bytes are the build's
+    (the engine key's graph and weights hashes), and `refit` leaves such an engine stale for `build` to rebuild."""
     flags = []
     if settings.refittable:
+        if tensorrt_version(trt.__version__)[:2] in REFIT_DROPS_BIAS:
+            raise UserError(f"TensorRT {trt.__version__} cannot build refittable engines for Helios",
+                            found="its documentation warns that BuilderFlag.REFIT can drop a GEMM's bias even "
+                                  "without a refit, and every Helios linear layer has one",
+                            expected="a TensorRT other than 11.3.x for --refittable (docs/tensorrt.md)",
+                            fix="build without --refittable (a LoRA switch is then `refit` + `build`), or use "
+                                "another TensorRT")
         flags.append(trt.BuilderFlag.REFIT)
     if settings.strip_weights:
         names = ("STRIP_PLAN", "REFIT_IDENTICAL")
@@ -88,6 +103,24 @@ def refit_flags(trt, settings: BuildSettings) -> list:
     return flags
 
 
+def _add_profiles(trt, builder, config, graph: GraphSpec, max_batch: int | None, refit: bool) -> None:
+    """One profile per operating point. ``add_optimization_profile`` returns the profile's index, or -1 when
+    TensorRT refuses it (IBuilderConfig::addOptimizationProfile: a refittable network may be limited to one
+    profile): refused, the build stops with one message instead of building an engine with fewer profiles."""
+    for point, prof in zip(graph.operating_points, profiles(graph, max_batch)):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.items():
+            profile.set_shape(name, lo, opt, hi)
+        if config.add_optimization_profile(profile) < 0:
+            why = (" (TensorRT's documentation allows a refittable engine one optimization profile; `make "
+                   "gpu-check` records what this TensorRT does)" if refit else "")
+            raise UserError(f"TensorRT {trt.__version__} refused the optimization profile of operating point "
+                            f"{point.name} of {graph.name}{why}",
+                            found=f"{len(graph.operating_points)} operating points, one profile each",
+                            fix="build without --refittable / --strip-weights (refit then needs a rebuild)"
+                            if refit else "check the shapes against the spec, or re-export")
+
+
 def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batch: int | None, log):
     config = builder.create_builder_config()
     config.builder_optimization_level = settings.opt_level
@@ -95,13 +128,13 @@ def _configure(trt, builder, graph: GraphSpec, settings: BuildSettings, max_batc
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace)
     if settings.memory_budget is not None:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if settings.precision == "fp32" and not settings.tf32:
+        # TF32 is on by default (BuilderFlag.TF32, kept in 11.x): fp32 engines would run their matmuls with a
+        # 10-bit mantissa, outside verify's fp32 target; BuildSettings(tf32=True) allows it (in the engine key; gpu-check builds both)
+        config.clear_flag(trt.BuilderFlag.TF32)
     for flag in refit_flags(trt, settings):
         config.set_flag(flag)
-    for prof in profiles(graph, max_batch):
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in prof.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+    _add_profiles(trt, builder, config, graph, max_batch, settings.refittable or settings.strip_weights)
     if settings.timing_cache:
         _timing_cache(config, Path(settings.timing_cache), log)
     return config

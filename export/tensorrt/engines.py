@@ -62,12 +62,19 @@ def profiles(graph: GraphSpec, max_batch: int | None = None) -> list[Profile]:
 
 
 def select_profile(profile_shapes: Sequence[Profile], shapes: Mapping[str, Sequence[int]]) -> int | None:
-    """Index of the first profile whose [min, max] holds every input shape, or None."""
+    """Index of the profile to run ``shapes`` on, or None when no profile's [min, max] holds them. Of the profiles
+    that hold them, the one whose opt shapes are nearest (exactly equal first): with ``build --max-batch`` a
+    batch-1 point's profile also holds batch 2, and a batch-2 call must still run on the batch-2 point's profile,
+    whose kernels were tuned for it."""
+    best, best_cost = None, None
     for i, prof in enumerate(profile_shapes):
-        if all(len(shapes[n]) == len(lo) and all(a <= s <= b for s, a, b in zip(shapes[n], lo, hi))
-               for n, (lo, _, hi) in prof.items()):
-            return i
-    return None
+        if not all(len(shapes[n]) == len(lo) and all(a <= s <= b for s, a, b in zip(shapes[n], lo, hi))
+                   for n, (lo, _, hi) in prof.items()):
+            continue
+        cost = sum(abs(s - o) for n, (_, opt, _) in prof.items() for s, o in zip(shapes[n], opt))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = i, cost
+    return best
 
 
 def describe_points(graph: GraphSpec) -> str:
@@ -114,6 +121,7 @@ class BuildSettings:
     timing_cache: str | None = None  # file loaded before and saved after the build (not part of the key)
     refittable: bool = False  # BuilderFlag.REFIT: `refit` can swap LoRA weights in place (export/tensorrt/refit.py)
     strip_weights: bool = False  # STRIP_PLAN + REFIT_IDENTICAL: a plan without weights, refitted from the ONNX at load
+    tf32: bool = False  # fp32 builds only: allow TF32 matmuls (BuilderFlag.TF32, on by default in TensorRT)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -128,8 +136,10 @@ class BuildSettings:
     def key(self) -> dict:
         """The settings that change the engine: the timing cache only changes how long a build takes, and the
         budget's value only what the runner keeps on the device (weight streaming on/off changes the engine)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("timing_cache", "memory_budget")
+        out = {k: v for k, v in asdict(self).items() if k not in ("timing_cache", "memory_budget", "tf32")
                and not (k in ("refittable", "strip_weights") and not v)}  # off: keys of older engines unchanged
+        if self.precision == "fp32":  # engines built before TF32 was turned off had it on: their key differs
+            out["tf32"] = self.tf32
         out["weight_streaming"] = self.memory_budget is not None
         return out
 
@@ -244,6 +254,12 @@ def source_entry(manifest: Mapping, component: str, graph_name: str, precision: 
                         "layers, and a strongly typed network takes its precision from the graph)",
                         fix="run `helios-deploy quantize ARTIFACTS --precision bf16` first")
     return dict(lowered)
+
+
+def engine_mode(entry: Mapping) -> str | None:
+    """"refit", "strip" or None (built without --refittable / --strip-weights)."""
+    settings = (entry.get("key") or {}).get("settings", {})
+    return "strip" if settings.get("strip_weights") else "refit" if settings.get("refittable") else None
 
 
 def engine_record(file: str, fields: Mapping, report: Mapping | None = None, memory_budget: int | None = None) -> dict:

@@ -5,9 +5,11 @@
 On a host with TensorRT >= 10.1 and a GPU it: writes the tiny random-weight checkpoint, exports it (64x128, text
 length 16), builds the tiny fp32 engines (`build`), runs the gpu-marked tests (tests/test_tensorrt_gpu.py, in a
 child pytest with a JUnit report) and `verify` (every engine against ONNX Runtime at every operating point, then
-the pipeline's PSNR), and writes ONE JSON: the platform, each step's seconds and outcome (an error message where
-it failed; later steps still run when they can), the build and verify reports, the pytest counts and failures,
-and ``passed``. Without TensorRT or a GPU it stops before anything else with the probe's one message (exit 1).
+the pipeline's PSNR), then the checks only a GPU settles (gpuchecks.py: refit in three groups against a fresh
+build, a refittable build with every operating point, which FP8 weight scales are refittable, fp32 with TF32 off
+and on), and writes ONE JSON: the platform, each step's seconds and outcome (an error message where it failed;
+later steps still run when they can), the build and verify reports, the pytest counts and failures, each check's
+answer under ``checks``, and ``passed``. Without TensorRT or a GPU it stops before anything else with the probe's one message (exit 1).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ...errors import UserError
+from .gpuchecks import Context, run_checks
 from .probe import require_gpu_tensorrt
 
 HEIGHT, WIDTH, TEXT_LENGTH, MAX_TEXT_LENGTH = 64, 128, 16, 32  # as the tests' tiny artifacts (tests/conftest.py)
@@ -81,11 +84,28 @@ def run(out: Path, workdir: Path, tests: Path) -> dict:
     results["gpu_tests"] = _step(results, "gpu tests", lambda: _pytest(tests, workdir))
     if results.get("build"):
         results["verify"] = _step(results, "verify", lambda: verify(arts, device="cuda"))
+    if arts.is_dir():  # what only a GPU settles (gpuchecks.py): one answer per check
+        results["checks"] = _step(results, "gpu checks", lambda: run_checks(Context(workdir, arts, _exporter(workdir))))
     verified, tested = results.get("verify") or {}, results.get("gpu_tests") or {}
+    checks = results.get("checks") or {}
     results["passed"] = (all(s["ok"] for s in results["steps"]) and verified.get("passed") is True
-                         and tested.get("passed", 0) > 0 and tested["failures"] == 0 and tested["errors"] == 0)
+                         and tested.get("passed", 0) > 0 and tested["failures"] == 0 and tested["errors"] == 0
+                         and bool(checks) and all(c["ok"] for c in checks.values()))
     out.write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def _exporter(workdir: Path):
+    """export(seed, out, components): the tiny checkpoint of ``seed`` exported as gpu-check exports it."""
+    def export(seed: int, out: Path, components) -> Path:
+        from ...checkpoints.tiny import write_tiny_checkpoint
+        from ..exporter.run import export_checkpoint
+
+        ckpt = write_tiny_checkpoint(workdir / f"tiny-{seed}", seed=seed, force=True)
+        export_checkpoint(ckpt, out, height=HEIGHT, width=WIDTH, text_length=TEXT_LENGTH, components=components,
+                          max_text_length=MAX_TEXT_LENGTH, force=True, run_audit=False, log=lambda m: None)
+        return Path(out)
+    return export
 
 
 def _engine_reports(arts: Path) -> dict:

@@ -6,12 +6,13 @@
    data file; a bf16 version of the graph (``quantize --precision bf16``) is lowered again from it with its
    recorded recipe; an FP8 graph gets the changed weights quantized again (activation scales kept). Written to a
    work folder first.
-2. Each engine built from those graphs (``build --refittable``) is deserialised and only the weights that
-   changed are set with ``trt.Refitter.set_named_weights`` (the ONNX parser names engine weights after the
-   ONNX initializers; bf16 / fp8 as ``Weights(type, pointer, count)``), in groups of at most ``GROUP_BYTES`` so
-   host memory stays bounded, each group applied by ``refit_cuda_engine``; the plan is serialised again. A
-   weight-stripped engine (``build --strip-weights``: STRIP_PLAN + REFIT_IDENTICAL) holds no weights: its plan
-   is unchanged and the runner refits it from the ONNX file at load (``OnnxParserRefitter.refit_from_file``).
+2. Each engine built from those graphs (``build --refittable``) is deserialised from a memory map and only the
+   weights that changed are set with ``trt.Refitter.set_named_weights`` (the ONNX parser names engine weights
+   after the ONNX initializers; every weight as ``Weights(type, pointer, count)``), in groups of at most
+   ``GROUP_BYTES``: each group is refitted, unset, and only then released, so host memory stays bounded; the plan
+   is serialised again. A weight-stripped engine (``build --strip-weights``: STRIP_PLAN + REFIT_IDENTICAL) may
+   only ever be refitted with the weights it was built from: refit leaves its record as it was (stale: the
+   runner refuses it, ``build`` rebuilds it).
 3. The new graphs, engines and manifest (adapters, graph hashes, engine keys) are moved into place together.
 
 The TensorRT part needs a GPU (written against the TensorRT 10/11 Python API; tested on CPU against a fake).
@@ -32,18 +33,11 @@ from ..exporter.lora import Adapter, Fusion, adapter_components, plan_fusion
 from ..exporter.modules import build_module
 from ..graphio import Graph, digest, safetensors_source
 from .builder import write_atomic
-from .engines import REBUILD, engine_filename, key_digest, source_entry
+from .engines import REBUILD, engine_filename, engine_mode, key_digest, mapped_engine, source_entry
 
 LORA_COMPONENTS = ("transformer", "text_encoder")  # the components adapters are fused into (export/exporter/lora.py)
 PREFIX = "model."  # initializer names: the wrapper's attribute + the parameter path
-GROUP_BYTES = 1 << 30  # changed weights handed to the Refitter before each refit_cuda_engine
-_POINTER_TYPES = {"bfloat16": "BF16", "float8_e4m3fn": "FP8"}  # ml_dtypes arrays -> trt.DataType
-
-
-def engine_mode(entry: dict) -> str | None:
-    """"refit", "strip" or None (built without --refittable / --strip-weights)."""
-    settings = entry.get("key", {}).get("settings", {})
-    return "strip" if settings.get("strip_weights") else "refit" if settings.get("refittable") else None
+GROUP_BYTES = 1 << 30  # changed weights held by the Refitter at once (each group refitted, unset, then released)
 
 
 def check_refittable(arts: Artifacts, component: str) -> dict:
@@ -92,50 +86,88 @@ def _cast(src, dtype):
     return cast(src, ir.DataType(dtype))
 
 
-def refit_plan(trt, plan: bytes, onnx_path: Path, changed: Sequence[str]) -> bytes:
-    """The engine ``plan`` with the weights ``changed`` replaced by ``onnx_path``'s (GPU)."""
+def refit_plan(trt, engine_path: Path, onnx_path: Path, changed: Sequence[str], group_bytes: int | None = None):
+    """The engine at ``engine_path`` with the weights ``changed`` replaced by ``onnx_path``'s (GPU), serialised
+    again (an IHostMemory: write it with ``memoryview``, no bytes copy).
+
+    Host memory: the file is deserialised from a read-only memory map (no private copy of it), the changed
+    weights go to the one Refitter in groups of at most ``group_bytes``, and the engine is released before the
+    caller writes the new plan: at most TensorRT's engine, one group and, at the end, the serialised plan.
+    The Refitter reads every weight it holds at each ``refit_cuda_engine`` (IRefitter::refitCudaEngine: weights
+    "can be unset and released ... after refitCudaEngine returns"; unsetNamedWeights: "Unset weights before
+    releasing them"), so each group is unset after its refit and only then dropped. Every weight goes in as
+    ``Weights(type, pointer, count)``: ``Weights(ndarray)`` would pin the array for the Refitter's whole life."""
     logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    with mapped_engine(engine_path) as data:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(data)
     if engine is None:
         raise UserError("TensorRT could not load the engine to refit it", fix=f"rebuild it: {REBUILD}")
     refitter = trt.Refitter(engine, logger)
     refittable = set(refitter.get_all_weights())
     graph = Graph.load(onnx_path)
-    initializers = graph.initializers()
     names = [n for n in changed if n in refittable]
     if len(names) != len(changed):  # folded into other weights, or not refittable: the engine cannot take them
         raise UserError("the engine has no refittable weight for some changed ONNX weights",
                         found=", ".join(sorted(set(changed) - refittable)[:4]), fix=f"rebuild it: {REBUILD}")
-    group, held = [], 0
-    for i, name in enumerate(names):
-        held += _set(trt, refitter, graph, name, group)
-        if held >= GROUP_BYTES or i == len(names) - 1:
-            # weights TensorRT combined with the changed ones at build time must be given again (Refitter docs)
-            for other in refitter.get_missing_weights():
-                if other in initializers:
-                    _set(trt, refitter, graph, other, group)
-            _apply(refitter)
-            group, held = [], 0
-    config = engine.create_serialization_config()
-    include_refit = getattr(getattr(trt, "SerializationFlag", None), "INCLUDE_REFIT", None)
-    if include_refit is not None:  # TensorRT >= 10.x: without it the serialized engine is no longer refittable
-        config.set_flag(include_refit)
-    return bytes(engine.serialize_with_config(config))
+    for group in _groups(graph, names, GROUP_BYTES if group_bytes is None else group_bytes):
+        held: dict = {}  # name -> the array TensorRT reads at refit_cuda_engine: alive until unset
+        for name in group:
+            _set(trt, refitter, graph, name, held)
+        _set_missing(trt, refitter, graph, held)
+        _apply(refitter)
+        for name in held:
+            if not refitter.unset_named_weights(name):
+                raise RuntimeError(f"TensorRT had no weights {name} to unset after the refit")
+        held.clear()  # only now may the arrays go
+    plan = engine.serialize()  # a refittable (not stripped) engine stays refittable (SerializationFlag docs)
+    del refitter, engine  # TensorRT's engine is released before the plan is written
+    return plan
 
 
-def _set(trt, refitter, graph: Graph, name: str, group: list) -> int:
-    """Hand ONNX weight ``name`` to the refitter; its array joins ``group`` (TensorRT reads the memory at
-    refit_cuda_engine, so it must stay alive until then). Returns its bytes."""
+def _groups(graph: Graph, names: Sequence[str], group_bytes: int) -> list[list[str]]:
+    """``names`` in order, cut into groups of at most ``group_bytes`` (a larger weight is a group of its own)."""
+    groups, size = [[]], 0
+    for name in names:
+        nbytes = graph.source(name).nbytes
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return [g for g in groups if g]
+
+
+def _set_missing(trt, refitter, graph: Graph, held: dict) -> None:
+    """Weights TensorRT combined with the ones set at build time must be given again (IRefitter::getMissingWeights);
+    each one given may combine with others, so ask again until nothing new is missing (a fixed point)."""
+    initializers = graph.initializers()
+    while True:
+        missing = [m for m in refitter.get_missing_weights() if m in initializers and m not in held]
+        if not missing:
+            return
+        for name in missing:
+            _set(trt, refitter, graph, name, held)
+
+
+# numpy / ml_dtypes names -> trt.DataType member names: every weight goes in as Weights(type, pointer, count)
+_TRT_TYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "float8_e4m3fn": "FP8", "int8": "INT8",
+              "int32": "INT32", "int64": "INT64"}
+
+
+def _set(trt, refitter, graph: Graph, name: str, held: dict) -> int:
+    """Hand ONNX weight ``name`` to the refitter by pointer; its array goes into ``held``, which must keep it alive
+    until it is unset (TensorRT reads the memory at every refit_cuda_engine). Returns its bytes."""
     import numpy as np
 
     array = np.ascontiguousarray(graph.source(name).numpy())
-    group.append(array)
-    if array.dtype.name in _POINTER_TYPES:  # not numpy dtypes TensorRT's Weights(ndarray) knows: type, pointer, count
-        weights = trt.Weights(getattr(trt.DataType, _POINTER_TYPES[array.dtype.name]), array.ctypes.data, array.size)
-    else:
-        weights = trt.Weights(array)
-    if not refitter.set_named_weights(name, weights):
-        raise UserError(f"TensorRT refused the new weight {name}", fix=f"rebuild the engine: {REBUILD}")
+    if array.dtype.name not in _TRT_TYPES:
+        raise UserError(f"the weight {name} has a type the refitter does not take", found=array.dtype.name,
+                        fix=f"rebuild the engine: {REBUILD}")
+    held[name] = array
+    weights = trt.Weights(getattr(trt.DataType, _TRT_TYPES[array.dtype.name]), array.ctypes.data, array.size)
+    if not refitter.set_named_weights(name, weights):  # False: unknown name, other count or other type
+        raise UserError(f"TensorRT refused the new weight {name}", found=f"{array.dtype.name} {list(array.shape)}",
+                        fix=f"rebuild the engine: {REBUILD}")
     return array.nbytes
 
 
@@ -150,7 +182,9 @@ def _apply(refitter) -> None:
 
 
 def refit_stripped(trt, logger, engine, onnx_path: Path) -> None:
-    """Fill a weight-stripped engine with the weights of the ONNX file it was built from (runner, at load)."""
+    """Fill a weight-stripped engine with the weights of the ONNX file it was built from (runner, at load). Built
+    with REFIT_IDENTICAL, it may only take those very weights: the caller checks the file's hashes against the
+    engine key first (runtime/runners/tensorrt.py)."""
     refitter = trt.Refitter(engine, logger)
     parser = trt.OnnxParserRefitter(refitter, logger)
     if not parser.refit_from_file(str(onnx_path)):
@@ -305,17 +339,25 @@ def _refit_engine(arts: Artifacts, component: str, engines: dict, g, tmp: Path, 
     fields = {**entry["key"], "graph_sha256": info["file_sha256"], "weights_sha256": info["data_sha256"]}
     digest = key_digest(fields)
     new_file = engine_filename(g.file, digest)
-    plan = old_path.read_bytes()
     t0 = time.perf_counter()
-    if engine_mode(entry) == "refit":
-        import tensorrt as trt
+    if engine_mode(entry) == "strip":
+        # REFIT_IDENTICAL: TensorRT may only refit it with the weights it was built from. Its record keeps the old
+        # key, so the runner refuses it as stale and `build` rebuilds it from the new graph.
+        log(f"{component}/{g.name}: weight-stripped engine (REFIT_IDENTICAL) cannot take other weights: run "
+            f"`helios-deploy build {arts.root}` to rebuild it")
+        record["engines"][f"{component}/{g.name}"] = {"mode": "strip", "weights": 0, "rebuild": True,
+                                                     "refit_seconds": 0.0}
+        return None
+    import tensorrt as trt
 
-        log(f"{component}/{g.name}: refitting {len(changed)} weights ...")
-        plan = refit_plan(trt, plan, tmp / info["file"], changed)
+    log(f"{component}/{g.name}: refitting {len(changed)} weights ...")
+    plan = refit_plan(trt, old_path, tmp / info["file"], changed)
     write_atomic(arts.root / component / new_file, plan)
-    report = {**entry.get("report", {}), "engine_bytes": len(plan), "engine_sha256": hashlib.sha256(plan).hexdigest()}
+    view = memoryview(plan)
+    report = {**entry.get("report", {}), "engine_bytes": view.nbytes, "engine_sha256": hashlib.sha256(view).hexdigest()}
+    del view, plan
     engines[g.name] = {**entry, "file": new_file, "key": fields, "digest": digest, "report": report,
                        "lora": [a.record() for a in fusion.adapters]}
-    record["engines"][f"{component}/{g.name}"] = {"mode": engine_mode(entry), "weights": len(changed),
-                                 "refit_seconds": round(time.perf_counter() - t0, 3)}
+    record["engines"][f"{component}/{g.name}"] = {"mode": "refit", "weights": len(changed),
+                                                 "refit_seconds": round(time.perf_counter() - t0, 3)}
     return old_path if new_file != entry["file"] else None

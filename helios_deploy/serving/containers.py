@@ -12,11 +12,15 @@ package registries): Triton's Release Compatibility Matrix, ``docs/introduction/
 github.com/triton-inference-server/server (commit 0f963c9a8c6913aa4cd9b57ee04f9c2b76ee8d2a), section "Container
 Name: trtllm-python-py3": the TensorRT of the ``YY.MM-trtllm-python-py3`` images. Those images hold the Python
 backend (and TensorRT-LLM's) but not Triton's tensorrt backend (tensorrtllm_backend's docs: "The Triton container
-includes TensorRT-LLM, along with the TensorRT-LLM backend and the Python backend"). The TensorRT of the plain
-``YY.MM-py3`` images is listed in NVIDIA's Frameworks Support Matrix, which could not be read here: for plan models
-the README names the ``-py3`` image of the same release and its command first checks the container's libnvinfer
-(``python -m helios_deploy.serving.containers check-libnvinfer V``), so a mismatch stops the container with one
-message before any model loads.
+includes TensorRT-LLM, along with the TensorRT-LLM backend and the Python backend").
+
+The plain ``YY.MM-py3`` images, which hold the tensorrt backend, ship another CUDA and TensorRT (Triton's release
+notes: 25.10 "is based on CUDA 13.0.2.006", 25.08 on CUDA 13.0.0.044, while the 25.10 trtllm image has CUDA
+12.9.1.010 and TensorRT 10.11.0.33). Their TensorRT is listed only in NVIDIA's Frameworks Support Matrix, which
+could not be read here, so no ``-py3`` row is claimed and nothing is guessed: plan models (``--plan-models``) need
+``--triton-release YY.MM`` named by the user (the ``-py3`` release that ships the engines' TensorRT), and the
+README's command first checks the container's libnvinfer (``python -m helios_deploy.serving.containers
+check-libnvinfer V``), so a wrong release stops the container with one message before any model loads.
 
 ALLOCATION_STRATEGY_SINCE: the tensorrt backend's ``execution_context_allocation_strategy`` model parameter
 (STATIC default, ON_PROFILE_CHANGE) came with tensorrt_backend pull request #108 (merged April 2025); the first
@@ -33,7 +37,8 @@ from typing import Mapping
 from ..errors import UserError
 from ..export.tensorrt.probe import MIN_TENSORRT, tensorrt_version
 
-# Triton release -> TensorRT of nvcr.io/nvidia/tritonserver:<release>-trtllm-python-py3 (source: module docstring)
+# Triton release -> TensorRT of nvcr.io/nvidia/tritonserver:<release>-trtllm-python-py3 (source: module docstring);
+# NOT the TensorRT of <release>-py3 (not known here: see the module docstring)
 RELEASES = {
     "24.07": "10.1.0", "24.08": "10.3.0", "24.09": "10.4.0", "24.10": "10.4.0", "24.11": "10.6.0", "24.12": "10.7.0",
     "25.01": "10.8.0.43", "25.02": "10.8.0.43", "25.03": "10.9.0.34", "25.04": "10.9.0.34", "25.05": "10.9.0.34",
@@ -100,9 +105,12 @@ def engines_tensorrt(manifest: Mapping) -> str:
 
 
 def deployment(version: str | None, plan_models: bool, release: str | None = None) -> Deployment:
-    """The container for engines of TensorRT ``version`` (None: no engines are served). ``release`` (YY.MM) is the
-    user's choice; otherwise the newest listed release that ships ``version``. Refused: a release that does not
-    ship ``version``; plan models for a TensorRT no listed release ships (the container's libnvinfer loads them)."""
+    """The container for engines of TensorRT ``version`` (None: no engines are served). Without plan models:
+    ``release`` (YY.MM) is the user's choice, refused unless its ``-trtllm-python-py3`` image ships ``version``;
+    otherwise the newest listed release that ships it. Plan models run in the ``-py3`` image, whose TensorRT no
+    table here gives: ``release`` must be named (checked at container start by check-libnvinfer), never guessed."""
+    if plan_models and version is not None:
+        return _plan_deployment(version, release)
     if release is not None and release not in RELEASES:
         raise UserError(f"unknown Triton release {release!r}", expected=", ".join(RELEASES),
                         fix="pass a listed --triton-release, or leave it out to pick one")
@@ -115,15 +123,24 @@ def deployment(version: str | None, plan_models: bool, release: str | None = Non
                         expected=f"a release that ships TensorRT {version}: {', '.join(matching) or 'none listed'}",
                         fix="pass one of those with --triton-release, or rebuild the engines with the release's "
                             "TensorRT: helios-deploy build ARTIFACTS --rebuild")
-    if plan_models and not matching:
-        raise UserError(f"no listed Triton release ships TensorRT {version}, which the tensorrt_plan models need "
-                        "(Triton's tensorrt backend loads them with the container's own libnvinfer)",
-                        found=f"engines built with TensorRT {version}",
-                        expected="TensorRT " + ", ".join(sorted(set(RELEASES.values()))),
-                        fix="rebuild the engines with one of those TensorRT versions, or leave out --plan-models "
-                            "(the helios model pins its own tensorrt wheel)")
     chosen = release or (matching[-1] if matching else DEFAULT_RELEASE)
     return Deployment(version, chosen, matching, plan_models)
+
+
+def _plan_deployment(version: str, release: str | None) -> Deployment:
+    """Plan models: the ``<release>-py3`` image the user names (its TensorRT is checked when the container starts)."""
+    if release is None:
+        raise UserError(f"the tensorrt_plan models need a Triton -py3 release that ships TensorRT {version}, and "
+                        "helios-deploy has no table of the -py3 images' TensorRT (its table is of the "
+                        "-trtllm-python-py3 images, which ship another TensorRT and have no tensorrt backend)",
+                        expected=f"--triton-release YY.MM of a -py3 image with TensorRT {version} (NVIDIA's Frameworks "
+                                 "Support Matrix lists them)",
+                        fix="pass --triton-release (the container's command checks its libnvinfer before loading "
+                            "anything), or leave out --plan-models")
+    parts = release.split(".")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) == 2 for p in parts):
+        raise UserError(f"unknown Triton release {release!r}", expected="YY.MM, e.g. 25.10")
+    return Deployment(version, release, tuple(r for r in RELEASES if ships(r, version)), True)
 
 
 def pip_line(backend: str, version: str | None) -> str:

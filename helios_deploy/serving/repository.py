@@ -35,7 +35,7 @@ from typing import Callable
 from ..artifacts import Artifacts
 from ..runtime.runners.base import graph_record
 from ..errors import UserError
-from ..export.tensorrt.engines import profiles
+from ..export.tensorrt.engines import engine_mode, profiles
 from ..export.tensorrt.builder import write_atomic
 from ..fsutil import sha256_file, staged_dir
 from ..model.specs import GraphSpec
@@ -91,6 +91,8 @@ def check_options(arts: Artifacts, opts: RepoOptions) -> Deployment:
     _check_values(arts, opts)
     uses_engines = opts.backend == "tensorrt" or opts.plan_models
     version = engines_tensorrt(arts.manifest) if uses_engines else None
+    if opts.plan_models:
+        _check_plan_engines(arts)
     return deployment(version, opts.plan_models, opts.triton_release)
 
 
@@ -185,6 +187,20 @@ def _helios_model(arts: Artifacts, root: Path, opts: RepoOptions) -> str:
     _write_config(folder, helios_config(sizes, gpus, params))
     (folder / "1" / "model.py").write_text(SHIM.format(name="helios", module="model"))
     return how
+
+
+def _check_plan_engines(arts: Artifacts) -> None:
+    """Refuse weight-stripped engines as plan models: Triton's tensorrt backend only deserialises a plan
+    (tensorrt_backend loader.cc, LoadPlan) and never refits it, so a stripped plan would run without weights."""
+    stripped = [f"{c}/{g}" for c, entry in arts.manifest["components"].items()
+                for g, e in (entry.get("engines") or {}).items() if engine_mode(e) == "strip"]
+    if stripped:
+        raise UserError("weight-stripped engines cannot be served as tensorrt_plan models",
+                        found=f"built with --strip-weights: {', '.join(stripped)}",
+                        expected="engines that hold their weights (Triton's tensorrt backend loads a plan as it is, "
+                                 "without a refit)",
+                        fix=f"rebuild them without --strip-weights (helios-deploy build {arts.root} --rebuild), "
+                            "or leave out --plan-models (the helios model refits them at load)")
 
 
 def _plan_model(arts: Artifacts, root: Path, component: str, graph: GraphSpec, entry: dict, opts: RepoOptions,

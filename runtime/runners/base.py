@@ -1,12 +1,12 @@
 """The runner protocol (after Polygraphy's runners): public activate / infer / deactivate do the
 checks; each backend fills in small ``_impl`` methods. Runners take and return named torch tensors on
-their device, one graph each."""
+their device, one graph each. This module never imports a backend: the backends import it, and the choice of
+backend lives above them (runners/factory.py)."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from ...errors import UserError
 from ...model.specs import GraphSpec, bind_symbols
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")  # what runners/factory.py can make
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
@@ -107,22 +107,3 @@ def graph_record(manifest: dict, component: str, graph: str, precision: str = "f
 def onnx_file(manifest: dict, component: str, graph: GraphSpec, precision: str = "fp32") -> str:
     """The ONNX file of ``graph`` at ``precision`` (see graph_record)."""
     return graph_record(manifest, component, graph.name, precision)[0]["file"]
-
-
-def make_runner(backend: str, root: Path, manifest: dict, component: str, graph: GraphSpec, device: str,
-                precision: str = "fp32", low_memory: bool = False) -> Runner:
-    """The runner for one graph of one component, imported only when its backend is used."""
-    if backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(root / component / onnx_file(manifest, component, graph, precision), graph,
-                                 component, device, prepack=not low_memory)
-    if backend == "torch":
-        from .torch_ref import TorchRunner
-
-        return TorchRunner(manifest, graph, component, device)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTRunner
-
-        return TensorRTRunner(root, manifest, component, graph, device)
-    raise UserError(f"unknown backend {backend!r}", expected=", ".join(BACKENDS))

@@ -8,14 +8,14 @@ budget is set before any context exists (contexts size their memory by it), and 
 as the largest profile needs, is allocated for all contexts (USER_MANAGED: every run is on the runner's stream,
 so no two contexts ever use it at once).
 
-Each operating point gets its own context on first use: its profile selected and its input shapes set once,
+Each distinct set of input shapes (an operating point, or another batch within a profile widened with
+``build --max-batch``) gets its own context on first use: its profile selected and its input shapes set once,
 the output shapes TensorRT computes checked against the spec's, the shared activation memory attached. With
 ``cuda_graph`` the point's context also gets fixed buffers, one warm-up run and a captured CUDA graph, and is
 never touched again (a graph replays the context state and addresses it captured). The graph is captured into
 a local and kept only when the capture succeeds; a capture that fails (a layer that cannot be captured) is
 warned about once, its CUDA error cleared, and that point runs without a graph from then on (as trtexec does).
-Shapes that change within one profile (a profile widened with ``build --max-batch``) are set on that profile's
-context again, which drops its graph (captured again on the next call).
+A batch that alternates within one profile therefore replays each shape's graph: nothing is captured twice.
 
 TensorRT 10.1+ (the probe refuses older): ``set_optimization_profile_async`` raises RuntimeError on failure
 (caught and re-raised naming the profile); ``update_device_memory_size_for_shapes`` returning 0 for a profile
@@ -195,16 +195,21 @@ class TensorRTRunner(Runner):
             with self.cuda.use_stream(self._stream):  # freed on the runner's stream, after its last run
                 self._activations = self.cuda.empty((max(self._profile_memory),), torch.uint8, self.device)
         self._engine = engine
-        self._points: dict[int, _Point] = {}
-        self._profile_of: dict[tuple, int] = {}
+        self._points: dict[tuple, _Point] = {}  # input shapes -> their own context (and CUDA graph)
 
     def _refit_stripped(self, engine) -> None:
+        """Refit a weight-stripped engine from the ONNX graph and weights it was built from. Built with
+        REFIT_IDENTICAL, it may only take exactly those weights (NvInfer.h): the graph file and the weights file
+        are both hashed and must be the ones the engine key records."""
+        key = self.entry["key"]
         onnx_path = self.path.parent / self.graph_entry["file"]
         data = self.path.parent / self.graph_entry["data"]
-        if not data.is_file() or sha256_file(data) != self.graph_entry.get("data_sha256"):
-            raise UserError(f"the weights of the weight-stripped engine {self.path} do not match the manifest",
-                            found=f"{data} is missing or changed since the export / refit",
-                            fix="restore the artifacts, or re-run `helios-deploy refit` / the export")
+        for path, want in ((onnx_path, key.get("graph_sha256")), (data, key.get("weights_sha256"))):
+            if not path.is_file() or sha256_file(path) != want:
+                raise UserError(f"the weight-stripped engine {self.path} can only be refitted from the files it was "
+                                "built from (REFIT_IDENTICAL)",
+                                found=f"{path} is missing or changed since the build",
+                                fix=f"restore the artifacts, or rebuild the engine: {REBUILD}")
         refit_stripped(self._trt, self._logger, engine, onnx_path)
 
     def _audit(self, engine) -> None:
@@ -270,11 +275,13 @@ class TensorRTRunner(Runner):
         return outs
 
     def _point(self, key: tuple, stream) -> _Point:
-        index = self._profile_of.get(key)
-        if index is None:
-            index = self._profile_of[key] = self._find_profile(key)
-        point = self._points.get(index) or self._new_point(index, stream)
-        if point.key != key:
+        """The context for these input shapes: one per distinct shapes seen (on the profile select_profile picks),
+        set up once and never changed, so a batch that alternates within one profile (``build --max-batch``)
+        replays each shape's own CUDA graph instead of capturing again at every change. Contexts share the one
+        activation buffer (USER_MANAGED; every run is on the runner's stream)."""
+        point = self._points.get(key)
+        if point is None:
+            point = self._new_point(key, self._find_profile(key), stream)
             self._set_shapes(point, key)
         return point
 
@@ -291,7 +298,7 @@ class TensorRTRunner(Runner):
                                 "batch, another video size a re-export and a build")
         return index
 
-    def _new_point(self, index: int, stream) -> _Point:
+    def _new_point(self, key: tuple, index: int, stream) -> _Point:
         """The profile's own context, its activation memory supplied by the runner (shared by all contexts)."""
         strategy = self._trt.ExecutionContextAllocationStrategy.USER_MANAGED
         context = self._engine.create_execution_context(strategy)
@@ -304,12 +311,12 @@ class TensorRTRunner(Runner):
             point = self.graph.operating_points[index].name if index < len(self.graph.operating_points) else "?"
             raise RuntimeError(f"TensorRT refused optimization profile {index} ({point}) of {self.path} on a new "
                                f"execution context: {e}") from e
-        point = self._points[index] = _Point(index, context)
+        point = self._points[key] = _Point(index, context)
         return point
 
     def _set_shapes(self, point: _Point, key: tuple) -> None:
-        """Input shapes on the point's context, the output shapes TensorRT then computes checked against the
-        buffers the spec sizes, the activation memory attached. A graph captured before is dropped."""
+        """Input shapes on the point's new context (once: a context's shapes never change), the output shapes
+        TensorRT then computes checked against the buffers the spec sizes, the activation memory attached."""
         shapes = dict(zip(self.names, key))
         context = point.context
         for name, shape in shapes.items():
