@@ -42,7 +42,8 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
 @click.option("--plan-models", is_flag=True, help="Also write a helios_<component> tensorrt_plan model per engine, "
               "loaded on request only (each holds its engine's weights a second time on the GPU).")
 @click.option("--triton-release", default=None, metavar="YY.MM", help="NVIDIA Triton container release to run; "
-              "refused unless it ships the engines' TensorRT. Default: the newest listed one that does.")
+              "refused unless it ships the engines' TensorRT. Default: the newest listed one that does; "
+              "with --plan-models required (the -py3 release that ships it; checked when the container starts).")
 @force_option
 def command(artifacts, out, backend, precision, instances, gpus, max_frames, copy, max_streams, chunk_seconds, fps,
             queue, max_batch, plan_models, triton_release, force):
