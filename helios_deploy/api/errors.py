@@ -12,7 +12,8 @@ from ..errors import UserError
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
 # StreamError codes (runtime/live.py, api/backends.py) -> HTTP status
-STREAM_STATUS = {"over_capacity": 429, "not_found": 404, "finished": 409, "unsupported": 400}
+STREAM_STATUS = {"over_capacity": 429, "not_found": 404, "finished": 409, "unsupported": 400,
+                 "store_unavailable": 503}  # the job store's StoreError (api/jobs.py)
 
 
 class ApiError(Exception):

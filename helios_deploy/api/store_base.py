@@ -66,6 +66,7 @@ class BaseStore:
         self._on_claim = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._abandoned: set[str] = set()  # our jobs whose end could not be written: their lease runs out
         self.recovered = 0
 
     # -- opening ------------------------------------------------------------------------------------
@@ -103,8 +104,7 @@ class BaseStore:
     def maintain(self) -> None:
         """One round of the thread's work: renew our leases, reclaim expired ones, run queued jobs, expire."""
         self.heartbeat()
-        if self.requeue:
-            self.reclaim()
+        self.reclaim()
         while self._on_claim is not None and (job := self.claim()) is not None:
             try:
                 self._on_claim(job)
@@ -175,6 +175,14 @@ class BaseStore:
                      "(owner IS NULL OR owner=?) RETURNING id", (*fields.values(), job_id, self.replica))
         return bool(rows)
 
+    def progress(self, job_id: str, percent: int) -> bool:
+        """A running job's progress; False when the job was deleted or another replica holds it (stop it).
+        While the database is away the job goes on (True): progress is not worth failing a job for."""
+        try:
+            return self.update(job_id, progress=percent)
+        except StoreError:
+            return True
+
     def list(self, *, key: str, after: str | None = None, limit: int = 20,
              order: str = "desc") -> tuple[list[dict], bool]:
         """One page of ``key``'s jobs by creation order; True if more follow."""
@@ -224,10 +232,14 @@ class BaseStore:
         os.chmod(staged, 0o600)
         os.replace(staged, path)
         now = int(time.time())
-        with self._tx() as q:
-            done = q("UPDATE jobs SET status='completed', progress=100, completed_at=?, expires_at=?, owner=NULL, "
-                     "lease_until=NULL WHERE id=? AND owner=? RETURNING id",
-                     (now, self._expiry(now), job_id, self.replica))
+        try:
+            with self._tx() as q:
+                done = q("UPDATE jobs SET status='completed', progress=100, completed_at=?, expires_at=?, "
+                         "owner=NULL, lease_until=NULL WHERE id=? AND owner=? RETURNING id",
+                         (now, self._expiry(now), job_id, self.replica))
+        except StoreError:
+            self._abandoned.add(job_id)  # its lease runs out, then reclaim() finds the video: completed
+            raise
         if not done:
             held = self.get(job_id)
             if held is None or held["owner"] not in (None, self.replica):
@@ -235,21 +247,30 @@ class BaseStore:
         return bool(done)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
+        """Mark our job failed; False if it is gone or another's, or the database is away (its lease then
+        runs out and reclaim() ends it)."""
         self.staging_path(job_id).unlink(missing_ok=True)
         now = int(time.time())
-        with self._tx() as q:
-            return bool(q("UPDATE jobs SET status='failed', completed_at=?, expires_at=?, error_code=?, "
-                          "error_message=?, owner=NULL, lease_until=NULL WHERE id=? AND owner=? RETURNING id",
-                          (now, self._expiry(now), code, message, job_id, self.replica)))
+        try:
+            with self._tx() as q:
+                return bool(q("UPDATE jobs SET status='failed', completed_at=?, expires_at=?, error_code=?, "
+                              "error_message=?, owner=NULL, lease_until=NULL WHERE id=? AND owner=? RETURNING id",
+                              (now, self._expiry(now), code, message, job_id, self.replica)))
+        except StoreError:
+            self._abandoned.add(job_id)
+            return False
 
     def _expiry(self, now: int) -> int | None:
         return None if self.retention is None else now + int(round(self.retention))
 
     # -- leases, reconciling, expiry --------------------------------------------------------------------
     def heartbeat(self) -> int:
+        """Renew the leases of our queued / running jobs (not of those abandoned); their count."""
+        skip = list(self._abandoned)
+        not_in = f" AND id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
         with self._tx() as q:
-            return len(q("UPDATE jobs SET lease_until=? WHERE owner=? AND status IN (?, ?) RETURNING id",
-                         (time.time() + self.lease, self.replica, *ACTIVE)))
+            return len(q(f"UPDATE jobs SET lease_until=? WHERE owner=? AND status IN (?, ?){not_in} RETURNING id",
+                         (time.time() + self.lease, self.replica, *ACTIVE, *skip)))
 
     def claim(self) -> dict | None:
         """Take the oldest unowned queued job (it becomes this replica's, in progress), or None."""
@@ -276,6 +297,7 @@ class BaseStore:
             for job_id, attempts in rows:
                 self._reclaim_one(q, job_id, attempts, int(now))
         for job_id, _ in rows:  # the dead writer's partial files
+            self._abandoned.discard(job_id)
             for p in self.videos.glob(f".*{job_id}*"):
                 p.unlink(missing_ok=True)
         return len(rows)

@@ -8,6 +8,7 @@ row in the store follows its progress. Each key sees its own jobs only.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -26,7 +27,7 @@ POLL_AFTER_MS = 500  # the openai SDK's poll waits this long between retrieves (
 def video_object(job: dict) -> dict:
     out = {k: job[k] for k in ("id", "created_at", "completed_at", "status", "progress", "model", "prompt",
                                "seconds", "size")}
-    out.update(object="video", expires_at=None, remixed_from_video_id=None,
+    out.update(object="video", expires_at=job.get("expires_at"), remixed_from_video_id=None,
                error=None if job["status"] != "failed" else {"code": job["error_code"] or "failed",
                                                              "message": job["error_message"] or ""})
     return out
@@ -39,6 +40,8 @@ class JobRunner:
         self.state = state
         self._streams: dict[str, object] = {}  # job id -> backend stream, while it runs
         self._lock = threading.Lock()
+        if hasattr(state.store, "serve_queue"):  # jobs the store re-queued (a dead replica's) are run here
+            state.store.serve_queue(self.resume)
 
     def start(self, key: str, request: VideoRequest) -> dict:
         s = self.state
@@ -62,6 +65,25 @@ class JobRunner:
                          daemon=True).start()
         return s.store.get(job["id"])
 
+    def resume(self, job: dict) -> None:
+        """Run a job this replica claimed from the store's queue (its replica died) again from the start;
+        an error (e.g. over capacity) hands it back to the queue."""
+        params = json.loads(job["params"])
+        if params.pop("image", False):
+            self.state.store.fail(job["id"], "server_restarted", "the replica running this image-to-video job "
+                                  "stopped, and the input image is not kept: create the job again")
+            return
+        if params.get("pyramid_steps") is not None:
+            params["pyramid_steps"] = tuple(params["pyramid_steps"])
+        width, height = (int(v) for v in job["size"].split("x"))
+        opened = time.perf_counter()
+        stream = self.state.backend.open(job["prompt"], realtime=False, image=None, height=height, width=width,
+                                         **params)
+        with self._lock:
+            self._streams[job["id"]] = stream
+        threading.Thread(target=self._run, args=(job["id"], stream, opened), name=f"job-{job['id']}",
+                         daemon=True).start()
+
     def _run(self, job_id: str, stream, opened: float) -> None:
         store, path = self.state.store, self.state.store.video_path(job_id)
 
@@ -71,21 +93,19 @@ class JobRunner:
                     self.state.metrics.first_chunk.observe(time.perf_counter() - opened)
                 self.state.metrics.chunks.inc()
                 p = stream.progress()
-                store.update(job_id, progress=min(99, int(100 * p["chunks_done"] / p["num_chunks"])))
+                store.progress(job_id, min(99, int(100 * p["chunks_done"] / p["num_chunks"])))
                 yield chunk.frames
 
         try:
-            write_mp4(path, frames(), fps=round(self.state.fps))
+            write_mp4(store.staging_path(job_id), frames(), fps=round(self.state.fps))
             if stream.progress()["status"] == "stopped":  # deleted, or the server is shutting down
-                path.unlink(missing_ok=True)
-                store.update(job_id, status="failed", completed_at=int(time.time()), error_code="cancelled",
-                             error_message="the job was stopped before it completed (deleted, or the server stopped)")
+                store.fail(job_id, "cancelled", "the job was stopped before it completed (deleted, or the server "
+                           "stopped)")
             else:
-                store.update(job_id, status="completed", completed_at=int(time.time()), progress=100)
+                store.complete(job_id, store.staging_path(job_id))  # into place, then the row (expires_at)
         except Exception as e:  # noqa: BLE001 - any failure of the stream becomes the job's error
             message = e.render() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            store.update(job_id, status="failed", completed_at=int(time.time()), error_code="generation_failed",
-                         error_message=message)
+            store.fail(job_id, "generation_failed", message)
         finally:
             with self._lock:
                 self._streams.pop(job_id, None)
@@ -99,6 +119,8 @@ class JobRunner:
             stream.stop()
 
     def stop_all(self) -> None:
+        if hasattr(self.state.store, "serve_queue"):
+            self.state.store.serve_queue(None)
         for job_id in list(self._streams):
             self.cancel(job_id)
 
