@@ -81,11 +81,11 @@ def sample_motion(rng: np.random.Generator, height: int, width: int, chunks: int
     return Motion(shape, direction, tuple(colours), size, start, travel / frames)
 
 
-def render(motion: Motion, height: int, width: int, frames: int | None = None) -> np.ndarray:
-    """The video as float32 [T, H, W, 3] in [0, 1] (antialiased edges)."""
-    frames = frames or len(motion.colours) * CHUNK_FRAMES
+def render(motion: Motion, height: int, width: int, frames: int | None = None, start: int = 0) -> np.ndarray:
+    """The video (or ``frames`` of it from frame ``start``) as float32 [T, H, W, 3] in [0, 1] (antialiased edges)."""
+    frames = frames or len(motion.colours) * CHUNK_FRAMES - start
     dx, dy = DIRECTIONS[motion.direction]
-    t = np.arange(frames, dtype=np.float32)
+    t = np.arange(start, start + frames, dtype=np.float32)
     cx = motion.start[0] + dx * motion.speed * t
     cy = motion.start[1] + dy * motion.speed * t
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5

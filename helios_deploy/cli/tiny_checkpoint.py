@@ -20,9 +20,17 @@ from .options import force_option
                    "whole pipeline runs on it: for trying the deploy chain at real size.")
 @click.option("--text-encoder-layers", type=int, default=1, show_default=True, metavar="K",
               help="With --real-width-layers: UMT5 layers (the embedding table, 2.1 GB in bf16, comes on top).")
+@click.option("--trained", is_flag=True,
+              help="Instead: the tiny Helios-Distilled trained on procedural videos (\"a red square moving right\"; "
+                   "weights shipped with the package, see docs/model.md): its videos show the prompt.")
+@click.option("--retrain", is_flag=True,
+              help="With --trained: train it here first (seeded; about 10 minutes on 2 CPU cores) instead of "
+                   "using the shipped weights.")
 @force_option
-def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_layers, text_encoder_layers, force):
-    """Write a small random-weight Helios checkpoint (Distilled, Base or Mid) in diffusers layout.
+def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_layers, text_encoder_layers, trained,
+            retrain, force):
+    """Write a small random-weight Helios checkpoint (Distilled, Base or Mid) in diffusers layout, or (--trained)
+    the tiny Helios-Distilled trained on procedural videos.
 
     \b
     Examples:
@@ -30,8 +38,18 @@ def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_l
       helios-deploy tiny-checkpoint engines/tiny-base --variant base
       helios-deploy tiny-checkpoint engines/tiny-mid --variant mid --no-cfg-zero-star
       helios-deploy tiny-checkpoint engines/wide2 --real-width-layers 2
+      helios-deploy tiny-checkpoint engines/trained --trained
     """
     from ..errors import UserError
+
+    if retrain and not trained:
+        raise UserError("--retrain goes with --trained", fix="pass --trained --retrain")
+    if trained:
+        if real_width_layers is not None or variant != "distilled" or cfg_zero_star is not None:
+            raise UserError("--trained writes the trained tiny Helios-Distilled only",
+                            fix="leave --variant, --cfg-zero-star and --real-width-layers out with --trained")
+        _write_trained(out_dir, seed, retrain, force)
+        return
 
     if real_width_layers is not None:
         if variant != "distilled" or cfg_zero_star is not None:
@@ -55,3 +73,24 @@ def command(out_dir, seed, variant, cfg_zero_star, amplify_history, real_width_l
     path = write_tiny_checkpoint(out_dir, seed=seed, amplify_history=amplify_history, force=force, variant=variant,
                                  cfg_zero_star=cfg_zero_star)
     click.echo(f"tiny {variant} checkpoint written to {path}")
+
+
+def _write_trained(out_dir, seed, retrain, force):
+    import tempfile
+    from pathlib import Path
+
+    from ..checkpoints.trained import write_trained_checkpoint
+    from ..fsutil import check_output_dir
+
+    check_output_dir(Path(out_dir), force)  # before ten minutes of training
+    if not retrain:
+        path = write_trained_checkpoint(out_dir, force=force)
+        click.echo(f"trained tiny distilled checkpoint written to {path}")
+        return
+    from ..checkpoints.train_tiny import build_trained_pipeline, save_trained
+
+    pipe, record = build_trained_pipeline(seed, log=lambda m: click.echo(m, err=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = save_trained(pipe, record, Path(tmp) / "trained")
+        path = write_trained_checkpoint(out_dir, force=force, source=source)
+    click.echo(f"trained tiny distilled checkpoint (retrained here, seed {seed}) written to {path}")

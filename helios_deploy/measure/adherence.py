@@ -23,7 +23,7 @@ import numpy as np
 
 from ..checkpoints.procedural import CHUNK_FRAMES, COLOURS, DIRECTIONS, SHAPES, caption, parse_caption
 
-MIN_BRIGHTNESS = 0.2  # a frame whose brightest pixel is darker shows no shape
+MIN_BRIGHTNESS = 0.04  # a frame whose brightest pixel is darker (about 10 of 255) shows no shape
 MIN_TRAVEL = 2.0  # pixels over the video below which the shape is "still"
 SQUARE_FILL = 0.88  # share of its bounding box a square fills (a disc fills pi / 4 = 0.785)
 _PALETTE = np.array(list(COLOURS.values()), np.float32)
