@@ -205,7 +205,7 @@ def read_all(streams):
 def test_kill_9_of_a_node_mid_stream_continues_frame_exact(nodes, pipe):
     """Streams and a job on a node killed with -9 go on elsewhere from their last chunk: the same frames as
     the uninterrupted run, the next chunk within 2 chunk-times, nothing lost."""
-    b = backend(nodes, failover=True, lost_after=3.0)
+    b = backend(nodes, failover=True)
     try:
         live = [b.open(PROMPT, num_frames=198, seed=20 + i) for i in range(3)]
         job = b.open(PROMPT, num_frames=198, seed=30, realtime=False)
@@ -219,7 +219,7 @@ def test_kill_9_of_a_node_mid_stream_continues_frame_exact(nodes, pipe):
         assert after and after[0] - lost_at <= 2 * 33 / 24, f"the next chunk came {after[0] - lost_at:.2f} s after"
         assert live[0].failovers == 1 and live[0].nodes[0] == victim and live[0].nodes[1] != victim, live[0].nodes
         for i, s in enumerate(live):
-            assert s.status == "completed", s.progress()
+            assert s.status == "completed", (s.error, s.reasons, s.nodes)
             assert_frames_equal([c for c, _t in got[id(s)]], pipe.generate(PROMPT, num_frames=198, seed=20 + i))
         assert job.status == "completed", job.progress()
         assert_frames_equal([c for c, _t in got[id(job)]], pipe.generate(PROMPT, num_frames=198, seed=30))
@@ -244,7 +244,7 @@ def test_sigterm_drains_a_node_and_its_streams_move(nodes, pipe):
         want = [pipe.generate({0: PROMPT, prompt_at: NEW}, num_frames=198, seed=40),
                 pipe.generate(PROMPT, num_frames=198, seed=41)]
         for s, w in zip(streams, want):
-            assert s.status == "completed", s.progress()
+            assert s.status == "completed", (s.error, s.reasons, s.nodes)
             assert_frames_equal([c for c, _t in got[id(s)]], w)
     finally:
         b.close()

@@ -126,7 +126,7 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, url, model: str = "helios", max_streams: int | None = None, admit_timeout: float = 60.0,
-                 failover: bool = False, fps: float = 24.0, lost_after: float = 5.0, job_lost_after: float = 60.0,
+                 failover: bool = False, fps: float = 24.0, lost_after: float = 10.0, job_lost_after: float = 60.0,
                  refresh_s: float = 10.0, buffer: int = 4, job_buffer: int = 8):
         self.model, self.max_streams, self.admit_timeout, self.failover = model, max_streams, admit_timeout, failover
         self.fps, self.lost_after, self.job_lost_after = fps, lost_after, job_lost_after

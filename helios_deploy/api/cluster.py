@@ -121,28 +121,41 @@ class Cluster:
         active streams); nodes reporting no free room last, so a queueing node can still be tried."""
         answers = self.capacities([n for n in self.live() if n not in exclude])
         usable = [(n, a) for n, a in answers.items() if a is not None and not a.get("draining")]
-        usable.sort(key=lambda na: (-float(na[1].get("free", 0)), float(na[1].get("active", 0)), na[0].address))
+        usable.sort(key=lambda na: (na[0].opening - float(na[1].get("free", 0)), float(na[1].get("active", 0)),
+                                    na[0].address))
         return [n for n, _ in usable]
 
     def broadcast(self, action: str, stream_id: str, owner: str | None, prompt: str | None = None,
-                  timeout: float = CONTROL_TIMEOUT) -> tuple[Node, dict]:
-        """Ask every live node; the answer of the one that holds the stream (for this owner). A StreamError
-        not_found when none does."""
+                  timeout: float = CONTROL_TIMEOUT, settle: float = 2.0) -> tuple[Node, dict]:
+        """Ask every live node; the answer of the one that holds the stream running (for this owner). When only
+        an ended copy answers (a stream that moved leaves one behind: "finished"), the stream may be between two
+        nodes: asked again for up to ``settle`` seconds, then that answer. StreamError not_found when no node
+        knows it."""
+        import time
+
         from ..runtime.live import StreamError
 
-        nodes = self.live()
+        deadline = time.monotonic() + settle
+        while True:
+            nodes = self.live()
 
-        def ask(node):
-            try:
-                return node.control(action, stream_id, owner, prompt, timeout=timeout)
-            except UserError:
-                return None
+            def ask(node):
+                try:
+                    return node.control(action, stream_id, owner, prompt, timeout=timeout)
+                except UserError:
+                    return None
 
-        for node, answer in zip(nodes, self._pool.map(ask, nodes)):
-            if answer is not None and (answer.get("error") or {}).get("code") != "not_found":
-                return node, answer
-        raise StreamError("not_found", f"no stream {stream_id!r} for this key on any Triton node",
-                          found=f"{len(nodes)} node(s) asked")
+            answers = [(n, a) for n, a in zip(nodes, self._pool.map(ask, nodes)) if a is not None]
+            for node, answer in answers:
+                if "error" not in answer:
+                    return node, answer
+            ended = [(n, a) for n, a in answers if a["error"].get("code") != "not_found"]
+            if not ended:  # no node knows it (or not for this owner)
+                raise StreamError("not_found", f"no stream {stream_id!r} for this key on any Triton node",
+                                  found=f"{len(nodes)} node(s) asked")
+            if time.monotonic() > deadline:
+                return ended[0]
+            time.sleep(0.2)
 
     def demand(self) -> float | None:
         """The cluster's demand: (active + queued + refused in the last minute) / capacity over all nodes, from

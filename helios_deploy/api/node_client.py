@@ -188,6 +188,7 @@ class Node:
 
         self.address, self.model = address, model
         self.up, self.lost_reason = True, None
+        self.opening = 0  # opens sent to this node and not yet answered (placement counts them as taken)
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._conn: _Connection | None = None
@@ -255,7 +256,7 @@ class Node:
         if time.monotonic() - at < ttl or (value or {}).get("draining"):
             return value  # a draining node is not asked again (it would be held open): it is going away
         try:
-            value = self.control("capacity", timeout=2.0)
+            value = self.control("capacity", timeout=CONTROL_TIMEOUT)
         except UserError:
             value = None
         self._capacity = (time.monotonic(), value)

@@ -83,6 +83,7 @@ class TritonStream:
         self.status, self.error = "opening", None
         self.nodes: list[str] = []
         self.failovers, self.chunks_done = 0, 0
+        self.reasons: list[str] = []  # why each failover happened
         self.first_chunk_latency: float | None = None
         self.lateness: list[float] = []
         self.gaps: list[float] = []  # seconds between consecutive chunks' arrivals
@@ -104,8 +105,8 @@ class TritonStream:
         arrays = dict(self._arrays)
         if self._backend.failover:
             arrays["failover"] = np.array([True])
-        if self._state is not None:
-            arrays["resume"] = text_array(self._state)
+        if self._state is not None:  # with the prompt changes made after it was taken (at the same chunks)
+            arrays["resume"] = text_array(with_prompts(self._state, self._prompts))
         nodes = self._backend.cluster.ranked(exclude)
         if not nodes:
             raise StreamError("over_capacity", "no Triton node can take the stream: none answers, or all drain",
@@ -129,11 +130,13 @@ class TritonStream:
         attempt = _Attempt(node)
         with self._lock:
             self._attempt = attempt
+        node.opening += 1  # counted in placement until the node has answered: a burst spreads over the nodes
         try:
             attempt.request_id = node.send(arrays, lambda reply: self._on_reply(attempt, reply))
-        except UserError as e:
-            raise NodeUnavailable(f"cannot send to the Triton node {node.address}", found=str(e)) from None
-        if not attempt.admitted.wait(self._backend.admit_timeout):
+            admitted = attempt.admitted.wait(self._backend.admit_timeout)
+        finally:
+            node.opening -= 1
+        if not admitted:
             node.forget(attempt.request_id)
             raise NodeUnavailable(f"the Triton node {node.address} did not start the stream within "
                                   f"{self._backend.admit_timeout:g} s")
@@ -149,10 +152,7 @@ class TritonStream:
         node.forget_capacity()  # its free room changed
         if self.status == "stopped":  # stopped while it was moving: not on the new node either
             self._stop_on(node)
-            return node.forget(attempt.request_id)
-        for at, prompt in sorted(self._prompts.items()):
-            if at >= self.chunks_done:  # a change after the last snapshot: the resumed stream does not know it
-                self._control("set_prompt", prompt)
+            node.forget(attempt.request_id)
 
     # -- replies (on the node's reader thread: never block) ----------------------------------------
     def _on_reply(self, attempt: _Attempt, reply: Reply) -> None:
@@ -239,8 +239,9 @@ class TritonStream:
             self.error = StreamError("node_lost", f"stream {self.id}: its Triton node {attempt.node.address} was lost",
                                      found=reason, fix="serve with --failover to continue streams on another node")
             return self._end("failed")
-        if attempt.node.up and "moved" not in reason:  # alive but silent: stop its copy
-            threading.Thread(target=self._stop_on, args=(attempt.node,), daemon=True).start()
+        self.reasons.append(reason)
+        if attempt.node.up and "moved" not in reason:  # alive but silent: stop its copy before going on
+            self._stop_on(attempt.node, timeout=2.0)
         try:
             self.place(exclude=(attempt.node,))
         except UserError as e:
@@ -322,9 +323,33 @@ class TritonStream:
         return {"id": self.id, "status": self.status, "chunks_done": self.chunks_done, "num_chunks": self.num_chunks,
                 "first_chunk_latency_s": self.first_chunk_latency, "lateness_s": list(self.lateness),
                 "misses": sum(1 for x in self.lateness if x > 0), "nodes": list(self.nodes),
-                "failovers": self.failovers, "max_gap_s": max(self.gaps, default=None),
+                "failovers": self.failovers, "failover_reasons": list(self.reasons),
+                "max_gap_s": max(self.gaps, default=None),
                 "state_bytes": None if self._state is None else len(self._state),
                 "error": None if self.error is None else str(self.error)}
+
+
+def with_prompts(state: bytes, prompts: dict[int, str]) -> bytes:
+    """``state`` (a StreamState snapshot: safetensors, the stream's JSON in ``__metadata__["helios"]``) with the
+    prompt changes ``prompts`` (chunk -> prompt) applied to its schedule, as StreamState.set_prompt does: a change
+    made after the snapshot was taken then applies at the same chunk on the node that resumes it."""
+    import json
+    import struct
+
+    if not prompts:
+        return state
+    (n,) = struct.unpack("<Q", state[:8])
+    header = json.loads(state[8:8 + n])
+    meta = json.loads(header["__metadata__"]["helios"])
+    schedule = {int(k): p for k, p in meta["schedule"].items()}
+    for at, prompt in sorted(prompts.items()):
+        schedule = {k: p for k, p in schedule.items() if k < at}
+        schedule[at] = prompt
+    meta["schedule"] = {str(k): p for k, p in sorted(schedule.items())}
+    header["__metadata__"]["helios"] = json.dumps(meta)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    return struct.pack("<Q", len(text)) + text + state[8 + n:]
 
 
 def _refusal(error: dict, node: Node) -> Exception:

@@ -51,6 +51,7 @@ class ClusterRecord:
     equal_to_uninterrupted: bool | None = None
     completed: bool = False
     state_bytes: int | None = None  # the last snapshot's size (failover state carried per chunk)
+    failover_reasons: list[str] = field(default_factory=list)
     error: str | None = None
 
     def summary(self) -> dict:
@@ -59,7 +60,7 @@ class ClusterRecord:
                 "failovers": self.failovers, "chunks": len(self.arrivals), "gap_seconds": max(gaps, default=None),
                 "from_chunk": self.from_chunk, "prompt_changed": self.prompt_changed,
                 "equal_to_uninterrupted": self.equal_to_uninterrupted, "completed": self.completed,
-                "state_bytes": self.state_bytes, "error": self.error}
+                "state_bytes": self.state_bytes, "failover_reasons": self.failover_reasons, "error": self.error}
 
 
 class Replica:
@@ -135,6 +136,7 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                     p = msg.get("progress") or {}
                     record.node, record.failovers = p.get("nodes", []), p.get("failovers", 0)
                     record.state_bytes = p.get("state_bytes")
+                    record.failover_reasons = p.get("failover_reasons", [])
                     record.completed = msg["type"] == "session.completed" and len(record.pieces) == chunks
                     return
                 elif msg["type"] == "error":
@@ -144,19 +146,35 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
         record.error = f"{type(e).__name__}: {e}"
 
 
-def _fault(nodes, cluster, at: int | None, kind: str, progress: dict, done: threading.Event, out: dict) -> None:
-    """Once a stream has ``at`` chunks: kill -9 or drain the node with the most active streams."""
+def _fault(nodes, replicas, records, at: int | None, kind: str, progress: dict, done: threading.Event,
+           out: dict) -> None:
+    """Once a stream has ``at`` chunks: kill -9 or drain the node holding the most streams (each stream's node
+    as the replica holding it reports: GET /v1/realtime/streams/{id})."""
     if at is None:
         return
     while not done.is_set() and progress["max_chunks"] < at:
         time.sleep(0.02)
     if done.is_set():
         return
-    answers = {n.address: a for n, a in cluster.capacities().items() if a is not None}
-    busiest = max(answers, key=lambda a: answers[a].get("active", 0))
+    held: dict[str, int] = {}
+    for r in records:
+        if r.stream_id:
+            try:
+                p = _get(f"{replicas[r.replica].url}/v1/realtime/streams/{r.stream_id}", replicas[r.replica].key)
+            except OSError:
+                continue
+            if p.get("nodes"):
+                held[p["nodes"][-1]] = held.get(p["nodes"][-1], 0) + 1
+    busiest = max(held, key=held.get) if held else nodes.urls[0]
     node = nodes.by_url(busiest)
     node.kill() if kind == "kill" else node.drain()
-    out.update(kind=kind, node=busiest, at_chunk=at, streams_on_it=answers[busiest].get("active", 0))
+    out.update(kind=kind, node=busiest, at_chunk=at, streams_on_it=held.get(busiest, 0))
+
+
+def _get(url: str, key: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def _compare(records: list[ClusterRecord], artifacts, chunks: int, fps: float, crf: int) -> None:
@@ -235,7 +253,7 @@ def _run(local, replicas: list[Replica], records: list[ClusterRecord], chunks: i
         for r in replicas:
             r.wait_ready()
         progress, done, fault, demand = {"max_chunks": 0}, threading.Event(), {}, [0.0]
-        helpers = [threading.Thread(target=_fault, args=(local, cluster, fault_at, kind, progress, done, fault),
+        helpers = [threading.Thread(target=_fault, args=(local, replicas, records, fault_at, kind, progress, done, fault),
                                     daemon=True),
                    threading.Thread(target=_sample_demand, args=(cluster, done, demand), daemon=True)]
         for h in helpers:
