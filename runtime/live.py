@@ -1,8 +1,8 @@
 """Many live streams on one set of runners: chunk jobs scheduled by playback deadline.
 
 A stream (one request) is a StreamState (runtime/stream_state.py) plus its timing (runtime/live_stream.py);
-the scheduler's worker thread is the only thread that drives the runners: it opens streams (encodes I2V /
-V2V inputs; the caller of ``open`` waits) and runs one chunk job at a time (or, with ``max_batch`` > 1, the
+the scheduler's worker thread is the only thread that drives the runners: it opens the streams that need a
+runner (I2V / V2V inputs encoded; the caller of ``open`` waits) and runs one chunk job at a time (or, with ``max_batch`` > 1, the
 next chunks of several streams in lockstep with their transformer calls concatenated along the batch),
 always the stream whose next chunk's playback deadline is nearest:
 
@@ -135,11 +135,18 @@ class LiveScheduler(Admission, Worker):
         Errors: UserError for a bad request or snapshot; StreamError over_capacity (full, unless ``queue``),
         draining, exists (the snapshot's stream is open here)."""
         self._check_open()
-        if resume is not None:
-            state, extra = self._on_worker(lambda: self.pipe.resume_stream(resume))
+        if resume is not None:  # no runner involved: read here
+            state, extra = self.pipe.resume_stream(resume)
             stream_id = extra.get("id")
         else:
-            state, stream_id = self._on_worker(lambda: self.pipe.open_stream(prompt, num_frames, seed, **request)), None
+            def opener():
+                return self.pipe.open_stream(prompt, num_frames, seed, **request)
+
+            # I2V / V2V inputs are encoded by the VAE encoder's runner: on the worker (the caller waits up to the
+            # chunk in flight); a text-to-video open touches no runner and is checked here, so a burst of new
+            # streams does not wait one chunk per open
+            encodes = request.get("image") is not None or request.get("video") is not None
+            state, stream_id = (self._on_worker(opener) if encodes else opener()), None
         stream = LiveStream(self, state, self._weight(state), self.lead if lead is None else float(lead), cancelled,
                             stream_id, failover)
         with self._lock:

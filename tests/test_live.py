@@ -67,9 +67,9 @@ def test_interleaved_streams_equal_solo_streams_bitwise(pipe):
 
 
 def test_batched_transformer_calls_match_solo(pipe):
-    """Three streams at the same size and settings share each transformer call (batch 3; each open runs on the
-    worker between chunks, so the third joins the others' third chunk)."""
-    solo = [pipe.generate(PROMPT, num_frames=99, seed=s) for s in (7, 8, 9)]
+    """Three streams at the same size and settings share each transformer call (batch 3); the one with failover
+    gets each chunk's snapshot from inside the batch."""
+    solo = [pipe.generate(PROMPT, num_frames=66, seed=s) for s in (7, 8, 9)]
     calls = []
     real = pipe._transformer
 
@@ -80,11 +80,16 @@ def test_batched_transformer_calls_match_solo(pipe):
     pipe._transformer = counting
     try:
         with scheduler(pipe, lead=1e9, max_batch=3) as sched:
-            streams = [sched.open(PROMPT, num_frames=99, seed=s) for s in (7, 8, 9)]
-            got = [video(s) for s in streams]
+            streams = [sched.open(PROMPT, num_frames=66, seed=s, failover=s == 8) for s in (7, 8, 9)]
+            chunks = [list(s) for s in streams]
+            got = [np.concatenate([c.frames for c in cs]) for cs in chunks]
     finally:
         del pipe._transformer
     assert 3 in calls  # at least one call carried all three streams
+    from helios_deploy.runtime.stream_state import snapshot_meta
+
+    assert [snapshot_meta(c.snapshot)["next_index"] for c in chunks[1]] == [1, 2]  # failover in a batch
+    assert all(c.snapshot is None for c in chunks[0] + chunks[2])
     for g, w in zip(got, solo):
         assert np.abs(g.astype(np.int16) - w.astype(np.int16)).max() <= 1
 
