@@ -16,7 +16,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, Response
 
-from . import errors, realtime, videos
+from . import errors, realtime, steer, videos
 from .errors import ApiError
 from .jobs import JobStore
 from .metrics import Metrics
@@ -65,6 +65,7 @@ def create_app(backend, store: JobStore, keys: tuple[str, ...] = (), limits: Lim
     app.state.api = state
     errors.install(app)
     app.include_router(videos.router(auth))
+    app.include_router(steer.router(auth))  # POST/GET /v1/realtime/streams/{id}...: steering by id
     app.add_api_websocket_route("/v1/realtime/video", _ws)
 
     @app.get("/health")

@@ -70,7 +70,7 @@ class Session:
         req = parse(fields, sizes=s.backend.sizes, fps=s.fps, max_frames=s.limits.max_frames, models=s.models)
         opened = time.perf_counter()
         try:
-            self.stream = await asyncio.to_thread(s.backend.open, req.prompt, **req.backend_kwargs())
+            self.stream = await asyncio.to_thread(s.backend.open, req.prompt, owner=self.key, **req.backend_kwargs())
         except UserError as e:
             if getattr(e, "code", None) == "over_capacity":
                 s.metrics.refused.labels("over_capacity").inc()
