@@ -128,9 +128,9 @@ class Cluster:
     def broadcast(self, action: str, stream_id: str, owner: str | None, prompt: str | None = None,
                   timeout: float = CONTROL_TIMEOUT, settle: float = 2.0) -> tuple[Node, dict]:
         """Ask every live node; the answer of the one that holds the stream running (for this owner). When only
-        an ended copy answers (a stream that moved leaves one behind: "finished"), the stream may be between two
-        nodes: asked again for up to ``settle`` seconds, then that answer. StreamError not_found when no node
-        knows it."""
+        an ended copy answers (a stream that moved leaves one behind: "finished"), or a node did not answer (the
+        stream may be failing over from it), the stream may be between two nodes: asked again for up to
+        ``settle`` seconds. StreamError not_found when every node answered and none knows it."""
         import time
 
         from ..runtime.live import StreamError
@@ -150,11 +150,14 @@ class Cluster:
                 if "error" not in answer:
                     return node, answer
             ended = [(n, a) for n, a in answers if a["error"].get("code") != "not_found"]
-            if not ended:  # no node knows it (or not for this owner)
+            if not ended and len(answers) == len(nodes):  # every node answered: none knows it (for this owner)
                 raise StreamError("not_found", f"no stream {stream_id!r} for this key on any Triton node",
                                   found=f"{len(nodes)} node(s) asked")
             if time.monotonic() > deadline:
-                return ended[0]
+                if ended:
+                    return ended[0]
+                raise StreamError("not_found", f"no stream {stream_id!r} for this key on the Triton nodes that "
+                                  "answered", found=f"{len(answers)} of {len(nodes)} node(s) answered")
             time.sleep(0.2)
 
     def demand(self) -> float | None:

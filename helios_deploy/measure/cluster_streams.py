@@ -52,6 +52,7 @@ class ClusterRecord:
     completed: bool = False
     state_bytes: int | None = None  # the last snapshot's size (failover state carried per chunk)
     failover_reasons: list[str] = field(default_factory=list)
+    steer_error: str | None = None  # the prompt change through the other replica failed
     error: str | None = None
 
     def summary(self) -> dict:
@@ -60,7 +61,8 @@ class ClusterRecord:
                 "failovers": self.failovers, "chunks": len(self.arrivals), "gap_seconds": max(gaps, default=None),
                 "from_chunk": self.from_chunk, "prompt_changed": self.prompt_changed,
                 "equal_to_uninterrupted": self.equal_to_uninterrupted, "completed": self.completed,
-                "state_bytes": self.state_bytes, "failover_reasons": self.failover_reasons, "error": self.error}
+                "state_bytes": self.state_bytes, "failover_reasons": self.failover_reasons,
+                "steer_error": self.steer_error, "error": self.error}
 
 
 class Replica:
@@ -128,10 +130,14 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                     record.arrivals.append(time.perf_counter() - t0)
                     record.indexes.append(msg["chunk_index"])
                     progress["max_chunks"] = max(progress["max_chunks"], len(record.pieces))
-                    if record.from_chunk is None:
-                        answer = _post(f"{director.url}/v1/realtime/streams/{record.stream_id}/interaction", key,
-                                       {"prompt": NEW_PROMPT})
-                        record.from_chunk = int(answer["from_chunk"])
+                    if record.from_chunk is None and record.steer_error is None:
+                        try:  # a failed change is reported; the stream is still watched to its end
+                            answer = _post(f"{director.url}/v1/realtime/streams/{record.stream_id}/interaction",
+                                           key, {"prompt": NEW_PROMPT})
+                            record.from_chunk = int(answer["from_chunk"])
+                        except OSError as e:
+                            record.steer_error = f"{type(e).__name__}: {e}"
+                            record.prompt_changed = False
                 elif msg["type"] in ("session.completed", "session.stopped"):
                     p = msg.get("progress") or {}
                     record.node, record.failovers = p.get("nodes", []), p.get("failovers", 0)
@@ -190,14 +196,15 @@ def _compare(records: list[ClusterRecord], artifacts, chunks: int, fps: float, c
 
     try:
         for r in records:
-            if not r.pieces or r.from_chunk is None:
+            if not r.pieces:
                 continue
             n = 33 * chunks
-            want = pipe.generate({0: PROMPT, r.from_chunk: NEW_PROMPT}, num_frames=n, seed=r.seed)
+            schedule = {0: PROMPT} if r.from_chunk is None else {0: PROMPT, r.from_chunk: NEW_PROMPT}
+            want = pipe.generate(schedule, num_frames=n, seed=r.seed)
             parts = [want[33 * k:33 * (k + 1)] for k in range(chunks)]
             r.equal_to_uninterrupted = len(r.pieces) == chunks and all(equal(p, w) for p, w in zip(r.pieces, parts))
             k = r.from_chunk
-            if k < len(r.pieces):
+            if k is not None and k < len(r.pieces):
                 plain = pipe.generate(PROMPT, num_frames=n, seed=r.seed)[33 * k:33 * (k + 1)]
                 r.prompt_changed = equal(r.pieces[k], parts[k]) and not equal(r.pieces[k], plain)
     finally:
