@@ -139,18 +139,22 @@ class Node:
     def capacity(self) -> dict:
         """{"capacity": real-time streams the node holds (sum over its schedulers), "active", "queued",
         "free": capacity - active, "draining", "demand", "streams": streams whose last response is not yet sent
-        (a drain is complete at 0), "schedulers": [per device]}."""
+        (a drain is complete at 0), "live": every scheduler's worker runs and its runners work (LiveScheduler.health),
+        "schedulers": [per device]}."""
         per = [s.metrics() for s in self.schedulers]
         capacity = sum(m["capacity"] for m in per)
         active = sum(m["active_streams"] for m in per)
         queued = sum(m["queued_streams"] for m in per)
+        health = [s.health() if hasattr(s, "health") else {"live": True, "detail": ""} for s in self.schedulers]
         with self._lock:
             streams = self._sending
         return {"capacity": capacity, "active": active, "queued": queued, "free": capacity - active,
                 "draining": self.draining, "demand": self._demand(capacity, active, queued), "streams": streams,
+                "live": all(h["live"] for h in health),
                 "schedulers": [{"device": d, "capacity": m["capacity"], "active": m["active_streams"],
-                                "queued": m["queued_streams"], "load": m["load"], "chunk_seconds": m["chunk_seconds"]}
-                               for d, m in zip(self.devices, per)]}
+                                "queued": m["queued_streams"], "load": m["load"], "chunk_seconds": m["chunk_seconds"],
+                                "live": h["live"], "detail": h["detail"]}
+                               for d, m, h in zip(self.devices, per, health)]}
 
     def _demand(self, capacity: int, active: int, queued: int) -> float:
         """(active + queued + refused in the last 60 s) / capacity; a node whose runners are slower than real
