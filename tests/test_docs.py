@@ -274,3 +274,29 @@ the graphs are written by export/graphio.py (in prose too), not by `tiny-checkpo
         assert expected in problems, f"not caught: {expected}\n{problems}"
     for fine in ["--ignored", "--calibration-chunks", "helios_deploy/model/specs.py", "Pipeline`", "--dry-run"]:
         assert fine not in problems, problems
+
+
+def links_leaving_the_repository(page: Path, text: str) -> list[str]:
+    """Links (relative to the page) and backticked ../ paths (relative to the repository, as the pages write
+    paths) that resolve outside the repository: a user's clone has nothing there."""
+    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t and not t.startswith(("mailto:", "#"))]
+    spans = [s for s in SPAN.findall(FENCE.sub("", text)) if s.startswith("../")]
+    problems = []
+    for base, target in [(page.parent, t) for t in links] + [(ROOT, s) for s in spans]:
+        resolved = (base / target.split("#")[0]).resolve()
+        if resolved != ROOT and ROOT not in resolved.parents:
+            problems.append(f"{page.name}: {target} leaves the repository")
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_link_leaves_the_repository(page):
+    assert not links_leaving_the_repository(page, page.read_text())
+
+
+def test_a_link_out_of_the_repository_is_caught():
+    page = ROOT / "docs" / "x.md"
+    text = "[a](../../shared/docs/HELIOS.md) [b](model.md#the-tiny-trained-helios) `../shared/x.md` [c](../README.md)"
+    assert links_leaving_the_repository(page, text) == ["x.md: ../../shared/docs/HELIOS.md leaves the repository",
+                                                       "x.md: ../shared/x.md leaves the repository"]
+    assert links_leaving_the_repository(ROOT / "README.md", "[H](../shared/docs/HELIOS.md)") != []

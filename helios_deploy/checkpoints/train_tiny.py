@@ -6,7 +6,7 @@
 
 1. Tokenizer and text encoder: the tiny checkpoint's (build_tokenizer; a UMT5EncoderModel at seeded random
    weights, frozen: its outputs differ per caption word, which is all the transformer needs).
-2. VAE: the tiny AutoencoderKLWan trained as an autoencoder of the videos (train_vae).
+2. VAE: the tiny AutoencoderKLWan: the decoder a block-colour start (train_vae.init_decoder), the encoder trained (train_vae).
 3. Transformer: the tiny HeliosTransformer3DModel trained through the runtime's distilled sampler loop
    (train_transformer), pyramid steps 1,1,1.
 
@@ -64,7 +64,10 @@ def build_trained_pipeline(seed: int = SEED, vae_steps: int = VAE_STEPS, transfo
 
 
 def train_vae_part(seed: int, steps: int, log=print):
-    """(the trained AutoencoderKLWan, its record): the decoder started as block colours (init_decoder)."""
+    """(the trained AutoencoderKLWan, its record): the decoder is the block-colour one of init_decoder, the
+    encoder trained to give the anchors. Training the decoder too (train_decoder=True) sharpens the shapes of
+    the procedural videos, but it also turns the transformer's fainter output to black (tried: every video of
+    the 300-step transformer came out black), so the shipped decoder keeps its start."""
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -76,7 +79,7 @@ def train_vae_part(seed: int, steps: int, log=print):
     vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=mean, latents_std=std)
     init_decoder(vae)
     log(f"training the VAE ({steps} steps)")
-    record = train_vae(vae, HEIGHT, WIDTH, seed, steps, log=log)
+    record = train_vae(vae, HEIGHT, WIDTH, seed, steps, log=log, train_decoder=False)
     record["seconds"] = round(time.perf_counter() - t, 1)
     return vae, record
 

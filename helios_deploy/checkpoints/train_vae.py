@@ -115,10 +115,11 @@ def init_decoder(vae, bias: float = 10.0, gain: float = 8.0) -> None:
 
 
 def train_vae(vae, height: int, width: int, seed: int, steps: int, log=print, batch: int = 4,
-              frames: int = 5, crop: int = 32, lr: float = 1e-3, image_steps: bool = True) -> dict:
+              frames: int = 5, crop: int = 32, lr: float = 1e-3, image_steps: bool = True,
+              train_decoder: bool = True) -> dict:
     """Train ``vae`` (float32, in place) for ``steps`` steps on crop x crop windows of single frames (two steps
     of three) and ``frames``-frame clips: decoder(anchor) -> video and encoder(video) -> anchor (mean squared
-    errors); returns the last losses."""
+    errors; with ``train_decoder`` False the decoder keeps its weights); returns the last losses."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -132,17 +133,19 @@ def train_vae(vae, height: int, width: int, seed: int, steps: int, log=print, ba
         else:
             video = procedural_batch(rng, batch, height, width, frames, crop)
         z = anchor_latents(video)
-        recon = vae.decode(z).sample
-        dec = F.mse_loss(recon, video * 2 - 1)
+        dec = F.mse_loss(vae.decode(z).sample, video * 2 - 1) if train_decoder else None
         enc = F.mse_loss(vae.encode(video * 2 - 1).latent_dist.mean, z) if step % 3 != 2 else None
-        loss = dec if enc is None else dec + enc
+        losses = [x for x in (dec, enc) if x is not None]
+        if not losses:
+            continue
+        loss = sum(losses)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        dec_loss = dec.item()
+        dec_loss = dec.item() if dec is not None else dec_loss
         enc_loss = enc.item() if enc is not None else enc_loss
         if step % 25 == 0:
             log(f"  vae step {step}: decoder mse {dec_loss:.4f}, encoder mse {enc_loss:.4f}")
     vae.eval()
-    return {"steps": steps, "decoder_mse": dec_loss, "encoder_mse": enc_loss}
+    return {"steps": steps, "decoder_trained": train_decoder, "decoder_mse": dec_loss, "encoder_mse": enc_loss}

@@ -6,10 +6,12 @@ import click
 @click.option("--height", type=int, default=64, show_default=True)
 @click.option("--width", type=int, default=128, show_default=True)
 def command(out, height, width):
-    """The embedded default on CPU: tiny checkpoint -> export (audited) -> two-chunk mp4 -> pipeline parity.
+    """The embedded default on CPU: trained tiny checkpoint -> export (audited) -> two-chunk mp4 -> adherence ->
+    pipeline parity.
 
-    The checkpoint has random weights, so the video is noise; a strip of a few frames is written beside it
-    (demo-strip.png). Third-party warnings and progress bars go to OUTPUT/demo.log, not to the terminal.
+    The checkpoint is a tiny Helios-Distilled trained on procedural videos ("a yellow circle moving right");
+    a strip of a few frames is written beside the video (demo-strip.png) and what the video shows is measured
+    against the prompt. Third-party warnings and progress bars go to OUTPUT/demo.log, not to the terminal.
 
     \b
     Example:
