@@ -19,7 +19,7 @@ import pytest
 from tests.api_helpers import KEY, OTHER_KEY, decode_mp4, free_port, serving, wait_for
 
 PROMPT = "A lighthouse on a cliff at dusk, waves below."
-LEASE = 1.0
+LEASE = 1.5  # a replica renews its leases every 0.5 s; a dead one loses its jobs after 1.5 s
 
 
 def _replica(artifacts, pg_url, videos, lease=LEASE):
@@ -88,23 +88,26 @@ def test_killed_replica_job_is_run_again_by_another(artifacts, pg_url, tmp_path)
             return httpx.get(f"{url_a}/health", timeout=2).status_code == 200
         return False
 
-    with open(tmp_path / "replica-a.log", "w") as log, \
-            _served(_replica(artifacts, pg_url, videos)) as b:
+    app_b = _replica(artifacts, pg_url, videos)
+    store_b = app_b.state.api.store
+    with open(tmp_path / "replica-a.log", "w") as log, _served(app_b) as b:
         server = _serve_replica(artifacts, pg_url, videos, port, log)
         try:
             wait_for(up, timeout=120, every=0.2)
             job = client(url_a).videos.create(prompt=PROMPT, extra_body={"num_frames": 330, "seed": 2})
             cb = client(b)
             wait_for(lambda: cb.videos.retrieve(job.id).progress > 0, timeout=60)
-            time.sleep(2.5 * LEASE)  # A lives: B must not take or fail its job
+            time.sleep(2 * LEASE)  # A lives: B must not take or fail its job
             mid = cb.videos.retrieve(job.id)
             assert mid.status == "in_progress" and mid.progress > 0, mid
+            assert store_b.get(job.id)["owner"] not in (None, store_b.replica)  # still A's
         finally:
             os.killpg(server.pid, signal.SIGKILL)  # no clean shutdown: a crash or an OOM kill
             server.wait()
         done = wait_for(lambda: (v := cb.videos.retrieve(job.id)).status in ("completed", "failed") and v,
                         timeout=300, every=0.2)
         assert done.status == "completed", done
+        assert store_b.get(job.id)["attempts"] == 2  # run by A, then once more by B
         got = decode_mp4(cb.videos.download_content(job.id).read(), tmp_path)
         again = cb.videos.create_and_poll(prompt=PROMPT, extra_body={"num_frames": 330, "seed": 2})
         want = decode_mp4(cb.videos.download_content(again.id).read(), tmp_path)

@@ -104,7 +104,7 @@ def test_files_are_private(opener, kind, tmp_path):
     _finish(store, job["id"])
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(store.videos) == 0o700 and mode(store.video_path(job["id"])) == 0o600
-    assert mode(store.videos / ".helios-store") == 0o600
+    assert mode(store.videos / "helios-store.id") == 0o600
     if kind == "sqlite":
         root = tmp_path / "store"
         assert mode(root) == 0o700

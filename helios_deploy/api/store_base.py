@@ -30,7 +30,7 @@ COLUMNS = ("id", "key", "created_at", "completed_at", "expires_at", "status", "p
            "seconds", "size", "error_code", "error_message", "params", "owner", "lease_until", "attempts")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
 UPDATABLE = frozenset(COLUMNS[2:14])
-MARKER = ".helios-store"  # in the video folder: which store it belongs to
+MARKER = "helios-store.id"  # in the video folder: which store it belongs to (not a dot file: no partial)
 
 
 class StoreError(UserError):
@@ -78,7 +78,9 @@ class BaseStore:
             fresh = bool(q("INSERT INTO meta (name, value) VALUES ('videos', ?) ON CONFLICT (name) DO NOTHING "
                            "RETURNING value", (secrets.token_hex(16),)))
             token = q("SELECT value FROM meta WHERE name='videos'")[0][0]
-        marker = self.videos / MARKER
+        marker, legacy = self.videos / MARKER, self.videos / ".helios-store"  # the marker's first name
+        if legacy.is_file() and not marker.exists():
+            os.replace(legacy, marker)
         if fresh:  # a new store (or one from before the marker): this folder is its folder
             _write_private(marker, token.encode())
         if not marker.is_file() or marker.read_text().strip() != token:
