@@ -50,7 +50,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def make_app(artifacts, store, keys=(KEY, OTHER_KEY), max_streams=2, **limits):
+def make_app(artifacts, store, keys=(KEY, OTHER_KEY), max_streams=2, fps=24.0, **limits):
     """The app over the in-process backend of ``artifacts``. The chunk time is given (not measured) so the
     admission is the same on a busy machine: ``max_streams`` streams at once, the next one over capacity."""
     from helios_deploy.api.app import create_app
@@ -58,10 +58,11 @@ def make_app(artifacts, store, keys=(KEY, OTHER_KEY), max_streams=2, **limits):
     from helios_deploy.api.jobs import JobStore
     from helios_deploy.api.security import Limits
 
-    backend = InProcessBackend.open_artifacts(artifacts, max_streams=max_streams, chunk_seconds=0.05)
+    backend = InProcessBackend.open_artifacts(artifacts, max_streams=max_streams, chunk_seconds=0.05, fps=fps)
     settings = dict(max_body_bytes=1 << 20, max_frames=330, max_jobs_per_key=2, max_streams_per_key=2)
     settings.update(limits)
-    return create_app(backend, JobStore(store), keys=keys, limits=Limits(**settings))
+    return create_app(backend, store if hasattr(store, "get") else JobStore(store), keys=keys,
+                      limits=Limits(**settings), fps=fps)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,31 @@ def test_page_plays_a_live_stream(page_url, tmp_path):
         shutil.copy(shot, Path(keep) / "api-page.png")
 
 
+def test_page_plays_chunk_0_before_chunk_1_arrives(page_url):
+    """The first chunk is appended and plays as soon as it arrives (it used to wait for chunk 1's bytes)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(page_url + "/")
+            page.fill("#key", KEY)
+            page.fill("#frames", "66")
+            page.click("#start")
+            page.wait_for_function("window.heliosPage.status === 'completed'", timeout=120_000)
+            page.wait_for_function("window.heliosPage.playingAt != null", timeout=30_000)
+            t = page.evaluate("({arrivals: window.heliosPage.arrivals, appended: window.heliosPage.appended, "
+                              "playing: window.heliosPage.playingAt})")
+        finally:
+            browser.close()
+    assert len(t["arrivals"]) == 2 and len(t["appended"]) == 2, t
+    # chunk 1 is paced one chunk period (1.375 s at 24 fps) after chunk 0: chunk 0 is in the buffer and
+    # playing before chunk 1's first message arrives
+    assert t["appended"][0] < t["arrivals"][1], t
+    assert t["playing"] < t["arrivals"][1], t
+
+
 def test_page_without_a_valid_key_says_so(page_url):
     from playwright.sync_api import sync_playwright
 

@@ -5,6 +5,10 @@ the exported sizes), ``input_reference`` (an image file, or {"image_url": "data:
 for image-to-video; Helios settings as extra fields: ``seed``, ``steps`` / ``pyramid_steps`` ("1,1,1"),
 ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``amplify_first_chunk`` (also inside an
 ``extra_params`` object). The same fields start a WebSocket stream.
+
+Every field has an upper bound (BOUNDS; the runtime's own where runtime/settings.py names one): a request
+over one is a 400 naming the field, before anything is decoded or scheduled. An input image is checked by
+its header's size before its pixels are decoded (a decompression bomb is refused, not decoded).
 """
 
 from __future__ import annotations
@@ -12,12 +16,35 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import ApiError
 
 CHUNK_FRAMES = 33
+
+
+def _runtime_limit(name: str, default):
+    """A bound the runtime defines (runtime/settings.py), else the API's own."""
+    try:
+        from ..runtime import settings
+    except ImportError:  # pragma: no cover - the API always ships with the runtime
+        return default
+    return getattr(settings, name, default)
+
+
+# upper bounds of the request fields (the lower ones are checked where the field is read)
+BOUNDS = {
+    "prompt_chars": 4000,  # prompt and negative_prompt; the text encoder reads 512 tokens at most anyway
+    "steps_per_stage": _runtime_limit("MAX_PYRAMID_STEPS", 50),  # pyramid_steps, each stage
+    "num_inference_steps": _runtime_limit("MAX_INFERENCE_STEPS", 100),  # Helios-Base (the reference: 50)
+    "guidance_scale": _runtime_limit("MAX_GUIDANCE_SCALE", 20.0),  # the reference's 5.0
+    "seed": 2 ** 63 - 1,  # torch.Generator.manual_seed's range that also fits Triton's INT64 input
+    "image_pixels": 4096 * 4096,  # input_reference, checked from the header before decoding
+    "image_side": 8192,
+}
 _INT = ("num_frames", "seed", "num_inference_steps")
 _FLOAT = ("guidance_scale",)
 KNOWN = {"prompt", "model", "seconds", "size", "input_reference", "num_frames", "seed", "steps", "pyramid_steps",
@@ -63,13 +90,29 @@ def parse(fields: dict, *, sizes, fps: float, max_frames: int, models: tuple[str
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "prompt is required: a non-empty text", "invalid_request", "prompt")
+    _text_bound(prompt, "prompt")
     model = fields.get("model") or models[0]
     if model not in models:
         raise ApiError(400, f"model {model!r} is not served here; this server serves {', '.join(models)}",
                        "model_not_found", "model")
-    return VideoRequest(prompt=prompt, model=model, num_frames=_frames(fields, fps, max_frames),
-                        size=_size(fields.get("size"), sizes), seed=_number(fields, "seed", int, 0),
-                        image=_image(fields.get("input_reference")), settings=_settings(fields))
+    num_frames, size = _frames(fields, fps, max_frames), _size(fields.get("size"), sizes)
+    seed, settings = _bounded(fields, "seed", int, 0, 0, BOUNDS["seed"]), _settings(fields)
+    return VideoRequest(prompt=prompt, model=model, num_frames=num_frames, size=size, seed=seed,
+                        image=_image(fields.get("input_reference")), settings=settings)  # the image last: the costly part
+
+
+def _text_bound(text: str, name: str) -> None:
+    if len(text) > BOUNDS["prompt_chars"]:
+        raise ApiError(400, f"{name} is {len(text)} characters; at most {BOUNDS['prompt_chars']} are accepted",
+                       "invalid_request", name)
+
+
+def _bounded(fields: dict, name: str, kind, default, low, high):
+    """_number, refused with a 400 outside [low, high]."""
+    value = _number(fields, name, kind, default)
+    if value is not None and not ((kind is int or math.isfinite(value)) and low <= value <= high):
+        raise ApiError(400, f"{name} {str(fields.get(name))[:40]} is out of range: {low} to {high}", "invalid_request", name)
+    return value
 
 
 def _frames(fields: dict, fps: float, max_frames: int) -> int:
@@ -77,7 +120,7 @@ def _frames(fields: dict, fps: float, max_frames: int) -> int:
         raise ApiError(400, "pass seconds or num_frames, not both", "invalid_request", "seconds")
     if fields.get("seconds") not in (None, ""):
         seconds = _number(fields, "seconds", float, None)
-        if not seconds > 0:
+        if not (seconds > 0 and math.isfinite(seconds)):
             raise ApiError(400, f"seconds must be positive, got {fields['seconds']!r}", "invalid_request", "seconds")
         frames = max(1, round(seconds * fps))
     else:
@@ -118,10 +161,15 @@ def _settings(fields: dict) -> dict:
         steps = [s for s in steps.split(",") if s.strip()]
     if steps is not None:
         try:
+            if len(steps) > 8:
+                raise ValueError
             steps = tuple(int(s) for s in steps)
         except (TypeError, ValueError):
-            raise ApiError(400, f"steps must be integers such as 1,1,1, got {steps!r}", "invalid_request",
+            raise ApiError(400, f"steps must be integers such as 1,1,1, got {str(steps)[:80]!r}", "invalid_request",
                            "steps") from None
+        if any(not 1 <= s <= BOUNDS["steps_per_stage"] for s in steps):
+            raise ApiError(400, f"steps {','.join(map(str, steps))} out of range: each stage takes 1 to "
+                           f"{BOUNDS['steps_per_stage']} steps", "invalid_request", "steps")
     amplify = fields.get("amplify_first_chunk")
     if isinstance(amplify, str):
         amplify = {"true": True, "1": True, "false": False, "0": False}.get(amplify.lower(), amplify)
@@ -131,9 +179,12 @@ def _settings(fields: dict) -> dict:
     negative = fields.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise ApiError(400, "negative_prompt must be text", "invalid_request", "negative_prompt")
-    return {"pyramid_steps": steps, "num_inference_steps": _number(fields, "num_inference_steps", int, None),
-            "guidance_scale": _number(fields, "guidance_scale", float, None), "negative_prompt": negative,
-            "amplify_first_chunk": amplify}
+    if negative is not None:
+        _text_bound(negative, "negative_prompt")
+    return {"pyramid_steps": steps,
+            "num_inference_steps": _bounded(fields, "num_inference_steps", int, None, 1, BOUNDS["num_inference_steps"]),
+            "guidance_scale": _bounded(fields, "guidance_scale", float, None, 0.0, BOUNDS["guidance_scale"]),
+            "negative_prompt": negative, "amplify_first_chunk": amplify}
 
 
 def _json_object(value, name: str) -> dict:
@@ -166,7 +217,22 @@ def _image(ref):
             raise ApiError(400, "input_reference data URL is not valid base64", "invalid_request",
                            "input_reference") from None
     try:
-        return Image.open(io.BytesIO(ref)).convert("RGB")
-    except (UnidentifiedImageError, OSError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(ref))  # reads the header only
+            _pixel_bound(image.size)
+            return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(400, "input_reference is too large to decode (a decompression bomb?)", "image_too_large",
+                       "input_reference") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ApiError(400, "input_reference is not an image (PNG, JPEG, WebP)", "invalid_request",
                        "input_reference") from None
+
+
+def _pixel_bound(size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > BOUNDS["image_pixels"] or max(w, h) > BOUNDS["image_side"]:
+        raise ApiError(400, f"input_reference is {w}x{h} pixels; at most {BOUNDS['image_pixels']:,} pixels and "
+                       f"{BOUNDS['image_side']} per side are accepted (it is resized to the video's size)",
+                       "image_too_large", "input_reference")

@@ -25,6 +25,12 @@ class Limits:
     max_frames: int = 33 * 10  # frames of one job or stream; over it: 400
     max_jobs_per_key: int = 2  # queued or running jobs of one key; over it: 429
     max_streams_per_key: int = 2  # open WebSocket streams of one key; over it: 429
+    max_message_bytes: int = 1 << 20  # one WebSocket message (a session.start may carry an image); over it: error
+    max_prompt_chars: int = 4000  # a prompt change's text (session.interaction)
+    max_backlog_chunks: int = 3  # chunks made for a viewer and not yet sent; over it the viewer is stopped
+    send_buffer_bytes: int = 512 << 10  # bytes queued for one viewer below the app (socket + transport)
+    encode_workers: int | None = None  # H.264 encoder threads (None: one per CPU this process may use)
+    encode_seconds: float | None = None  # a chunk's encode time at the default size (None: measured)
 
 
 def parse_keys(value: str | None) -> tuple[str, ...]:
@@ -116,6 +122,8 @@ class BodyLimit:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
+            # the server's transport (uvicorn: the protocol's bound send), so the socket can bound its buffers
+            scope["helios.transport"] = getattr(getattr(send, "__self__", None), "transport", None)
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:

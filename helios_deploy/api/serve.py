@@ -55,7 +55,8 @@ def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host:
             log(f"API key for this run (no --api-key / {KEY_ENV} given): {made}")
         elif not keys:
             log("WARNING: serving without an API key (--insecure-no-key)")
-        uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=1 << 20)
+        # the socket takes messages up to 4x the app's limit, so one over it gets the app's clear error
+        uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=4 * limits.max_message_bytes)
     finally:
         engine.close()
         jobs.close()

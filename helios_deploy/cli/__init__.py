@@ -36,6 +36,7 @@ COMMANDS = {
     "scale-report": "scale_report",
     "long-stream": "long_stream",
     "api": "api",
+    "soak": "soak",
     "doctor": "doctor",
     "adherence": "adherence",
 }

@@ -1,9 +1,11 @@
 // The page: one WebSocket to /v1/realtime/video, each binary message (one chunk as a self-contained
 // fragmented MP4) appended to a MediaSource SourceBuffer in "sequence" mode, which plays the chunks back to
-// back. Shows the first-chunk latency and the FPS the video element really decoded.
+// back. Shows the first-chunk latency and the FPS the video element really decoded. A chunk is appended as
+// soon as it arrives (chunk 0 too: its bytes may arrive while the SourceBuffer is still being opened).
 "use strict";
 const $ = (id) => document.getElementById(id);
-const page = { ws: null, sourceBuffer: null, pending: [], chunks: 0, started: 0, ended: false };
+const page = { ws: null, sourceBuffer: null, pending: [], chunks: 0, started: 0, ended: false,
+               arrivals: [], appended: [] }; // ms since start: each chunk's metadata, each append's end
 window.heliosPage = page; // read by the browser test
 
 function log(text) { $("log").textContent += text + "\n"; }
@@ -28,6 +30,7 @@ function openMedia(mime) {
       const sb = ms.addSourceBuffer(mime);
       sb.mode = "sequence"; // each chunk's piece starts at 0: play them one after the other
       sb.addEventListener("updateend", () => {
+        page.appended.push(performance.now() - page.started);
         appendNext();
         if (page.ended && page.pending.length === 0 && !sb.updating && ms.readyState === "open") ms.endOfStream();
       });
@@ -44,6 +47,9 @@ function showFps() {
   page.decodedFrames = q ? q.totalVideoFrames : 0;
 }
 setInterval(showFps, 250);
+$("video").addEventListener("playing", () => { // ms since start when the video first plays
+  if (page.playingAt == null) page.playingAt = performance.now() - page.started;
+});
 
 async function onMessage(ev) {
   if (typeof ev.data !== "string") {
@@ -57,7 +63,11 @@ async function onMessage(ev) {
     status("streaming " + msg.width + "x" + msg.height);
     $("stop").disabled = false; $("change").disabled = false;
   } else if (msg.type === "video.chunk_metadata") {
-    if (!page.sourceBuffer) await openMedia(msg.mime);
+    page.arrivals.push(performance.now() - page.started);
+    if (!page.sourceBuffer) {
+      await openMedia(msg.mime);
+      appendNext(); // chunk 0's bytes came while the buffer opened: play them now, not when chunk 1 comes
+    }
     page.chunks += 1;
     $("chunks").textContent = page.chunks;
     if (msg.chunk_index === 0) {
@@ -71,6 +81,8 @@ async function onMessage(ev) {
     status(msg.type === "session.completed" ? "completed" : "stopped");
     $("stop").disabled = true; $("change").disabled = true;
     appendNext();
+  } else if (msg.type === "session.warning") {
+    log("warning: " + msg.message);
   } else if (msg.type === "error") {
     status("error");
     log("error: " + msg.error.message);
@@ -79,7 +91,8 @@ async function onMessage(ev) {
 
 function start() {
   if (page.ws) page.ws.close();
-  Object.assign(page, { sourceBuffer: null, pending: [], chunks: 0, ended: false, firstChunkLatency: null });
+  Object.assign(page, { sourceBuffer: null, pending: [], chunks: 0, ended: false, firstChunkLatency: null,
+                       arrivals: [], appended: [], playingAt: null });
   const key = $("key").value.trim();
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime/video";
   const ws = new WebSocket(url, key ? ["helios.v1", "bearer." + key] : ["helios.v1"]);
