@@ -104,3 +104,48 @@ def test_fp8_attention_cli_and_bad_input(artifacts, tmp_path, capsys):
                             "--keep-high-precision", r"^blocks\.", "--calibration-chunks", 1], capsys)
     assert code == 1 and "no attention of transformer can be FP8" in err and "Traceback" not in err
     assert sorted(p.name for p in (root / "transformer").iterdir()) == before
+
+
+def test_stress_checkpoint_has_peaked_attention(tiny_ckpt, tmp_path):
+    """The stress checkpoint scales exactly the self-attention's Q/K norm gains, and the reference pipeline's
+    attention gets sharply peaked (docs/quantize-and-build.md gives FP8 attention's numbers on it)."""
+    from safetensors.torch import load_file
+
+    from helios_deploy.export.parity.stress import attention_peak, write_peaked_checkpoint
+
+    peaked = write_peaked_checkpoint(tiny_ckpt, tmp_path / "peaked", factor=8.0)
+    before, after = {}, {}
+    for shard in sorted((tiny_ckpt / "transformer").glob("*.safetensors")):
+        before.update(load_file(str(shard)))
+        after.update(load_file(str(peaked / "transformer" / shard.name)))
+    scaled = [k for k in before if not (before[k] == after[k]).all()]
+    assert sorted(scaled) == sorted(f"blocks.{b}.attn1.norm_{x}.weight" for b in (0, 1) for x in "qk")
+    assert all((after[k] == before[k] * 8.0).all() for k in scaled)
+    base, peak = attention_peak(tiny_ckpt), attention_peak(peaked)
+    print("attention peak (mean largest probability per row):", base, peak)
+    assert peak["mean_max_prob"] > 2 * base["mean_max_prob"] and peak["share_max_above_0.5"] > 0.3
+
+
+def test_gpu_check_runs_each_fp8_variant():
+    """gpu-check (make gpu-check) runs the fp8_variants check after its own: linears only and + attention, each
+    built, compared with ONNX Runtime's FP8 graph and timed (export/tensorrt/gpucheck_fp8.py; GPU only)."""
+    from helios_deploy.export.tensorrt import gpucheck  # noqa: F401 - registers the checks
+    from helios_deploy.export.tensorrt.gpucheck_fp8 import VARIANTS, fp8_variants
+    from helios_deploy.export.tensorrt.gpuchecks import CHECKS
+
+    assert ("fp8_variants", fp8_variants) in CHECKS and VARIANTS == {"fp8": False, "fp8+attn": True}
+
+
+def test_adherence_report_counts_flips(quantized_attention):
+    """The FP8 report's adherence part (fp8_parity_report(adherence=True)): fp32 and FP8 runtimes on the same
+    prompts x seeds, flips where their verdicts differ. The random tiny checkpoint draws no shapes, so no video
+    matches; the trained checkpoint's numbers are in docs/quantize-and-build.md."""
+    from helios_deploy.artifacts import Artifacts
+    from helios_deploy.export.parity.fp8 import ADHERENCE_MAX_DROP, adherence_report
+
+    prompts = ["a red square moving left", "a blue circle moving up"]
+    r = adherence_report(Artifacts.open(quantized_attention), prompts=prompts, seeds=(0,))
+    assert r["videos"] == 2 and set(r["share"]) == {"fp32", "fp8"} and r["max_drop"] == ADHERENCE_MAX_DROP
+    assert r["drop"] == pytest.approx(r["share"]["fp32"]["share"] - r["share"]["fp8"]["share"])
+    assert len(r["flips"]) >= abs(r["share"]["fp32"]["matched"] - r["share"]["fp8"]["matched"])
+    assert r["passed"] == (r["drop"] <= ADHERENCE_MAX_DROP)

@@ -167,3 +167,21 @@ def test_triton_stream_memory_stays_flat(artifacts, ours):
     for name in ("backend stub (runtime)", "client (this process)"):
         assert abs(m[name]["rss_growth_pct"]) <= 5.0, (name, m[name])
     assert m["backend stub (runtime)"]["rss_growth_kb_per_chunk"] < chunk_kb(ours) / 4, m["backend stub (runtime)"]
+
+
+def test_drift_audit_cli(tiny_ckpt, quantized_attention, tmp_path, capsys):
+    """`long-stream --drift-against CHECKPOINT`: the FP8 graphs' PSNR per chunk against diffusers' fp32 pipeline,
+    beside the per-chunk adherence verdicts (meaningful on the trained checkpoint)."""
+    import json
+
+    out = tmp_path / "drift.json"
+    code, stdout, err = run_cli(["long-stream", quantized_attention, "--chunks", 3, "--drift-against", tiny_ckpt,
+                                 "--json", out], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["chunks"] == 3 and len(r["adherence_per_chunk"]) == 3 and r["precision"] == "fp8"
+    assert min(r["psnr_db"]) >= r["threshold_psnr_db"], r
+    # the verdict is the targets' (measured: 36.5, 35.5, 33.5 dB, last - first -3.05 dB, a miss; linears only on this
+    # prompt: 37.2, 36.0, 34.2 dB, -3.07 dB: FP8 linears' own drift, documented in docs/quantize-and-build.md)
+    assert r["psnr_passed"] == (r["drift_db"] >= -r["max_drift_db"]), r
+    assert "fp8 drift over 3 chunks" in stdout and "adherence:" in stdout

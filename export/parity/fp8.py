@@ -17,6 +17,9 @@ from .compare import OrtGraph, compare_component
 
 FP8_REL_L2 = 0.08
 FP8_COSINE = 0.99
+# Adherence (trained tiny checkpoint, helios_deploy.measure.adherence): the share of prompt x seed videos whose
+# colour and direction are the prompt's may fall by at most this much against the fp32 runtime's (2 of 40).
+ADHERENCE_MAX_DROP = 0.05
 
 
 def verify_fp8_files(arts: Artifacts, component: str) -> dict:
@@ -34,8 +37,27 @@ def _rows(component: str, result: dict) -> list[tuple]:
              f"{c['rel_l2']:.3e} (<= {FP8_REL_L2})") for c in result["cases"] if not c["passed"]]
 
 
+def adherence_report(arts: Artifacts, prompts=None, seeds=(0, 1), precision: str = "fp8") -> dict:
+    """The share of videos that show their prompt's colour and motion, fp32 runtime against ``precision``'s, on
+    the same prompts x seeds; ``flips``: the videos whose verdict changed; passed: a drop <= ADHERENCE_MAX_DROP."""
+    from ...measure.adherence import adherence_share, default_prompts
+    from ...runtime import Pipeline
+
+    prompts = list(prompts) if prompts is not None else default_prompts()
+    shares = {p: adherence_share(Pipeline.from_artifacts(arts.root, precision=p), prompts, seeds, output="float")
+              for p in ("fp32", precision)}
+    flips = [{"prompt": a["prompt"], "seed": a["seed"], "fp32": a["match"], precision: b["match"]}
+             for a, b in zip(shares["fp32"]["results"], shares[precision]["results"]) if a["match"] != b["match"]]
+    drop = shares["fp32"]["share"] - shares[precision]["share"]
+    return {"precision": precision, "videos": shares["fp32"]["videos"], "max_drop": ADHERENCE_MAX_DROP,
+            "share": {p: {k: v for k, v in r.items() if k != "results"} for p, r in shares.items()},
+            "drop": drop, "flips": flips, "passed": drop <= ADHERENCE_MAX_DROP}
+
+
 def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[str] | None = None, seed: int = 0,
-                      pipeline: bool = False, chunks: int | None = None, adapters=()) -> dict:
+                      pipeline: bool = False, chunks: int | None = None, adapters=(), adherence: bool = False) -> dict:
+    """``adherence``: also ``adherence_report`` (for checkpoints with the procedural vocabulary: the trained tiny
+    one)."""
     names = list(components or [c for c in arts.components if arts.manifest["components"][c].get("fp8")])
     if not names:
         verify_fp8_files(arts, "transformer")  # raises: nothing quantized yet
@@ -62,6 +84,12 @@ def fp8_parity_report(ckpt: Checkpoint, arts: Artifacts, components: Iterable[st
         rows += [("pipeline", c["name"], "psnr", f"min chunk PSNR {min(c['psnr_db']):.2f} dB (>= "
                   f"{report['pipeline']['threshold_psnr_db']}), last - first chunk {c['drift_db']:+.2f} dB "
                   f"(>= -{report['pipeline']['max_drift_db']})") for c in report["pipeline"]["cases"] if not c["passed"]]
+    if adherence:
+        report["adherence"] = adherence_report(arts)
+        a = report["adherence"]
+        if not a["passed"]:
+            rows.append(("pipeline", "adherence", "share", f"fp32 {a['share']['fp32']['share']:.2f} -> fp8 "
+                         f"{a['share']['fp8']['share']:.2f} (drop <= {ADHERENCE_MAX_DROP})"))
     report["passed"] = not rows
     report["problems"] = [list(r) for r in rows]
     if rows:

@@ -25,6 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ...errors import UserError
+from . import gpucheck_fp8  # noqa: F401 - registers gpuchecks' fp8_variants check (issue 30)
 from .gpuchecks import Context, run_checks
 from .probe import require_gpu_tensorrt
 

@@ -16,7 +16,12 @@ from .generate import parse_steps
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", default="1,1,1", show_default=True, help="Steps per pyramid stage.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every number here.")
-def command(artifacts, chunks, via, early, seed, steps, json_path):
+@click.option("--drift-against", "drift_checkpoint", type=click.Path(), default=None, metavar="CHECKPOINT",
+              help="Instead: the drift audit of the FP8 graphs (quantize --precision fp8, with or without "
+                   "--fp8-attention) over CHUNKS chunks against diffusers' fp32 pipeline on CHECKPOINT: PSNR per "
+                   "chunk, slope, last - first, and whether each chunk still shows the prompt (trained tiny "
+                   "checkpoint).")
+def command(artifacts, chunks, via, early, seed, steps, json_path, drift_checkpoint):
     """Stream CHUNKS chunks in one request and print memory and time per chunk: RSS after chunk EARLY and
     after the last (target: within 5%), time per chunk early and late, and its slope.
 
@@ -24,10 +29,20 @@ def command(artifacts, chunks, via, early, seed, steps, json_path):
     Examples:
       helios-deploy long-stream engines/tiny-onnx --chunks 100
       helios-deploy long-stream engines/tiny-onnx --chunks 100 --via triton --json long.json
+      helios-deploy long-stream ARTIFACTS --chunks 12 --drift-against CHECKPOINT   # FP8 drift + adherence
     """
     from ..errors import UserError
     from ..measure.longstream import api_stream, format_summary, triton_stream
 
+    if drift_checkpoint:
+        from ..measure.longstream import drift_audit, format_drift
+
+        click.echo(f"drift audit: {chunks} chunks ...", err=True)
+        result = drift_audit(drift_checkpoint, artifacts, chunks=chunks, seed=seed)
+        click.echo(format_drift(result))
+        if json_path:
+            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        return
     paths = [v.strip() for v in via.split(",") if v.strip()]
     if not paths or any(p not in ("api", "triton") for p in paths):
         raise UserError(f"--via {via!r}", expected="api, triton or api,triton")

@@ -154,6 +154,45 @@ def triton_stream(artifacts, chunks: int, prompt: str = PROMPT, seed: int = 0, s
     return {"via": "triton", **summarize(tr, early)}
 
 
+def drift_audit(checkpoint, artifacts, chunks: int = 12, precision: str = "fp8", prompt: str | None = None,
+                seed: int = 0) -> dict:
+    """The quantized runtime over one ``chunks``-chunk stream against diffusers' fp32 pipeline on ``checkpoint``:
+    PSNR per chunk, its slope and last - first (targets: export.parity.pipeline's PSNR_THRESHOLD and DRIFT_DB), and
+    per chunk whether each video still shows the prompt's colour and motion (helios_deploy.measure.adherence;
+    meaningful on the trained tiny checkpoint, whose prompts name a colour and a direction)."""
+    from ..export.parity.pipeline import (CHUNK_FRAMES, DRIFT_DB, PSNR_THRESHOLD, PipelineCase, _runtime_kwargs,
+                                          compare_psnr, conditioning_inputs, reference_pipeline, reference_video)
+    from ..runtime import Pipeline
+    from .adherence import adherence_of, default_prompts
+
+    pipe = Pipeline.from_artifacts(artifacts, precision=precision)
+    prompt = prompt or default_prompts(1)[0]
+    case = PipelineCase("long", frames=chunks * CHUNK_FRAMES)
+    ref = reference_pipeline(checkpoint, pipe.variant.name)
+    expected = reference_video(ref, case, pipe.variant.name, pipe.height, pipe.width, pipe.text_length, seed,
+                               prompts=[prompt] * chunks)
+    inputs = conditioning_inputs(pipe.height, pipe.width, seed)  # the same settings as the reference's call
+    got = pipe.generate(prompt, num_frames=case.frames, seed=seed, output="float",
+                        **_runtime_kwargs(case, inputs, pipe.variant.name))
+    r = compare_psnr(case, expected, got)
+    per_chunk = [{"chunk": k // CHUNK_FRAMES + 1, "reference": adherence_of(expected[k:k + CHUNK_FRAMES], prompt)["match"],
+                  precision: adherence_of(got[k:k + CHUNK_FRAMES], prompt)["match"]}
+                 for k in range(0, expected.shape[0], CHUNK_FRAMES)]
+    return {"precision": precision, "prompt": prompt, "chunks": len(r["psnr_db"]), "psnr_db": r["psnr_db"],
+            "slope_db_per_chunk": r["slope_db_per_chunk"], "drift_db": r["drift_db"], "threshold_psnr_db": PSNR_THRESHOLD,
+            "max_drift_db": DRIFT_DB, "psnr_passed": r["passed"], "adherence_per_chunk": per_chunk,
+            "adherence_kept": all(c[precision] for c in per_chunk if c["reference"])}
+
+
+def format_drift(r: dict) -> str:
+    kept = sum(c[r["precision"]] for c in r["adherence_per_chunk"])
+    ref = sum(c["reference"] for c in r["adherence_per_chunk"])
+    return (f"{r['precision']} drift over {r['chunks']} chunks of {r['prompt']!r}: PSNR per chunk "
+            f"{', '.join(f'{v:.2f}' for v in r['psnr_db'])} dB (>= {r['threshold_psnr_db']}), slope "
+            f"{r['slope_db_per_chunk']:+.3f} dB/chunk, last - first {r['drift_db']:+.2f} dB (>= -{r['max_drift_db']}); "
+            f"adherence: {kept} of {r['chunks']} chunks show the prompt (reference {ref})")
+
+
 def format_summary(r: dict) -> str:
     lines = [f"{r['via']}: {r['chunks']} chunks"]
     for name, m in r["memory"].items():

@@ -1,0 +1,89 @@
+"""gpu-check's run of each FP8 engine variant (issue 30), registered in gpuchecks.CHECKS as ``fp8_variants``.
+
+For FP8 linears only and FP8 linears + attention (``quantize --fp8-attention``), on the tiny export: quantize,
+build the transformer engine (``build --precision fp8``, strongly typed from ``model.fp8.bf16.onnx``), run it at
+every operating point against ONNX Runtime on the same FP8 graph (``model.fp8.onnx``: rel_l2, cosine, the FP8
+targets of ``verify``), and time it (median of REPEATS runs per pyramid stage; their sum is the transformer's
+time per 1,1,1 chunk), so the first run on a GPU measures what FP8 attention gains and costs on that GPU.
+GPU only: written against the TensorRT 10/11 Python API through the project's runner, never run here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .gpuchecks import FP8_KEEP, FP8_PROMPT, Context, _build, _copy, check
+
+VARIANTS = {"fp8": False, "fp8+attn": True}  # variant -> quantize's attention option
+REPEATS = 20
+
+
+def _compare(root: Path) -> dict:
+    """The fp8 transformer engine against ONNX Runtime's FP8 graph at every operating point, and its time."""
+    import torch
+
+    from ...artifacts import Artifacts
+    from ...runtime.runners.tensorrt import TensorRTRunner
+    from ..parity.compare import OrtGraph, example_inputs
+    from ..parity.fp8 import FP8_COSINE, FP8_REL_L2
+
+    arts = Artifacts.open(root)
+    spec = arts.spec("transformer")
+    graph = spec.graph("model")
+    fp8_graph = OrtGraph(root / "transformer" / arts.manifest["components"]["transformer"]["fp8"]["file"], graph)
+    runner = TensorRTRunner(root, arts.manifest, "transformer", graph, "cuda")
+    runner.activate()
+    points = {}
+    try:
+        for i, point in enumerate(graph.operating_points):
+            feeds = example_inputs(spec, graph, point.dims, seed=i)
+            cuda = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+            got = next(iter(runner.infer(cuda).values())).float().cpu().numpy()
+            ref = fp8_graph(*[feeds[t.name] for t in graph.inputs])[0]
+            times = []
+            for _ in range(REPEATS):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                runner.infer(cuda)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            a, b = got.ravel().astype(np.float64), ref.ravel().astype(np.float64)
+            rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+            points[point.name] = {"rel_l2": rel, "cosine": cos, "median_ms": 1e3 * statistics.median(times),
+                                  "passed": rel <= FP8_REL_L2 and cos >= FP8_COSINE}
+    finally:
+        runner.deactivate()
+    stages = [v["median_ms"] for k, v in points.items() if k.startswith("stage") and "batch" not in k]
+    return {"points": points, "transformer_ms_per_chunk_111": sum(stages),
+            "passed": all(p["passed"] for p in points.values())}
+
+
+@check("fp8_variants")
+def fp8_variants(ctx: Context) -> dict:
+    from ..transforms.quantize import quantize_artifacts
+
+    prompts = ctx.workdir / "fp8-prompts.txt"
+    prompts.write_text(FP8_PROMPT + "\n")
+    out = {}
+    for name, attention in VARIANTS.items():
+        root = _copy(ctx, f"variant-{name.replace('+', '-')}")
+        quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=1, seed=0,
+                           attention=attention, log=lambda m: None)
+        t0 = time.perf_counter()
+        entry = _build(root, precision="fp8")
+        out[name] = {"build_s": round(time.perf_counter() - t0, 2), "engine_bytes": entry.get("file_bytes"),
+                     **_compare(root)}
+        manifest = json.loads((root / "manifest.json").read_text())
+        out[name]["fp8_attentions"] = len((manifest["components"]["transformer"]["fp8"].get("attention") or {})
+                                          .get("nodes", []))
+    base, att = (out[v]["transformer_ms_per_chunk_111"] for v in VARIANTS)
+    out["attention_speedup"] = base / att if att else None
+    if not all(v["passed"] for k, v in out.items() if k in VARIANTS):
+        raise AssertionError(f"an fp8 engine missed the FP8 targets against ONNX Runtime: {json.dumps(out)[:2000]}")
+    return out
