@@ -122,7 +122,8 @@ def serve_options() -> set[str]:
     """The options of `python -m helios_deploy.serving.server serve` (argparse)."""
     from helios_deploy.serving import service
 
-    return {"--grpc-port", "--http-port", "--metrics-port", "--address", "--exit-timeout-secs"} & set(
+    return {"--grpc-port", "--http-port", "--metrics-port", "--address", "--exit-timeout-secs", "--drain-timeout-secs",
+            "--tritonserver"} & set(
         re.findall(r"--[\w-]+", Path(service.__file__).read_text()))
 
 
