@@ -1,0 +1,70 @@
+"""The trained tiny checkpoint (`tiny-checkpoint DIR --trained`): it goes through the same chain as every
+checkpoint (export, whole-pipeline parity against diffusers' HeliosPyramidPipeline), and its training is
+seeded. (Adherence >= 90% over 20 prompts x 2 seeds with FP8 equal to fp32, and a prompt change showing from
+the next chunk, are not reached by the shipped weights: measured colour 100%, colour and direction 25%.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def test_cli_writes_the_trained_checkpoint(tmp_path, capsys):
+    out = tmp_path / "trained"
+    code, stdout, err = run_cli(["tiny-checkpoint", out, "--trained"], capsys)
+    assert code == 0, err
+    marker = json.loads((out / "helios_deploy_tiny.json").read_text())
+    assert marker["trained"] and marker["variant"] == "distilled"
+    record = json.loads((out / "training.json").read_text())
+    assert record["vae"]["steps"] > 0 and record["transformer"]["steps"] > 0
+    for component in ("transformer", "text_encoder", "vae"):  # sharded like every tiny checkpoint
+        assert len(list((out / component).glob("*.safetensors"))) > 1
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "HeliosPyramidPipeline" and index["is_distilled"] is True
+    code, _, err = run_cli(["tiny-checkpoint", out, "--trained"], capsys)  # not empty: refused, untouched
+    assert code == 1 and "--force" in err
+
+
+@pytest.mark.parametrize("args, message", [(["--retrain"], "--retrain goes with --trained"),
+                                           (["--trained", "--variant", "base"], "trained tiny Helios-Distilled only")])
+def test_cli_bad_combinations(tmp_path, capsys, args, message):
+    code, _, err = run_cli(["tiny-checkpoint", tmp_path / "x", *args], capsys)
+    assert code == 1 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_shipped_weights_are_small():
+    from helios_deploy.checkpoints.trained import PACKAGE_DIR
+
+    size = sum(p.stat().st_size for p in PACKAGE_DIR.rglob("*") if p.is_file())
+    assert 0 < size <= 10 * 2 ** 20, size
+
+
+@pytest.mark.slow
+def test_parity_against_diffusers(trained_ckpt, trained_artifacts):
+    """The whole pipeline of the trained checkpoint against diffusers, as for every other checkpoint."""
+    from helios_deploy.export.parity.pipeline import run_pipeline_parity
+    from helios_deploy.runtime import Pipeline
+
+    report = run_pipeline_parity(trained_ckpt, Pipeline.from_artifacts(trained_artifacts))
+    assert report["passed"], report["cases"]
+
+
+def test_training_is_seeded(tmp_path):
+    """Two short trainings from the same seed give the same weights (a few steps of each stage)."""
+    import torch
+
+    from helios_deploy.checkpoints.train_tiny import build_trained_pipeline
+
+    torch.set_num_threads(1)
+    runs = [build_trained_pipeline(seed=3, vae_steps=2, transformer_steps=2, pool=8, log=lambda m: None)
+            for _ in range(2)]
+    for name in ("vae", "transformer"):
+        a, b = (getattr(pipe, name).state_dict() for pipe, _ in runs)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    other, _ = build_trained_pipeline(seed=4, vae_steps=2, transformer_steps=2, pool=8, log=lambda m: None)
+    a, b = runs[0][0].transformer.state_dict(), other.transformer.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
