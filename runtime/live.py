@@ -61,8 +61,9 @@ class LiveScheduler(Admission, Worker):
     (default: one chunk period) is the deadline of a stream's first chunk; ``lead`` (default: one chunk period)
     how far ahead of its deadline a chunk may be made. ``max_batch`` > 1 runs up to that many streams' chunks
     together (same size and settings) with one transformer call per step (the graphs' batch axis).
-    ``max_chunks_queued``: chunks a stream may hold unread. ``shed_lateness`` (default: one chunk period): a
-    live chunk this late sheds the newest live stream (at most one per chunk period)."""
+    ``max_chunks_queued``: chunks a stream may hold unread. ``shed_lateness``: a live chunk this late sheds the
+    newest live stream (at most one per chunk period); default one chunk period when the chunk time is
+    measured, none (inf) when ``chunk_seconds`` is given (a figure its owner vouches for, as tests do)."""
 
     def __init__(self, pipe, fps: float = DEFAULT_FPS, chunk_seconds: float | None = None,
                  max_streams: int | None = None, queue: bool = False, first_chunk_budget: float | None = None,
@@ -78,7 +79,9 @@ class LiveScheduler(Admission, Worker):
         self.budget = self.period if first_chunk_budget is None else float(first_chunk_budget)
         self.lead = self.period if lead is None else float(lead)
         self.max_chunks_queued = max_chunks_queued
-        self.shed_lateness = self.period if shed_lateness is None else float(shed_lateness)
+        if shed_lateness is None:  # a given chunk time is the owner's figure: no shedding unless asked for
+            shed_lateness = self.period if chunk_seconds is None else float("inf")
+        self.shed_lateness = float(shed_lateness)
         super().__init__(chunk_seconds, max_streams)
         self._streams: dict[str, LiveStream] = {}  # open: queued or running
         self._ended: collections.OrderedDict[str, LiveStream] = collections.OrderedDict()  # recent, for control
