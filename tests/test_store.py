@@ -312,7 +312,13 @@ def test_pg_restart_is_one_clear_error_then_recovery(pg_url, postgres_server, tm
         with pytest.raises(StoreError):
             store.complete(finished["id"], store.staging_path(finished["id"]))
     try:
-        assert store.get(job["id"])["status"] == "queued"  # the next call after the restart works
+        back = time.monotonic() + 15  # the pool reconnects within its back-off (1 s, doubling) once it is up
+        while True:
+            try:
+                assert store.get(job["id"])["status"] == "queued"
+                break
+            except StoreError:
+                assert time.monotonic() < back, "the store did not recover after the server came back"
         store.update(job["id"], status="in_progress")
         time.sleep(1.0)  # the store's thread lived through it: the lease is renewed again
         assert store.get(job["id"])["lease_until"] > time.time()
