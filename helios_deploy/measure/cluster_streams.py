@@ -68,11 +68,14 @@ class ClusterRecord:
 class Replica:
     """`helios-deploy api --triton ... --failover` in its own process on a free loopback port."""
 
-    def __init__(self, urls: list[str], key: str, store: str, log_path: Path, fps: float, streams: int):
+    def __init__(self, urls: list[str], key: str, store: str, log_path: Path, fps: float, streams: int,
+                 videos: Path | None = None):
         self.port, self.log_path, self.key = free_port(), log_path, key
         cmd = [sys.executable, "-m", "helios_deploy.cli", "api", "--triton", ",".join(urls), "--failover",
                "--port", str(self.port), "--api-key", key, "--store", store, "--fps", str(fps),
                "--max-streams-per-key", str(streams), "--max-frames", "3300"]
+        if videos is not None:  # a PostgreSQL store needs the video folder every replica shares
+            cmd += ["--videos", str(videos)]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -230,7 +233,7 @@ def run_cluster(artifacts, concurrent: int, chunks: int, nodes: int = 3, kill_no
         with LocalNodes(artifacts, tmp, count=nodes, **options) as local:
             key = secrets.token_hex(16)
             replicas = [Replica(local.urls, key, store if shared else str(tmp / f"store{i}"), tmp / f"api{i}.log",
-                                fps, concurrent) for i in range(2)]
+                                fps, concurrent, videos=tmp / "videos" if shared else None) for i in range(2)]
             try:
                 run = _run(local, replicas, records, chunks, fault_at, kind)
             finally:
