@@ -99,26 +99,6 @@ def model_parameters(model_config: Mapping) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
 
 
-def resolve_device(device: str, instance_kind: str, device_id: str | int) -> str:
-    """"auto": cuda:<the instance's GPU> for KIND_GPU instances, else cpu."""
-    if device != "auto":
-        return device
-    return f"cuda:{device_id}" if str(instance_kind).upper() == "GPU" else "cpu"
-
-
-def live_settings(params: Mapping[str, str]) -> dict:
-    """LiveScheduler settings from the model's config parameters (``helios-deploy triton --max-streams ...``)."""
-    def number(key, cast):
-        value = params.get(key, "")
-        return cast(value) if value not in ("", "auto") else None
-
-    from ..runtime.live import DEFAULT_FPS
-
-    return {"fps": number("fps", float) or DEFAULT_FPS, "chunk_seconds": number("chunk_seconds", float),
-            "max_streams": number("max_streams", int), "queue": params.get("queue", "false") == "true",
-            "max_batch": number("max_batch", int) or 1}
-
-
 def text_input(get: Callable[[str], np.ndarray | None], name: str) -> str | None:
     """An optional one-string BYTES input as text (None when absent)."""
     value = get(name)
