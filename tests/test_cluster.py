@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,6 +75,7 @@ def fill(node_url, count, owner="filler"):
 
 def test_placement_by_capacity_refusal_moves_on_and_demand_passes_one(nodes):
     from helios_deploy.api.cluster import Cluster
+    from helios_deploy.api.metrics import Metrics
     from helios_deploy.runtime.live import StreamError
     from helios_deploy.serving.live_metrics import read_metrics
 
@@ -93,6 +95,10 @@ def test_placement_by_capacity_refusal_moves_on_and_demand_passes_one(nodes):
         assert refused.value.code == "over_capacity"
         demand = Cluster(b.url).demand()
         assert demand > 1, demand  # (6 active + 1+ refused) / 6
+        published = Metrics(SimpleNamespace(counts=dict), b).render().decode()
+        value = float(next(line.split()[1] for line in published.splitlines()
+                           if line.startswith("helios_cluster_demand ")))
+        assert value > 1, published  # the API's own /metrics carries the cluster's demand
         time.sleep(1.5)  # the nodes publish their gauge every second
         gauges = [read_metrics(n.metrics_url).get("helios_live_demand", 0.0) for n in nodes.nodes]
         assert max(gauges) > 1, gauges

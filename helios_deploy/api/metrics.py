@@ -13,6 +13,9 @@
     helios_api_encode_load                   live streams' H.264 encode time against the encoder threads'
                                              (gauge; new streams are refused near 1)
     helios_api_encode_workers                encoder threads (gauge)
+    helios_cluster_demand                    with --triton: (active + queued + recently refused) / capacity over
+                                             all nodes, from their capacity answers (gauge; above 1 when more is
+                                             asked than the cluster holds)
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class _Live:
         yield GaugeMetricFamily("helios_api_stream_capacity", "Real-time streams the backend holds",
                                 value=m["capacity"])
         yield GaugeMetricFamily(LOAD_METRIC, "Active streams against capacity (1 = full)", value=m["load"])
+        if m.get("cluster_demand") is not None:
+            yield GaugeMetricFamily("helios_cluster_demand", "Streams asked of the Triton nodes (active, queued and "
+                                    "refused in the last 60 s) against their capacity", value=m["cluster_demand"])
         if self.encode is not None:
             e = self.encode.metrics(self.fps)
             yield GaugeMetricFamily("helios_api_encode_load", "Live streams' encode time against the encoder "
