@@ -91,8 +91,11 @@ def test_parity_holds_one_copy_of_the_weights(chain_run):
     report = json.loads((arts.parent / "parity.json").read_text())
     transformer = report["components"]["transformer"]
     assert transformer["passed"] and all(c["rel_l2"] < 1e-4 for c in transformer["cases"])
-    # ONNX Runtime's session (one copy) and the streamed reference, one after the other
-    assert transformer["memory"]["peak_rss_bytes"] < 1.5 * transformer["memory"]["graph_bytes"], transformer["memory"]
+    # ONNX Runtime's session (one copy) and the streamed reference, one after the other: what the block adds to
+    # the resident size it started from (the interpreter, torch and what the text encoder's turn left mapped,
+    # 0.8-1.3 GB, which made a bound on the absolute peak fail by 1.5% in stop 31's CI) stays under 1.5 copies
+    memory = transformer["memory"]
+    assert memory["peak_rss_bytes"] - memory["start_rss_bytes"] < 1.5 * memory["graph_bytes"], memory
 
 
 def test_graph_transforms_stream_the_weights(chain_run):

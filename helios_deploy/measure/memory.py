@@ -77,8 +77,10 @@ def release_memory() -> None:
 @contextlib.contextmanager
 def measure_peak() -> Iterator[dict]:
     """``with measure_peak() as m: ...`` leaves ``m["peak_rss_bytes"]``: the peak of that block (of the whole
-    process where the high-water mark cannot be reset, said by ``m["scope"]``)."""
-    record: dict = {"scope": "block" if reset_peak() else "process"}
+    process where the high-water mark cannot be reset, said by ``m["scope"]``) and ``m["start_rss_bytes"]``:
+    the resident size it started from (the interpreter, libraries and what earlier work left mapped), so the
+    block's own growth is ``peak_rss_bytes - start_rss_bytes``."""
+    record: dict = {"scope": "block" if reset_peak() else "process", "start_rss_bytes": rss_bytes()}
     try:
         yield record
     finally:
