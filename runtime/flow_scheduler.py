@@ -7,6 +7,7 @@ the reference computes them. The update rules live in their own modules: unipc.p
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -19,6 +20,7 @@ from .scheduler import renoise_coefficients, stage_tables
 from .unipc import UniPCConfig, UniPCSolver
 
 SAMPLERS = ("unipc", "euler")
+SCHEDULE_CACHE_SIZE = 64  # schedules kept per scheduler (least recently used dropped), as runtime/scheduler.py
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,7 +59,18 @@ class FlowScheduler:
         self.ori_start_sigmas, self.timesteps_per_stage, self.sigmas_per_stage = stage_tables(
             self.num_train_timesteps, float(c.get("shift", 1.0)), self.stages,
             list(c.get("stage_range", [0, 1 / 3, 2 / 3, 1])), self.gamma)
-        self._schedules: dict[tuple, FlowSchedule] = {}
+        # a schedule depends only on its arguments; the most recently used SCHEDULE_CACHE_SIZE are kept (each
+        # holds its own per-device constants, so a server that sees many step counts does not grow without end)
+        self._schedules: OrderedDict[tuple, FlowSchedule] = OrderedDict()
+
+    def _cached(self, key: tuple, make) -> FlowSchedule:
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+        else:
+            self._schedules[key] = make()
+            while len(self._schedules) > SCHEDULE_CACHE_SIZE:
+                self._schedules.popitem(last=False)
+        return self._schedules[key]
 
     def _time_shift(self, mu: float, t: torch.Tensor) -> torch.Tensor:
         if self.time_shift_type == "exponential":
@@ -66,30 +79,30 @@ class FlowScheduler:
 
     def stage_schedule(self, num_steps: int, stage: int, mu: float) -> FlowSchedule:
         """set_timesteps(num_steps, stage, mu=mu) of a pyramid scheduler (once per distinct arguments)."""
-        key = ("stage", num_steps, stage, mu)
-        if key not in self._schedules:
+        def make() -> FlowSchedule:
             st, ss = self.timesteps_per_stage[stage], self.sigmas_per_stage[stage]
             timesteps = torch.from_numpy(np.linspace(st[0].item(), st[-1].item(), num_steps))
             sigmas = torch.cat([torch.from_numpy(np.linspace(ss[0].item(), ss[-1].item(), num_steps)), torch.zeros(1)])
             if self.use_dynamic_shifting:
                 sigmas = self._time_shift(mu, sigmas)
                 timesteps = st.min() + sigmas[:-1] * (st.max() - st.min())
-            self._schedules[key] = FlowSchedule(timesteps, sigmas)
-        return self._schedules[key]
+            return FlowSchedule(timesteps, sigmas)
+
+        return self._cached(("stage", num_steps, stage, mu), make)
 
     def chunk_schedule(self, num_steps: int, mu: float) -> FlowSchedule:
         """HeliosPipeline's set_timesteps(num_steps, sigmas=linspace(0.999, 0, n + 1)[:-1], mu=mu) on a
         one-stage scheduler (the shift is not applied to given sigmas, as in the reference)."""
-        key = ("chunk", num_steps, mu)
-        if key not in self._schedules:
+        def make() -> FlowSchedule:
             given = np.linspace(0.999, 0.0, num_steps + 1)[:-1]
             timesteps = torch.from_numpy(given * self.num_train_timesteps)
             sigmas = torch.cat([torch.from_numpy(given), torch.zeros(1)])
             if self.use_dynamic_shifting:
                 sigmas = self._time_shift(mu, sigmas)
                 timesteps = sigmas[:-1] * self.num_train_timesteps
-            self._schedules[key] = FlowSchedule(timesteps, sigmas)
-        return self._schedules[key]
+            return FlowSchedule(timesteps, sigmas)
+
+        return self._cached(("chunk", num_steps, mu), make)
 
     def solver(self, schedule: FlowSchedule, sampler: str | None = None):
         """A fresh solver over ``schedule`` (set_timesteps resets the multistep history):
