@@ -145,6 +145,42 @@ def test_restart_reconciles_files_and_rows(opener, kind):
     assert not stray.exists() and not second.staging_path(running["id"]).exists()
 
 
+def test_input_images_live_with_their_jobs(opener, kind):
+    """An I2V job's input image is kept (0600, written whole, bounded) while the job is active, survives a
+    reclaim that re-queues the job (another replica runs it with the same image), and goes with the job:
+    completed, failed, deleted, expired, or found without a live row at a restart."""
+    from helios_deploy.api.store_base import MAX_INPUT_BYTES
+
+    first = opener(lease=0.5)
+    done, failed, deleted, running, orphan = (first.create(key="k", **ROW) for _ in range(5))
+    for j in (done, failed, deleted, running, orphan):
+        first.save_input(j["id"], b"png of " + j["id"].encode())
+    path = first.input_path(running["id"])
+    assert path.name == f"{running['id']}.input.png" and first.load_input(running["id"]) == path.read_bytes()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and not list(first.videos.glob(".*partial"))
+    with pytest.raises(StoreError, match="at most"):
+        first.save_input(running["id"], b"\0" * (MAX_INPUT_BYTES + 1))
+    assert first.load_input(running["id"]) == b"png of " + running["id"].encode()  # the kept one is untouched
+    assert _finish(first, done["id"]) and first.fail(failed["id"], "generation_failed", "boom")
+    first.delete(deleted["id"])
+    assert [first.load_input(j["id"]) for j in (done, failed, deleted)] == [None, None, None]
+    first.update(running["id"], status="in_progress")
+    with first._tx() as q:  # a row gone without the store's delete (e.g. removed by hand): its input is stray
+        q("DELETE FROM jobs WHERE id=?", (orphan["id"],))
+    first.close() if kind == "sqlite" else first._stop.set()  # dies with the job running
+    time.sleep(0.8 if kind == "postgresql" else 0)
+    second = opener(lease=0.5)
+    assert not second.input_path(orphan["id"]).exists()
+    if kind == "sqlite":  # one host: the running job failed at the restart, its input gone
+        assert second.get(running["id"])["status"] == "failed" and second.load_input(running["id"]) is None
+    else:  # re-queued: the replica that claims it reads the same image
+        assert second.get(running["id"])["status"] == "queued"
+        assert second.load_input(running["id"]) == b"png of " + running["id"].encode()
+        claimed = second.claim()
+        assert claimed["id"] == running["id"] and _finish(second, running["id"])
+        assert second.load_input(running["id"]) is None
+
+
 def test_expired_jobs_are_swept(opener):
     store = opener(retention=parse_duration("1s"), lease=0.6)  # the thread ticks every 0.2 s
     done, failed, running = (store.create(key="k", **ROW) for _ in range(3))

@@ -7,6 +7,10 @@ replica died or lost the store for longer than ``lease``) is reclaimed: re-queue
 another replica claims and runs it again, or failed after ``MAX_ATTEMPTS`` runs. A job whose finished video
 is already in the folder when it is reclaimed (the replica died between the video's rename and the row's
 update) is marked completed instead.
+
+An image-to-video job's input image is kept beside the videos as ``<id>.input.png`` (0600, at most
+MAX_INPUT_BYTES) while the job is queued or running, so a replica that reclaims the job runs it again with the
+same image; it is deleted when the job ends (completed, failed, deleted or expired).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ COLUMNS = ("id", "key", "created_at", "completed_at", "expires_at", "status", "p
            "seconds", "size", "error_code", "error_message", "params", "owner", "lease_until", "attempts")
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
 UPDATABLE = frozenset(COLUMNS[2:14])
+INPUT_SUFFIX = ".input.png"  # an I2V job's input image, kept while the job is active
+MAX_INPUT_BYTES = 32 << 20  # the API stores it at the video's size (at most a few MB as PNG)
 MARKER = "helios-store.id"  # in the video folder: which store it belongs to (not a dot file: no partial)
 
 
@@ -216,12 +222,40 @@ class BaseStore:
         with self._tx() as q:
             q("DELETE FROM jobs WHERE id=?", (job_id,))
         self.video_path(job_id).unlink(missing_ok=True)
+        self.drop_input(job_id)
 
     # -- files ----------------------------------------------------------------------------------------
     def video_path(self, job_id: str) -> Path:
         if not ID_RE.fullmatch(job_id or ""):
             raise ValueError(f"not a job id: {job_id!r}")
         return self.videos / f"{job_id}.mp4"
+
+    def input_path(self, job_id: str) -> Path:
+        return self.videos / f"{self.video_path(job_id).stem}{INPUT_SUFFIX}"
+
+    def save_input(self, job_id: str, data: bytes) -> None:
+        """Keep an I2V job's input image (PNG bytes) with the job: written whole (a hidden file moved into
+        place), 0600; StoreError when it is over MAX_INPUT_BYTES or cannot be written."""
+        if len(data) > MAX_INPUT_BYTES:
+            raise StoreError(f"the input image is {len(data):,} bytes; the store keeps at most {MAX_INPUT_BYTES:,}")
+        path = self.input_path(job_id)
+        partial = self.videos / f".{path.name}.partial"
+        try:
+            _write_private(partial, data)
+            os.replace(partial, path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise StoreError(f"the input image could not be written to {self.videos}: {e}") from None
+
+    def load_input(self, job_id: str) -> bytes | None:
+        """The input image kept with the job, or None (not an I2V job, or its image is gone)."""
+        try:
+            return self.input_path(job_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop_input(self, job_id: str) -> None:
+        self.input_path(job_id).unlink(missing_ok=True)
 
     def staging_path(self, job_id: str) -> Path:
         """Where the runner writes the video; complete() moves it into place."""
@@ -246,6 +280,8 @@ class BaseStore:
             held = self.get(job_id)
             if held is None or held["owner"] not in (None, self.replica):
                 path.unlink(missing_ok=True)
+        if done or self.get(job_id) is None:  # ended here, or deleted: its input is no longer needed
+            self.drop_input(job_id)
         return bool(done)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
@@ -255,12 +291,15 @@ class BaseStore:
         now = int(time.time())
         try:
             with self._tx() as q:
-                return bool(q("UPDATE jobs SET status='failed', completed_at=?, expires_at=?, error_code=?, "
-                              "error_message=?, owner=NULL, lease_until=NULL WHERE id=? AND owner=? RETURNING id",
-                              (now, self._expiry(now), code, message, job_id, self.replica)))
+                failed = bool(q("UPDATE jobs SET status='failed', completed_at=?, expires_at=?, error_code=?, "
+                                "error_message=?, owner=NULL, lease_until=NULL WHERE id=? AND owner=? RETURNING id",
+                                (now, self._expiry(now), code, message, job_id, self.replica)))
         except StoreError:
             self._abandoned.add(job_id)
             return False
+        if failed:
+            self.drop_input(job_id)
+        return failed
 
     def _expiry(self, now: int) -> int | None:
         return None if self.retention is None else now + int(round(self.retention))
@@ -296,25 +335,29 @@ class BaseStore:
             cond = "status IN (?, ?)" + ("" if all_active else " AND lease_until < ?")
             args = (*ACTIVE,) if all_active else (*ACTIVE, now)
             rows = q(f"SELECT id, attempts FROM jobs WHERE {cond}{self._skip_locked}", args)
-            for job_id, attempts in rows:
-                self._reclaim_one(q, job_id, attempts, int(now))
+            ended = [job_id for job_id, attempts in rows if not self._reclaim_one(q, job_id, attempts, int(now))]
         for job_id, _ in rows:  # the dead writer's partial files
             self._abandoned.discard(job_id)
             for p in self.videos.glob(f".*{job_id}*"):
                 p.unlink(missing_ok=True)
+        for job_id in ended:  # a re-queued job keeps its input image for the replica that runs it again
+            self.drop_input(job_id)
         return len(rows)
 
-    def _reclaim_one(self, q, job_id: str, attempts: int, now: int) -> None:
+    def _reclaim_one(self, q, job_id: str, attempts: int, now: int) -> bool:
+        """True when the job was re-queued (it runs again), False when it ended."""
         if self.video_path(job_id).is_file():  # died after the rename, before the row's update
             q("UPDATE jobs SET status='completed', progress=100, completed_at=?, expires_at=?, owner=NULL, "
               "lease_until=NULL WHERE id=?", (now, self._expiry(now), job_id))
-        elif self.requeue and attempts < MAX_ATTEMPTS:
+            return False
+        if self.requeue and attempts < MAX_ATTEMPTS:
             q("UPDATE jobs SET status='queued', owner=NULL, lease_until=NULL, progress=0, attempts=attempts+1 "
               "WHERE id=?", (job_id,))
-        else:
-            q("UPDATE jobs SET status='failed', error_code='server_restarted', completed_at=?, expires_at=?, "
-              "owner=NULL, lease_until=NULL, error_message=? WHERE id=?",
-              (now, self._expiry(now), "the server stopped while this job was running; create it again", job_id))
+            return True
+        q("UPDATE jobs SET status='failed', error_code='server_restarted', completed_at=?, expires_at=?, "
+          "owner=NULL, lease_until=NULL, error_message=? WHERE id=?",
+          (now, self._expiry(now), "the server stopped while this job was running; create it again", job_id))
+        return False
 
     def reconcile(self) -> dict[str, int]:
         """Files and rows both ways: a video (or partial) without a live row is deleted; a completed job
@@ -327,7 +370,10 @@ class BaseStore:
             if not m or p.name == MARKER:
                 continue
             status = rows.get(m.group(0))
-            keep = status == "completed" if not p.name.startswith(".") else status in ACTIVE
+            if p.name.startswith(".") or p.name.endswith(INPUT_SUFFIX):  # partial files; inputs of active jobs
+                keep = status in ACTIVE
+            else:
+                keep = status == "completed"
             if not keep and p.is_file():
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -347,6 +393,7 @@ class BaseStore:
                                     (int(now if now is not None else time.time()),))]
         for job_id in gone:
             self.video_path(job_id).unlink(missing_ok=True)
+            self.drop_input(job_id)
         return len(gone)
 
 

@@ -7,6 +7,7 @@ row in the store follows its progress. Each key sees its own jobs only.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -30,6 +31,18 @@ def video_object(job: dict) -> dict:
                error=None if job["status"] != "failed" else {"code": job["error_code"] or "failed",
                                                              "message": job["error_message"] or ""})
     return out
+
+
+def input_png(image, size: tuple[int, int]) -> bytes:
+    """An I2V job's input image as it is stored with the job: resized to the video's (height, width) the way
+    the runtime resizes it (Lanczos; runtime/conditioning.py), so a re-run's resize is a copy and its frames
+    are the first run's, and PNG (lossless). At most the video's size: bounded."""
+    from PIL import Image
+
+    h, w = size
+    buf = io.BytesIO()
+    image.convert("RGB").resize((w, h), resample=Image.LANCZOS).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Cancelled(Exception):
@@ -56,6 +69,12 @@ class JobRunner:
     def start(self, key: str, request: VideoRequest) -> dict:
         s = self.state
         job = self._reserve(key, request)
+        if request.image is not None:  # kept with the job: a replica that reclaims it runs it with the same image
+            try:
+                self._store(s.store.save_input, job["id"], input_png(request.image, request.size))
+            except BaseException:
+                self._store(s.store.delete, job["id"])
+                raise
         opened = time.perf_counter()
         try:
             stream = s.backend.open(request.prompt, realtime=False, **request.backend_kwargs())
@@ -82,15 +101,21 @@ class JobRunner:
         """Run a job this replica claimed from the store's queue (its replica died) again from the start;
         an error (e.g. over capacity) hands it back to the queue."""
         params = json.loads(job["params"])
+        image = None
         if params.pop("image", False):
-            self._fail(job["id"], "server_restarted", "the replica running this image-to-video job stopped, and "
-                       "the input image is not kept: create the job again")
-            return
+            data = self.state.store.load_input(job["id"]) if hasattr(self.state.store, "load_input") else None
+            if data is None:
+                self._fail(job["id"], "input_lost", "the replica running this image-to-video job stopped, and its "
+                           "input image is gone from the store: create the job again")
+                return
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(data)).convert("RGB")
         if params.get("pyramid_steps") is not None:
             params["pyramid_steps"] = tuple(params["pyramid_steps"])
         width, height = (int(v) for v in job["size"].split("x"))
         opened = time.perf_counter()
-        stream = self.state.backend.open(job["prompt"], realtime=False, image=None, height=height, width=width,
+        stream = self.state.backend.open(job["prompt"], realtime=False, image=image, height=height, width=width,
                                          **params)
         with self._lock:
             self._streams[job["id"]] = stream
