@@ -127,13 +127,15 @@ def test_stress_checkpoint_has_peaked_attention(tiny_ckpt, tmp_path):
 
 
 def test_gpu_check_runs_each_fp8_variant():
-    """gpu-check (make gpu-check) runs the fp8_variants check after its own: linears only and + attention, each
-    built, compared with ONNX Runtime's FP8 graph and timed (export/tensorrt/gpucheck_fp8.py; GPU only)."""
+    """gpu-check (make gpu-check) runs the fp8_variants check after its own: linears only, + attention and + VAE
+    convolutions, each built, compared with ONNX Runtime's FP8 graph and timed (export/tensorrt/gpucheck_fp8.py;
+    GPU only)."""
     from helios_deploy.export.tensorrt import gpucheck  # noqa: F401 - registers the checks
     from helios_deploy.export.tensorrt.gpucheck_fp8 import VARIANTS, fp8_variants
     from helios_deploy.export.tensorrt.gpuchecks import CHECKS
 
-    assert ("fp8_variants", fp8_variants) in CHECKS and VARIANTS == {"fp8": False, "fp8+attn": True}
+    assert ("fp8_variants", fp8_variants) in CHECKS and VARIANTS == {"fp8": (False, False), "fp8+attn": (True, False),
+                                                           "fp8+attn+vae": (True, True)}
 
 
 def test_adherence_report_counts_flips(quantized_attention):

@@ -1,10 +1,13 @@
 """gpu-check's run of each FP8 engine variant (issue 30), registered in gpuchecks.CHECKS as ``fp8_variants``.
 
-For FP8 linears only and FP8 linears + attention (``quantize --fp8-attention``), on the tiny export: quantize,
-build the transformer engine (``build --precision fp8``, strongly typed from ``model.fp8.bf16.onnx``), run it at
-every operating point against ONNX Runtime on the same FP8 graph (``model.fp8.onnx``: rel_l2, cosine, the FP8
-targets of ``verify``), and time it (median of REPEATS runs per pyramid stage; their sum is the transformer's
-time per 1,1,1 chunk), so the first run on a GPU measures what FP8 attention gains and costs on that GPU.
+For FP8 linears only, FP8 linears + attention (``quantize --fp8-attention``) and + VAE convolutions
+(``--fp8-vae``), on the tiny export: quantize, build the transformer engine (``build --precision fp8``, strongly
+typed from ``model.fp8.bf16.onnx``; with --fp8-vae the VAE decoder's engine too), run it at every operating point
+against ONNX Runtime on the same FP8 graph (``model.fp8.onnx``: rel_l2, cosine, the FP8 targets of ``verify``), and
+time it (median of REPEATS runs per pyramid stage; their sum is the transformer's time per 1,1,1 chunk; the
+decoder's per chunk), so the first run on a GPU measures what each variant gains and costs on that GPU. The tiny
+VAE has 8 and 16 channels: its convolutions are quantized at TensorRT's kernel floor (16), which Model
+Optimizer's default (> 16) would not choose, so its timing says whether the FP8 kernels run, not their gain.
 GPU only: written against the TensorRT 10/11 Python API through the project's runner, never run here.
 """
 
@@ -19,12 +22,13 @@ import numpy as np
 
 from .gpuchecks import FP8_KEEP, FP8_PROMPT, Context, _build, _copy, check
 
-VARIANTS = {"fp8": False, "fp8+attn": True}  # variant -> quantize's attention option
+VARIANTS = {"fp8": (False, False), "fp8+attn": (True, False), "fp8+attn+vae": (True, True)}  # (attention, vae)
+TINY_VAE_MIN_CHANNELS = 16
 REPEATS = 20
 
 
-def _compare(root: Path) -> dict:
-    """The fp8 transformer engine against ONNX Runtime's FP8 graph at every operating point, and its time."""
+def _compare(root: Path, component: str = "transformer") -> dict:
+    """The component's fp8 engine against ONNX Runtime's FP8 graph at every operating point, and its time."""
     import torch
 
     from ...artifacts import Artifacts
@@ -33,10 +37,10 @@ def _compare(root: Path) -> dict:
     from ..parity.fp8 import FP8_COSINE, FP8_REL_L2
 
     arts = Artifacts.open(root)
-    spec = arts.spec("transformer")
+    spec = arts.spec(component)
     graph = spec.graph("model")
-    fp8_graph = OrtGraph(root / "transformer" / arts.manifest["components"]["transformer"]["fp8"]["file"], graph)
-    runner = TensorRTRunner(root, arts.manifest, "transformer", graph, "cuda")
+    fp8_graph = OrtGraph(root / component / arts.manifest["components"][component]["fp8"]["file"], graph)
+    runner = TensorRTRunner(root, arts.manifest, component, graph, "cuda")
     runner.activate()
     points = {}
     try:
@@ -60,8 +64,17 @@ def _compare(root: Path) -> dict:
     finally:
         runner.deactivate()
     stages = [v["median_ms"] for k, v in points.items() if k.startswith("stage") and "batch" not in k]
-    return {"points": points, "transformer_ms_per_chunk_111": sum(stages),
+    per_chunk = sum(stages) if component == "transformer" else min(v["median_ms"] for v in points.values())
+    return {"points": points, f"{component}_ms_per_chunk" + ("_111" if component == "transformer" else ""): per_chunk,
             "passed": all(p["passed"] for p in points.values())}
+
+
+def _build_vae(root: Path) -> dict:
+    from .build import build
+    from .engines import BuildSettings
+
+    build(root, ["vae_decoder"], BuildSettings(opt_level=3, precision="fp8"), rebuild=True, log=lambda m: None)
+    return json.loads((root / "manifest.json").read_text())["components"]["vae_decoder"]["engines"]["model"]
 
 
 @check("fp8_variants")
@@ -71,18 +84,23 @@ def fp8_variants(ctx: Context) -> dict:
     prompts = ctx.workdir / "fp8-prompts.txt"
     prompts.write_text(FP8_PROMPT + "\n")
     out = {}
-    for name, attention in VARIANTS.items():
+    for name, (attention, vae) in VARIANTS.items():
         root = _copy(ctx, f"variant-{name.replace('+', '-')}")
         quantize_artifacts(root, ["transformer"], prompts_file=prompts, keep=FP8_KEEP, chunks=1, seed=0,
-                           attention=attention, log=lambda m: None)
+                           attention=attention, vae=vae, vae_min_channels=TINY_VAE_MIN_CHANNELS, log=lambda m: None)
         t0 = time.perf_counter()
         entry = _build(root, precision="fp8")
         out[name] = {"build_s": round(time.perf_counter() - t0, 2), "engine_bytes": entry.get("file_bytes"),
                      **_compare(root)}
+        if vae:
+            vae_entry = _build_vae(root)
+            result = _compare(root, "vae_decoder")
+            out[name]["vae_decoder"] = {"engine_bytes": vae_entry.get("file_bytes"), **result}
+            out[name]["passed"] = out[name]["passed"] and result["passed"]
         manifest = json.loads((root / "manifest.json").read_text())
         out[name]["fp8_attentions"] = len((manifest["components"]["transformer"]["fp8"].get("attention") or {})
                                           .get("nodes", []))
-    base, att = (out[v]["transformer_ms_per_chunk_111"] for v in VARIANTS)
+    base, att = (out[v]["transformer_ms_per_chunk_111"] for v in ("fp8", "fp8+attn"))
     out["attention_speedup"] = base / att if att else None
     if not all(v["passed"] for k, v in out.items() if k in VARIANTS):
         raise AssertionError(f"an fp8 engine missed the FP8 targets against ONNX Runtime: {json.dumps(out)[:2000]}")

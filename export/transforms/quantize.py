@@ -41,6 +41,7 @@ from .calibration import RangeRunner, calibration_graph, calibration_hash, read_
 from .lowering import write_lowered
 from .prepare import LINEAR_OPS, block_count, linear_nodes, precision_map, prepare, weight_bytes
 from .qdq import insert_qdq
+from .vae import COMPONENT as VAE, MIN_CHANNELS as VAE_MIN_CHANNELS, plan_vae, quantize_vae, vae_recipe
 
 FP8_FILE = "model.fp8.onnx"
 FP8_BF16_FILE = "model.fp8.bf16.onnx"
@@ -100,6 +101,16 @@ class Plan:
     def activation(self, node_name: str) -> str:
         return next(n.input[0] for n in self.graph.proto.graph.node if n.name == node_name)
 
+    def calibrated_rows(self) -> dict[str, int]:
+        """Activation -> K of the weight it multiplies (the GEMV rule counts rows); Q, K, V of FP8 attentions."""
+        inits, rows_of = self.graph.initializers(), {}
+        for t in self.targets:
+            node = next(n for n in self.graph.proto.graph.node if n.name == t)
+            rows_of[node.input[0]] = int(inits[node.input[1]].dims[0])  # K of the weight [K, N]
+        for a in self.attention:  # Q, K, V: a range each (rows are not used: the GEMV rule is for linears)
+            rows_of.update({x: 1 for x in a.calibrated})
+        return rows_of
+
 
 def plan_component(arts: Artifacts, component: str, keep: Sequence[str] | None, log: Callable[[str], None],
                    attention: bool = False) -> Plan:
@@ -138,13 +149,7 @@ def calibrate(arts: Artifacts, plans: Sequence[Plan], prompts: Sequence[str], ch
     pipe = Pipeline.from_artifacts(arts.root, device=device, low_memory=True)
     runners = {}
     for plan in plans:
-        inits = plan.graph.initializers()
-        rows_of = {}
-        for t in plan.targets:
-            node = next(n for n in plan.graph.proto.graph.node if n.name == t)
-            rows_of[node.input[0]] = int(inits[node.input[1]].dims[0])  # K of the weight [K, N]
-        for a in plan.attention:  # Q, K, V: a range each (rows are not used: the GEMV rule is for linears)
-            rows_of.update({x: 1 for x in a.calibrated})
+        rows_of = plan.calibrated_rows()
         folder = work[plan.component] / "calibration"
         folder.mkdir()
         path, outputs = calibration_graph(arts.graph_path(plan.component, "model"), sorted(rows_of), folder,
@@ -243,10 +248,12 @@ def _check_request(arts: Artifacts, components: list[str], chunks: int, device: 
 def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("transformer",),
                        prompts_file: str | Path | None = None, keep: Sequence[str] | None = None,
                        chunks: int = 2, seed: int = 0, prompts: Sequence[str] | None = None, device: str = "cpu",
-                       log: Callable[[str], None] = print, attention: bool = False) -> dict:
+                       log: Callable[[str], None] = print, attention: bool = False, vae: bool = False,
+                       vae_min_channels: int = VAE_MIN_CHANNELS) -> dict:
     """Calibrate on the real sampler loop, quantize each component and record it in the manifest. Nothing in
     ARTIFACTS changes unless every component succeeds. ``attention``: FP8 attention matmuls in the transformer
-    too (export/transforms/attention.py)."""
+    too (export/transforms/attention.py); ``vae``: FP8 convolutions in the VAE decoder, calibrated in the same
+    run (export/transforms/vae.py; ``vae_min_channels``: its channel rule)."""
     t0 = time.perf_counter()
     arts = Artifacts.open(artifacts)
     components = list(components)
@@ -260,11 +267,15 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
                 "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
     if attention:
         settings["fp8_attention"] = True  # its calibration records Q, K and V too
+    if vae:
+        settings["fp8_vae"] = True  # the decoder's convolution inputs are recorded in the same run
     manifest = json.loads(json.dumps(arts.manifest))
     with contextlib.ExitStack() as stack:
-        work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components}
+        work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components + [VAE] * vae}
         plans = [plan_component(arts, c, keep if c == "transformer" else None, log,
                                 attention=attention and c == "transformer") for c in components]
+        if vae:
+            plans.append(plan_vae(prepare(Graph.load(arts.graph_path(VAE, "model"))), vae_min_channels, log))
         sizes = len(video_sizes(arts.manifest))  # every prompt at every exported size
         log(f"calibrating: {len(prompts)} prompts x {chunks} chunks x {sizes} size(s) through the fp32 pipeline "
             f"on {device} ...")
@@ -277,9 +288,13 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
             t1 = time.perf_counter()
             out = work[plan.component] / "out"
             out.mkdir()
-            entry = quantize_component(plan, runners[plan.component], out, log)
             runner = runners[plan.component]
-            entry.update(recipe=_recipe(attention="attention" in entry), calibration={
+            if plan.component == VAE:
+                entry = quantize_vae(plan, runner, out, arts.spec(VAE).graph("model"), (FP8_FILE, FP8_BF16_FILE), log)
+            else:
+                entry = quantize_component(plan, runner, out, log)
+            recipe = vae_recipe() if plan.component == VAE else _recipe(attention="attention" in entry)
+            entry.update(recipe=recipe, calibration={
                 "sha256": calibration_hash(prompts, {**settings, "device": device}), "prompts": len(prompts),
                 "calls": sum(runner.shapes.values()), "shapes": dict(runner.shapes), "device": device, **settings})
             entry["memory"]["calibration"] = calibration_memory
@@ -288,6 +303,8 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
             folder = arts.root / plan.component
             moves += [(out / f, folder / f) for f in (entry["bf16"]["data"], entry["bf16"]["file"],
                                                       entry["data"], entry["file"])]
+        if not vae:  # quantized again without --fp8-vae: the decoder runs in high precision again
+            manifest["components"][VAE].pop("fp8", None)
         install(arts.root, moves, manifest)
-    return {"components": {c: manifest["components"][c]["fp8"] for c in components},
+    return {"components": {c: manifest["components"][c]["fp8"] for c in components + [VAE] * vae},
             "seconds": round(time.perf_counter() - t0, 2)}

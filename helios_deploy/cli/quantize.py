@@ -24,9 +24,13 @@ import click
 @click.option("--fp8-attention", "fp8_attention", is_flag=True,
               help="fp8: also Q/DQ on both attention matmuls (Q.K^T and softmax.V) in the placement TensorRT's fused "
                    "FP8 attention needs, calibrated like the linear layers (opt-in: see docs/quantize-and-build.md).")
+@click.option("--fp8-vae", "fp8_vae", is_flag=True,
+              help="fp8: also FP8 convolutions in the VAE decoder where TensorRT runs them in FP8 (input and output "
+                   "channels > 16, filters of at most 32 elements; first and last convolutions kept), calibrated in "
+                   "the same run (opt-in: see docs/quantize-and-build.md).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed,
-            fp8_attention):
+            fp8_attention, fp8_vae):
     """Quantize exported graphs to FP8 (E4M3 Q/DQ on the linear layers, FP8 weights), calibrated on the real
     sampler loop (all three pyramid stages, chunks with history). Writes ARTIFACTS/<component>/model.fp8.onnx
     (+ .data) and records the recipe, calibration hash and per-layer precision in the manifest.
@@ -36,6 +40,7 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
       helios-deploy quantize engines/helios --precision fp8
       helios-deploy quantize engines/helios --precision fp8 --device cuda   # calibrate on the GPU
       helios-deploy quantize engines/helios --precision fp8 --fp8-attention  # + FP8 attention
+      helios-deploy quantize engines/helios --precision fp8 --fp8-attention --fp8-vae  # + FP8 VAE convolutions
       helios-deploy quantize ARTIFACTS --calibration-prompts prompts.txt --components transformer,text_encoder
       helios-deploy quantize ARTIFACTS --keep-high-precision '^patch_' --keep-high-precision '^proj_out/'
       helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
@@ -44,10 +49,11 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
 
     patterns = None if not keep else [] if list(keep) == ["none"] else list(keep)
     if precision == "bf16":
-        if fp8_attention:
+        if fp8_attention or fp8_vae:
             from ..errors import UserError
 
-            raise UserError("--fp8-attention is an option of --precision fp8", fix="pass --precision fp8")
+            flag = "--fp8-attention" if fp8_attention else "--fp8-vae"
+            raise UserError(f"{flag} is an option of --precision fp8", fix="pass --precision fp8")
         from ..export.transforms.lowering import lower_artifacts
         from .options import parse_components
 
@@ -62,8 +68,13 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
     names = [c.strip() for c in (components or "transformer").split(",") if c.strip()]
     result = quantize_artifacts(artifacts, names, prompts_file=calibration_prompts, keep=patterns,
                                 chunks=calibration_chunks, seed=seed, device=device,
-                                log=lambda m: click.echo(m, err=True), attention=fp8_attention)
+                                log=lambda m: click.echo(m, err=True), attention=fp8_attention, vae=fp8_vae)
     for name, e in result["components"].items():
+        if name == "vae_decoder":
+            n = sum(v == "fp8" for v in e["layer_precision"].values())
+            click.echo(f"{name}: {n} of {len(e['layer_precision'])} convolutions in FP8, {len(e['kept'])} kept in high "
+                       f"precision; {e['file']} + {e['data']} ({e['data_bytes']} B)")
+            continue
         counts = {p: sum(1 for v in e["layer_precision"].values() if v == p) for p in ("fp8", "fp32")}
         w = e["weight_bytes"]
         click.echo(f"{name}: {counts['fp8']} fp8 / {counts['fp32']} fp32 layers (linear + conv); quantized weights "
