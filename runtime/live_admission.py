@@ -2,7 +2,8 @@
 admitted streams, admission, and the counters its metrics report.
 
 A stream's chunk costs its weight (transformer calls x video area, relative to a default chunk; doubled steps
-for a first chunk with amplify_first_chunk) x the default chunk time. When the chunk time was measured (not
+for a first chunk with amplify_first_chunk) x the default chunk time, plus ``overhead``: other work its chunk
+costs on the runners' cores (the API's H.264 encode, when the runners run on the API host's CPUs). When the chunk time was measured (not
 given), each shape's cost then follows its real runs (a moving average of the seconds per stream-chunk of that
 shape), and the default chunk time too: admission and the slack given to jobs track what the runners take
 now, not what two idle warm-up chunks took."""
@@ -31,6 +32,9 @@ class Admission:
     def __init__(self, chunk_seconds: float | None, max_streams: int | None):
         self.chunk_seconds, self.max_streams = chunk_seconds, max_streams
         self._adapt = chunk_seconds is None  # a given chunk time is kept; a measured one follows the runs
+        # seconds per chunk of other work on the runners' own cores for a stream (StreamState -> float), e.g. the
+        # API host's H.264 encode of its chunks when the runners are on its CPUs: added to every chunk's cost
+        self.overhead = None
         self._cost: dict[tuple, float] = {}  # batch key -> moving average of seconds per stream-chunk
         self._refusals: collections.deque[float] = collections.deque(maxlen=100_000)
         self._last_shed = float("-inf")
@@ -54,9 +58,10 @@ class Admission:
 
     def chunk_cost(self, s) -> float:
         """Seconds the stream's next chunk takes on these runners (measured for its shape when known)."""
+        extra = self.overhead(s.state) if self.overhead is not None and s.state is not None else 0.0
         if self._adapt and s.state is not None and batch_key(s.state) in self._cost:
-            return self._cost[batch_key(s.state)]
-        return s.weight * self._first_factor(s.state) * (self.chunk_seconds or 0.0)
+            return self._cost[batch_key(s.state)] + extra
+        return s.weight * self._first_factor(s.state) * (self.chunk_seconds or 0.0) + extra
 
     def _observe(self, key: tuple, weights: float, made: int, seconds: float) -> None:
         """Under the lock, after a chunk job of ``made`` streams (``weights``: their chunks in default chunks)."""

@@ -321,3 +321,78 @@ def test_health_fails_when_the_worker_is_dead(artifacts, tmp_path):
                  timeout=5 * app_module.PROBE_EVERY_S)  # was 200 forever
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and "worker" in r.json()["detail"], r.text
+
+
+def test_encode_time_is_charged_to_the_runners_admission(api):
+    """In process on CPU the encoder threads take the runners' own cores: each stream's chunk costs the runners'
+    chunk time plus its encode's seconds of one core spread over the cores (app.py -> InProcessBackend.
+    count_encode). A second stream that fits by the runners' time alone (2 x 0.05 s per 0.34 s period) is refused
+    once its encode is counted; without it both were admitted and then late together."""
+    import os
+
+    from helios_deploy.api.fmp4 import EncodeMeter
+    from helios_deploy.runtime.live import StreamError
+
+    url, app = api
+    state, backend = app.state.api, app.state.api.backend
+    sched, size, cores = backend.scheduler, tuple(backend.sizes[0]), len(os.sched_getaffinity(0))
+    _idle(app)
+    real = sched.overhead
+    assert real is not None  # set by create_app: the runners are on this host's CPUs
+    heavy = EncodeMeter(workers=1, seconds_per_chunk=0.15 * cores, size=size)  # 0.15 s of the runners' period
+    try:
+        assert backend.count_encode(heavy)
+        first = backend.open(PROMPT, num_frames=330)
+        assert abs(backend.metrics()["load"] - (0.05 + 0.15) / (33 / FPS)) < 1e-6, backend.metrics()
+        with pytest.raises(StreamError) as refused:
+            backend.open(PROMPT, num_frames=330)
+        assert refused.value.code == "over_capacity"
+        first.stop()
+        sched.overhead = real
+        both = [backend.open(PROMPT, num_frames=330) for _ in range(2)]  # the runners' time alone: both fit
+        for s in both:
+            s.stop()
+    finally:
+        heavy.close()
+        sched.overhead = real
+    from types import SimpleNamespace
+
+    assert real(SimpleNamespace(size=size)) == (state.encode.seconds(size) or 0.0) / cores  # the API's own meter
+    _idle(app)
+
+
+def test_a_viewer_reading_at_half_speed_is_warned_then_stopped(artifacts, tmp_path):
+    """A viewer that reads every chunk, but at half the playback speed, never blocks one send for 3 chunk
+    periods (each read frees the next chunk's room), so the send timeout alone never stops it: it stays behind
+    (chunks made and not yet sent) and is warned, then stopped (slow_consumer, 1008) once it has been behind for
+    more than max_backlog_chunks periods, long before its 20 chunks are made (16 KB below the app: a fraction of
+    one 64x128 chunk, about 100 KB; the client library holds one message)."""
+    fps = 48.0  # a 0.69 s period: the runners keep up on a busy host, so only the viewer falls behind
+    app = make_app(artifacts, tmp_path / "jobs", fps=fps, send_buffer_bytes=16 << 10, max_frames=660)
+    with serving(app) as (url, app):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        msgs, chunks, closed = [], 0, None
+        with connect(_ws(url), sock=sock, max_queue=1) as ws:
+            ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "num_frames": 660}))
+            stream = app.state.api.backend.stream(json.loads(ws.recv(timeout=30))["stream_id"])
+            try:
+                while True:
+                    m = ws.recv(timeout=30)
+                    if isinstance(m, bytes):
+                        chunks += 1
+                        time.sleep(2 * 33 / fps)  # half speed
+                    else:
+                        msgs.append(json.loads(m))
+            except Exception as e:  # noqa: BLE001 - the server's close
+                closed = e
+        kinds = [m["type"] for m in msgs]
+        assert "session.warning" in kinds and kinds[-1] == "error", kinds
+        warning = kinds.index("session.warning")
+        assert msgs[warning]["code"] == "slow_consumer" and msgs[-1]["error"]["code"] == "slow_consumer", msgs
+        assert "behind for" in msgs[-1]["error"]["message"], msgs[-1]
+        assert getattr(closed, "rcvd", None) is not None and closed.rcvd.code == 1008, closed
+        assert stream.progress()["status"] == "stopped" and stream.progress()["chunks_done"] < 20
+        assert chunks < 20
+        _idle(app)

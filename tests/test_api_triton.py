@@ -1,12 +1,17 @@
 """The API in front of a real tritonserver (the CPU one from nvidia-pytriton, `make triton-env`) serving the
 tiny artifacts: the same behaviour as in process. A job through the openai SDK and a live stream with a
 prompt change (a control request in band, over the node's one connection) give the runtime's frames; a
-client leaving frees its stream on the API and on the server; a slow Triton never blocks stop() or /health."""
+client leaving frees its stream on the API and on the server; a slow Triton never blocks stop() or /health
+(/health answers in under 100 ms with 8 streams open and the server paused)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 
+import httpx
 import pytest
 
 from tests.api_helpers import (KEY, assert_chunks_match, assert_same_video, connect, decode_mp4, reference_pipeline,
@@ -14,6 +19,7 @@ from tests.api_helpers import (KEY, assert_chunks_match, assert_same_video, conn
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 PROMPT = "A red fox running through fresh snow at sunrise."
+STREAMS = 8  # the server's capacity (its chunk time given: the same admission on a busy host)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +29,7 @@ def triton(server_env, artifacts, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("api-triton")
     # the session's artifacts referenced, not hard-linked: onnx.checker refuses external data with several links
-    write_repository(artifacts, base / "repo", RepoOptions(backend="onnxruntime", max_frames=330, max_streams=2,
+    write_repository(artifacts, base / "repo", RepoOptions(backend="onnxruntime", max_frames=330, max_streams=STREAMS,
                                                            chunk_seconds=0.05, reference=True))
     srv = LocalServer(server_env, base / "repo", log_path=base / "tritonserver.log").start()
     yield srv
@@ -37,7 +43,8 @@ def api(triton, tmp_path_factory):
     from helios_deploy.api.jobs import JobStore
 
     backend = TritonBackend(triton.grpc_url)  # no cap of its own: the server admits by its capacity (2 streams)
-    app = create_app(backend, JobStore(tmp_path_factory.mktemp("jobs")), keys=(KEY,))
+    keys = (KEY, *(f"{KEY}-{i}" for i in range(1, STREAMS)))  # one per stream of test_health_...: 2 per key
+    app = create_app(backend, JobStore(tmp_path_factory.mktemp("jobs")), keys=keys)
     with running(app) as url:
         yield url, app
     backend.close()
@@ -129,14 +136,35 @@ def test_server_refusals_keep_their_status(api):
     h = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{url}/v1/videos", headers=h, json={"prompt": PROMPT, "guidance_scale": 5.0})
     assert r.status_code == 400 and "guidance" in r.json()["error"]["message"], r.text
-    ws_url = url.replace("http://", "ws://") + "/v1/realtime/video"
-    with connect(ws_url) as a, connect(ws_url) as b:  # the server's two streams
-        for ws in (a, b):
-            ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "num_frames": 330}))
-            assert json.loads(ws.recv(timeout=120))["type"] == "session.started"
+    with _open_streams(url, STREAMS):  # the server's capacity
         r = httpx.post(f"{url}/v1/videos", headers=h, json={"prompt": PROMPT, "num_frames": 33}, timeout=120)
         assert r.status_code == 429 and r.json()["error"]["code"] == "over_capacity", r.text
     wait_for(lambda: app.state.api.backend.metrics()["active_streams"] == 0, timeout=30)
+
+
+@contextlib.contextmanager
+def _open_streams(url: str, n: int):
+    """``n`` live streams through the API (keys of their own: the per-key limit is 2), each read at once by
+    a thread; yields the list of each stream's chunk count so far. The sockets close at the end."""
+    ws_url = url.replace("http://", "ws://") + "/v1/realtime/video"
+    keys = [KEY] + [f"{KEY}-{i}" for i in range(1, n)]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(connect(ws_url, key=k)) for k in keys]
+        for ws in sockets:
+            ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "num_frames": 330}))
+            started = json.loads(ws.recv(timeout=120))
+            assert started["type"] == "session.started", started
+        chunks = [0] * n
+
+        def read(i, ws):
+            with contextlib.suppress(Exception):  # the socket closes at the end
+                while True:
+                    if isinstance(ws.recv(timeout=120), bytes):
+                        chunks[i] += 1
+
+        for i, ws in enumerate(sockets):
+            threading.Thread(target=read, args=(i, ws), daemon=True).start()
+        yield chunks
 
 
 def test_paused_server_never_blocks_stop_or_health_and_lateness_is_measured(triton):
@@ -173,3 +201,36 @@ def test_paused_server_never_blocks_stop_or_health_and_lateness_is_measured(trit
         assert b.health()["ready"] is True
     finally:
         b.close()
+
+
+def test_health_answers_at_once_with_8_streams_and_the_server_paused(api, triton):
+    """8 live streams through the API, then the node's processes stopped (SIGSTOP) for longer than the health
+    probe's timeout: every /health answers in under 100 ms (from the last probe, off the event loop), first
+    200, then 503 not ready (the node's readiness call times out after 1 s, or the probe has waited 3 s); after
+    SIGCONT it is 200 again, and no stream is left once their sockets close."""
+    import os
+    import signal
+
+    from helios_deploy.api.app import PROBE_TIMEOUT_S
+
+    url, app = api
+    times, answers = [], []
+    with _open_streams(url, STREAMS) as chunks, httpx.Client(base_url=url, timeout=10) as c:
+        wait_for(lambda: all(chunks), timeout=120)  # every stream has sent a chunk
+        assert app.state.api.backend.metrics()["active_streams"] == STREAMS
+        c.get("/health")  # the connection is open before the pause
+        os.killpg(triton.proc.pid, signal.SIGSTOP)
+        try:
+            paused = time.monotonic()
+            while time.monotonic() - paused < PROBE_TIMEOUT_S + 2.5:
+                t = time.perf_counter()
+                r = c.get("/health")
+                times.append(time.perf_counter() - t)
+                answers.append((round(time.monotonic() - paused, 2), r.status_code, r.json()["detail"]))
+                time.sleep(0.1)
+        finally:
+            os.killpg(triton.proc.pid, signal.SIGCONT)
+        assert max(times) < 0.1, (sorted(times)[-5:], answers)
+        assert answers[0][1] == 200 and answers[-1][1] == 503, answers
+        wait_for(lambda: c.get("/health").status_code == 200, timeout=30)
+    wait_for(lambda: app.state.api.backend.metrics()["active_streams"] == 0, timeout=30)

@@ -154,6 +154,8 @@ def create_app(backend, store: JobStore, keys: tuple[str, ...] = (), limits: Lim
                fps: float = 24.0, crf: int = 23, models: tuple[str, ...] = ("helios",)) -> FastAPI:
     state = ApiState(backend, store, KeyCheck(keys), limits or Limits(), fps, crf, models)
     state.encode = EncodeMeter(state.limits.encode_workers, state.limits.encode_seconds, tuple(backend.sizes[0]))
+    if hasattr(backend, "count_encode"):  # runners on this host's CPUs: the encode counts in their admission
+        backend.count_encode(state.encode)
     state.metrics = Metrics(store, backend, state.encode, fps)
     state.jobs = videos.JobRunner(state)
     state.health = HealthMonitor(backend)

@@ -61,6 +61,20 @@ class InProcessBackend:
         return cls(LiveScheduler(pipe, fps=fps, max_streams=max_streams, chunk_seconds=chunk_seconds,
                                  queue=False).start())
 
+    def count_encode(self, encode) -> bool:
+        """Charge each stream's H.264 encode (``encode``: the API's EncodeMeter) to its chunk cost in the
+        scheduler's admission when the runners run on this host's CPUs: the encoder threads take those same
+        cores. Unit: a chunk's encode is seconds of one core; the runners' chunk time is wall time on all the
+        cores they share, so the encode adds (encode seconds) / cores to it. True when counted (CPU runners)."""
+        import os
+
+        device = getattr(getattr(self.scheduler, "pipe", None), "device", None)
+        if getattr(device, "type", str(device)) != "cpu" or not hasattr(self.scheduler, "overhead"):
+            return False
+        cores = max(1, len(os.sched_getaffinity(0)))
+        self.scheduler.overhead = lambda state: (encode.seconds(tuple(state.size)) or 0.0) / cores
+        return True
+
     def open(self, prompt: str, realtime: bool = True, owner: str | None = None, **request):
         """A live stream (paced to playback), or with ``realtime=False`` a job: its chunks may be made as far
         ahead as the runners allow, still after any live stream's nearer deadline."""

@@ -91,7 +91,7 @@ class EncodeMeter:
         with self._lock:
             busy = sum(self._active.values()) * (self._per_pixel or 0.0)
         return {"encode_workers": self.workers, "encode_load": busy / (self.workers * period),
-                "encode_seconds_per_pixel_frame": (self._per_pixel or 0.0) / 33}
+                "encode_seconds_per_pixel_frame": self._per_pixel or 0.0}  # _pixels() counts pixel-frames
 
     def admit(self, token, size: tuple[int, int], fps: float) -> None:
         """Count one stream of ``size`` (height, width); StreamError over_capacity if its encodes would not keep

@@ -14,8 +14,9 @@ Server -> client:
     {"type": "session.completed" | "session.stopped", "progress": {...}, "reason"?}
     {"type": "error", "error": {"code", "message", "param"}}   a bad message; the socket stays open
 A client that closes the socket (or goes away) stops its stream at once. A viewer that reads slower than the
-stream plays (more than Limits.max_backlog_chunks chunks made and not yet sent) is warned, then its stream
-is stopped (error code slow_consumer) and the socket closed with 1008: nothing is buffered without bound.
+stream plays (more than Limits.max_backlog_chunks chunks made and not yet sent, or behind for longer than that
+many chunk periods, or one chunk's send blocked that long) is warned, then its stream is stopped (error code
+slow_consumer) and the socket closed with 1008: nothing is buffered without bound.
 A message over Limits.max_message_bytes is refused (error code message_too_large, the socket stays open).
 Auth: ``Authorization: Bearer KEY``, or the subprotocols ["helios.v1", "bearer.KEY"] (browsers).
 """
@@ -50,6 +51,7 @@ class Session:
         self.stream = None
         self.sender: asyncio.Task | None = None
         self.starting = False
+        self.behind_since: float | None = None  # when the viewer last fell behind (chunks made and not yet sent)
 
     async def error(self, e: ApiError) -> None:
         await self.ws.send_json({"type": "error", **body(e.status, e.message, e.code, e.param)})
@@ -107,6 +109,7 @@ class Session:
         except BaseException:
             await self.release(stream)
             raise
+        self.behind_since = None
         self.sender = asyncio.create_task(self.send_chunks(stream, encoder, opened))
 
     async def send_chunks(self, stream, encoder: ChunkEncoder, opened: float) -> None:
@@ -147,9 +150,9 @@ class Session:
         finally:
             await self.release(stream)
 
-    async def try_error(self, e: ApiError) -> None:
+    async def try_error(self, e: ApiError, timeout: float = CLOSE_TIMEOUT_S) -> None:
         try:
-            await asyncio.wait_for(self.error(e), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(self.error(e), timeout)
         except Exception:  # noqa: BLE001 - the client is gone: nobody to tell
             pass
 
@@ -158,13 +161,21 @@ class Session:
         await self.ws.send_bytes(data)
 
     async def check_backlog(self, stream, index: int) -> None:
-        """Chunks made but not yet sent (the stream's queue): warn at half the limit, stop beyond it."""
-        limit = self.state.limits.max_backlog_chunks
+        """Chunks made but not yet sent (the stream's queue): warn at half the limit; stop beyond it, or when
+        the viewer has stayed behind (never caught up) for more than ``limit`` chunk periods: one that reads
+        steadily slower than the stream plays, whose backlog the bounded queue would otherwise hide."""
+        limit, period = self.state.limits.max_backlog_chunks, 33 / self.state.fps
         backlog = stream.progress()["chunks_done"] - index - 1
         self.state.metrics.backlog.observe(max(0, backlog))
+        now = time.perf_counter()
+        warn = backlog >= max(1, limit // 2)
+        self.behind_since = (self.behind_since or now) if warn else None
         if backlog > limit:
             raise SlowConsumer(f"{backlog} chunks were made and not yet sent (at most {limit})")
-        if backlog >= max(1, limit // 2):
+        if warn and now - self.behind_since > limit * period:
+            raise SlowConsumer(f"it has been {backlog}+ chunks behind for {now - self.behind_since:.1f} s (more than "
+                               f"{limit} chunk periods)")
+        if warn:
             await self.ws.send_json({"type": "session.warning", "code": "slow_consumer", "backlog_chunks": backlog,
                                      "message": f"this viewer is {backlog} chunks behind the stream; at "
                                                 f"{limit + 1} it is stopped"})
@@ -174,9 +185,12 @@ class Session:
         await self.release(stream)  # the stream stops first: its chunks are not kept for a viewer that lags
         message = (f"the stream was stopped: this viewer reads slower than the stream plays ({why}); read every "
                    "message as it arrives, or lower the size / frame rate")
-        await self.try_error(ApiError(400, message, "slow_consumer"))
+        # the goodbye queues behind the bytes the viewer has not read yet: a viewer still reading (slowly) gets it
+        # within a few chunk periods; one that reads nothing more is cut off after that (nothing else is held)
+        goodbye = max(CLOSE_TIMEOUT_S, (self.state.limits.max_backlog_chunks + 1) * 33 / self.state.fps)
+        await self.try_error(ApiError(400, message, "slow_consumer"), goodbye)
         try:
-            await asyncio.wait_for(self.ws.close(code=1008, reason="slow consumer: stream stopped"), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(self.ws.close(code=1008, reason="slow consumer: stream stopped"), goodbye)
         except Exception:  # noqa: BLE001 - a client that cannot take the goodbye is gone anyway
             pass
 

@@ -33,6 +33,8 @@ import click
 @click.option("--max-body-mb", type=float, default=16, show_default=True, help="Largest request body (MB).")
 @click.option("--max-message-kb", type=int, default=1024, show_default=True,
               help="Largest WebSocket message (KB); over it: an error message, the socket stays open.")
+@click.option("--send-buffer-kb", type=int, default=512, show_default=True,
+              help="Bytes queued for one viewer below the app (KB); a viewer that lets them fill is slow.")
 @click.option("--encode-workers", type=int, default=None,
               help="H.264 encoder threads for live streams (default: one per CPU); admission counts their time.")
 @click.option("--max-streams", type=int, default=None,
@@ -43,8 +45,8 @@ import click
 @click.option("--backend", default="onnxruntime", show_default=True, help="With --artifacts: runner backend.")
 @click.option("--device", default="cpu", show_default=True, help="With --artifacts: cpu or cuda[:N].")
 def command(artifacts, triton, failover, store, videos, retention, lease, host, port, api_key, insecure_no_key, max_frames,
-            max_jobs_per_key, max_streams_per_key, max_body_mb, max_message_kb, encode_workers, max_streams, fps, crf,
-            backend, device):
+            max_jobs_per_key, max_streams_per_key, max_body_mb, max_message_kb, send_buffer_kb, encode_workers,
+            max_streams, fps, crf, backend, device):
     """Serve OpenAI-style video jobs (/v1/videos), a live WebSocket (/v1/realtime/video) and a page that plays
     it (GET /), in front of the runtime in this process or a Triton server.
 
@@ -62,7 +64,8 @@ def command(artifacts, triton, failover, store, videos, retention, lease, host, 
 
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_frames=max_frames,
                     max_jobs_per_key=max_jobs_per_key, max_streams_per_key=max_streams_per_key,
-                    max_message_bytes=max_message_kb << 10, encode_workers=encode_workers)
+                    max_message_bytes=max_message_kb << 10, send_buffer_bytes=send_buffer_kb << 10,
+                    encode_workers=encode_workers)
     serve(artifacts=artifacts, triton=",".join(triton) or None, failover=failover, store=store, host=host, port=port, api_key=api_key,
           insecure_no_key=insecure_no_key, limits=limits, fps=fps, crf=crf, max_streams=max_streams,
           backend=backend, device=device, videos=videos, retention=parse_duration(retention), lease=lease,
