@@ -218,6 +218,34 @@ def _fp8_attention(plan: Plan, runner: RangeRunner, targets: set[str], log: Call
                          "(Model Optimizer 0.47 fp8_exporter / match_fp8_mha_pattern)"} if fp8 else None
 
 
+def _settings(arts: Artifacts, chunks: int, seed: int, attention: bool, vae: bool) -> dict:
+    """What the calibration ran (recorded, and hashed with the prompts)."""
+    variant = Variant.from_manifest(arts.manifest)  # calibration runs its sampler with its default settings
+    settings = {"chunks": chunks, "seed": seed, "variant": variant.name,
+                "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.defaults.items()},
+                "method": CALIBRATION_METHOD,
+                "video": arts.manifest["video"], "text_length": arts.manifest["text_length"],
+                "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
+    if attention:
+        settings["fp8_attention"] = True  # its calibration records Q, K and V too
+    if vae:
+        settings["fp8_vae"] = True  # the decoder's convolution inputs are recorded in the same run
+    return settings
+
+
+def _write_plan(arts: Artifacts, plan, runner: RangeRunner, out: Path, log: Callable[[str], None]) -> dict:
+    """One planned component's FP8 graphs written to ``out``; its manifest entry (calibration settings aside)."""
+    t1 = time.perf_counter()
+    if plan.component == VAE:
+        entry = quantize_vae(plan, runner, out, arts.spec(VAE).graph("model"), (FP8_FILE, FP8_BF16_FILE), log)
+    else:
+        entry = quantize_component(plan, runner, out, log)
+    recipe = vae_recipe() if plan.component == VAE else _recipe(attention="attention" in entry)
+    entry.update(recipe=recipe, calibration={"calls": sum(runner.shapes.values()), "shapes": dict(runner.shapes)},
+                 seconds={"quantize": round(time.perf_counter() - t1, 2)})
+    return entry
+
+
 def _recipe(attention: bool = False) -> dict:
     import modelopt
 
@@ -259,16 +287,7 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
     components = list(components)
     _check_request(arts, components, chunks, device)
     prompts = list(prompts) if prompts is not None else read_prompts(prompts_file)
-    variant = Variant.from_manifest(arts.manifest)  # calibration runs its sampler with its default settings
-    settings = {"chunks": chunks, "seed": seed, "variant": variant.name,
-                "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.defaults.items()},
-                "method": CALIBRATION_METHOD,
-                "video": arts.manifest["video"], "text_length": arts.manifest["text_length"],
-                "checkpoint": arts.manifest["checkpoint"]["identity"]["sha256"]}
-    if attention:
-        settings["fp8_attention"] = True  # its calibration records Q, K and V too
-    if vae:
-        settings["fp8_vae"] = True  # the decoder's convolution inputs are recorded in the same run
+    settings = _settings(arts, chunks, seed, attention, vae)
     manifest = json.loads(json.dumps(arts.manifest))
     with contextlib.ExitStack() as stack:
         work = {c: stack.enter_context(staging(arts.root / c, "fp8")) for c in components + [VAE] * vae}
@@ -285,20 +304,13 @@ def quantize_artifacts(artifacts: str | Path, components: Iterable[str] = ("tran
         t_cal = time.perf_counter() - t0
         moves = []
         for plan in plans:
-            t1 = time.perf_counter()
             out = work[plan.component] / "out"
             out.mkdir()
-            runner = runners[plan.component]
-            if plan.component == VAE:
-                entry = quantize_vae(plan, runner, out, arts.spec(VAE).graph("model"), (FP8_FILE, FP8_BF16_FILE), log)
-            else:
-                entry = quantize_component(plan, runner, out, log)
-            recipe = vae_recipe() if plan.component == VAE else _recipe(attention="attention" in entry)
-            entry.update(recipe=recipe, calibration={
-                "sha256": calibration_hash(prompts, {**settings, "device": device}), "prompts": len(prompts),
-                "calls": sum(runner.shapes.values()), "shapes": dict(runner.shapes), "device": device, **settings})
+            entry = _write_plan(arts, plan, runners[plan.component], out, log)
+            entry["calibration"] = {"sha256": calibration_hash(prompts, {**settings, "device": device}),
+                                    "prompts": len(prompts), **entry["calibration"], "device": device, **settings}
             entry["memory"]["calibration"] = calibration_memory
-            entry["seconds"] = {"calibration": round(t_cal, 2), "quantize": round(time.perf_counter() - t1, 2)}
+            entry["seconds"]["calibration"] = round(t_cal, 2)
             manifest["components"][plan.component]["fp8"] = entry
             folder = arts.root / plan.component
             moves += [(out / f, folder / f) for f in (entry["bf16"]["data"], entry["bf16"]["file"],

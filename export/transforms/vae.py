@@ -10,8 +10,8 @@ Q/DQ, per-output-channel weights, ``modelopt/onnx/quantization/fp8.py``, ``fp8_s
     x -> Q -> DQ -> Conv <- DQ <- W (FP8 initializer, one scale per output channel, axis 0)
 
 Which convolutions (Model Optimizer 0.47 ``graph_utils.find_nodes_from_convs_to_exclude(graph, "fp8")``, what its
-FP8 mode excludes for TensorRT, and TensorRT 10.x's release notes, "Limitations": no FP8 kernels for group or
-depthwise convolutions):
+FP8 mode excludes for TensorRT, and TensorRT 10.x's release notes, "Limitations": "There are no optimized FP8
+Convolutions for Group Convolutions and Depthwise Convolutions", quoted in NVIDIA/TensorRT#4524):
 - the weight is a constant (an initializer), ``group == 1``;
 - the filter has at most 32 elements (``filter_size > 32`` is excluded for FP8): 3x3x3 causal convolutions (27),
   3x1x1 time convolutions, 3x3 upsampling and 1x1 convolutions qualify;
