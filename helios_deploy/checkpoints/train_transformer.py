@@ -30,6 +30,8 @@ CHUNKS = 3  # chunks per training video
 CHANGE_PROB = 0.35  # chance that a later chunk changes colour (and caption)
 TEXT_LENGTHS = (16, 32, 64)  # prompt paddings trained (exports pad to their text_length)
 SELF_FORCING = 0.5  # share of steps whose stages 1 and 2 start from the model's own earlier stages
+CHUNK_WEIGHTS = (0.5, 0.25, 0.25)  # chunk 0 (no history: the caption alone sets the motion) half the time
+STAGE_WEIGHTS = {0: 2.0, 1: 1.0, 2: 1.0}  # stage 0 lays the shape out and sets its motion; the later ones refine
 
 
 def caption_embeddings(tokenizer, text_encoder, captions: list[str], length: int = 128) -> dict[str, torch.Tensor]:
@@ -76,7 +78,7 @@ class Batches:
     def chunk_batch(self, batch: int):
         """(history [B, C, 19, h, w], prefix [B, C, 1, h, w], target [B, C, 9, h, w], captions, chunk index)."""
         latents, captions = self.videos(batch)
-        ks = self.rng.integers(0, CHUNKS, batch)
+        ks = self.rng.choice(CHUNKS, batch, p=CHUNK_WEIGHTS)
         b, c, _, h, w = latents.shape
         hist_len = sum(HISTORY_SIZES)
         history, prefix, target = [], [], []
@@ -150,9 +152,9 @@ def train_transformer(transformer, embeds: dict[str, torch.Tensor], scheduler_co
                                   patch, indices)
         _drive(run, teacher)
         loss = 0.0
-        for feeds, clean, sigma in teacher.calls:
+        for stage, (feeds, clean, sigma) in enumerate(teacher.calls):
             pred = transformer(**feeds, return_dict=False)[0]
-            loss = loss + F.mse_loss(feeds["hidden_states"] - sigma * pred, clean)
+            loss = loss + STAGE_WEIGHTS[stage] * F.mse_loss(feeds["hidden_states"] - sigma * pred, clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
