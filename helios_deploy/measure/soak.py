@@ -8,6 +8,7 @@ tritonserver) under C clients of every kind for S seconds (measure/soak_clients.
     jobs_lost == 0              every finished job downloadable, none failed or gone without a DELETE
     chunks_lost == 0            every good stream that completed got all its chunks
     misses_good_streams == 0    deadline misses of the good streams (admitted: within capacity)
+    slow_readers                readers at half speed are stopped (slow_consumer) and closed with 1008
     bad inputs                  each kind answered with its status (400/401/413/429) in the OpenAI shape
     health_p99_ms               /health's latency under the load (reported; checked < 1000 ms)
 """
@@ -28,7 +29,11 @@ from ..errors import UserError
 from .soak_clients import Client, Tally
 
 KINDS = ("good", "bad", "slow", "vanish", "jobs", "good")  # clients take their kind in this order, round robin
-LIMITS = {"max_body_bytes": 1 << 20, "max_message_bytes": 64 << 10, "max_jobs_per_key": 2}
+# send_buffer_kb: the tiny artifacts' 64x128 chunks are about 100 KB, so 16 KB below the app (and the kernel's
+# doubling of it) hold half of one: a slow reader fills them within a chunk or two (512 KB would hold ~15);
+# slow_frames: the slow readers' streams (20 chunks) outlast the few chunks it takes them to fall behind
+LIMITS = {"max_body_bytes": 1 << 20, "max_message_bytes": 64 << 10, "max_jobs_per_key": 2, "send_buffer_kb": 16,
+          "slow_frames": 660}
 RSS_GROWTH_MAX_PCT = 5.0
 HEALTH_P99_MAX_MS = 1000.0
 
@@ -73,7 +78,8 @@ def _api(artifacts: Path, work: Path, keys: list[str], triton_url: str | None, l
     args = [sys.executable, "-m", "helios_deploy.cli", "api", *source, "--store", str(work / "store"),
             "--port", str(port), "--max-jobs-per-key", str(LIMITS["max_jobs_per_key"]),
             "--max-body-mb", str(LIMITS["max_body_bytes"] / (1 << 20)),
-            "--max-message-kb", str(LIMITS["max_message_bytes"] >> 10)]
+            "--max-message-kb", str(LIMITS["max_message_bytes"] >> 10), "--send-buffer-kb", str(LIMITS["send_buffer_kb"]),
+            "--max-frames", str(LIMITS["slow_frames"])]
     env = {**os.environ, "HELIOS_API_KEY": ",".join(keys)}
     out = open(work / "api.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -197,6 +203,9 @@ def _report(tally: Tally, health: HealthProbe, errors, rss_start, rss_end, activ
          "jobs_lost": tally.jobs["lost"] + tally.jobs["failed"],
          "chunks_lost": sum(g["expected"] - g["chunks"] for g in completed),
          "active_streams_end": active, "misses_good_streams": sum(g["misses"] or 0 for g in completed),
+         "good_chunks": sum(g["chunks"] for g in completed),
+         "misses_first_chunk": sum(bool(g.get("lateness")) and g["lateness"][0] > 0 for g in completed),
+         "max_lateness_s": round(max((x for g in completed for x in g.get("lateness") or []), default=0.0), 3),
          "good_streams": len(completed), "good_streams_not_completed": len(good) - len(completed),
          "good_streams_refused": len(tally.good) - len(good), "slow_readers": tally.slow,
          "vanished_clients": tally.vanished, "jobs": tally.jobs, "http_requests": len(tally.statuses),
@@ -217,6 +226,8 @@ def checks(r: dict) -> dict:
              "chunks_lost": (r["chunks_lost"] == 0, "0"),
              "misses_good_streams": (r["misses_good_streams"] == 0, "0"),
              "good_streams": (r["good_streams"] > 0, "> 0"),
+             "slow_readers": (_slow_ok(r["slow_readers"]), "stopped (slow_consumer) and closed with 1008: at "
+                              "least one, every one stopped; none ended otherwise"),
              "health_p99_ms": (r["health_p99_ms"] is not None and r["health_p99_ms"] < HEALTH_P99_MAX_MS,
                                f"< {HEALTH_P99_MAX_MS:g}"),
              "bad_inputs": (bad_ok, "each kind answered with its status in the OpenAI shape"),
@@ -225,12 +236,20 @@ def checks(r: dict) -> dict:
                 {n: v.get("status") for n, v in r["bad_inputs"].items()}} for k, (ok, want) in table.items()}
 
 
+def _slow_ok(slow: dict) -> bool:
+    """Slow readers that fell behind were stopped and closed with 1008 (the warning before it is sent when the
+    server notices the backlog at a chunk; one whose first blocked send outlasts 3 periods is stopped without)."""
+    stopped = slow.get("stopped_slow_consumer", 0)
+    return stopped > 0 and slow.get("stopped_1008", 0) == stopped and slow.get("other", 0) == 0
+
+
 def format_report(r: dict) -> str:
     lines = [f"soak: {r['clients']} clients for {r['seconds']:g} s -> {'PASS' if r['ok'] else 'FAIL'}",
              f"  server RSS {r['rss_start_mb']} MB after warm-up -> {r['rss_end_mb']} MB ({r['rss_growth_pct']:+.2f} %)",
              f"  good streams {r['good_streams']} (refused {r['good_streams_refused']}), misses "
-             f"{r['misses_good_streams']}, chunks lost {r['chunks_lost']}; slow readers {r['slow_readers']}; "
-             f"vanished clients {r['vanished_clients']}",
+             f"{r['misses_good_streams']} of {r['good_chunks']} chunks ({r['misses_first_chunk']} first chunks; "
+             f"latest {r['max_lateness_s']} s), chunks lost {r['chunks_lost']}",
+             f"  slow readers {r['slow_readers']}; vanished clients {r['vanished_clients']}",
              f"  jobs {r['jobs']}; HTTP requests {r['http_requests']}, 5xx {r['errors_5xx']}",
              f"  /health p99 {r['health_p99_ms']} ms over {r['health_checks']} checks; active streams at the end "
              f"{r['active_streams_end']}"]

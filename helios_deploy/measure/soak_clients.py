@@ -3,7 +3,8 @@ API until the run's end, and records what it got. Real clients: websockets' and 
 
     good       a live stream with a prompt change after its first chunk, read at once; its server progress
                (misses) and the chunks it got
-    slow       a live stream read at half its playback speed (told and stopped, or completed)
+    slow       a live stream read at half its playback speed through a small receive window, so it falls
+               behind: warned (session.warning slow_consumer), then stopped (error slow_consumer, close 1008)
     vanish     a live stream whose client closes its TCP socket after one chunk, with no close frame
     bad        out-of-range fields, malformed / oversized / binary messages, a too-large body, a decompression
                bomb, a wrong key, a burst over the per-key limit: the answer of each
@@ -32,7 +33,9 @@ class Tally:
     statuses: list[int] = field(default_factory=list)  # every HTTP status
     ws_server_errors: list[str] = field(default_factory=list)  # WebSocket error messages of the server_error type
     good: list[dict] = field(default_factory=list)  # per good stream: chunks, expected, misses, status, refused
-    slow: dict = field(default_factory=lambda: {"completed": 0, "stopped_slow_consumer": 0, "refused": 0, "other": 0})
+    slow: dict = field(default_factory=lambda: {"completed": 0, "stopped_slow_consumer": 0, "stopped_1008": 0,
+                                                "warned_then_1008": 0, "refused": 0, "other": 0, "warned": 0,
+                                                "close_codes": {}, "others": []})
     vanished: int = 0
     bad: dict = field(default_factory=dict)  # kind -> {"status"/"code", "openai_shape", "ok"}
     jobs: dict = field(default_factory=lambda: {"completed": 0, "downloaded": 0, "deleted": 0, "refused": 0,
@@ -55,6 +58,7 @@ class Client:
 
         self.base, self.key, self.tally, self.until, self.fps, self.limits = base, key, tally, until, fps, limits
         self.ws_url = base.replace("http://", "ws://") + "/v1/realtime/video"
+        self.host, self.port = base.rsplit("/", 1)[-1].rsplit(":", 1)[0], int(base.rsplit(":", 1)[1])
         self.http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
     def running(self) -> bool:
@@ -103,25 +107,34 @@ class Client:
                             ws.send(json.dumps({"type": "session.interaction", "prompt": CHANGED}))
                     elif msg["type"] in ("session.completed", "session.stopped", "error"):
                         end = msg
+                progress = end.get("progress") or {}
                 record = {"chunks": chunks, "expected": started["num_chunks"], "end": end["type"],
-                          "misses": (end.get("progress") or {}).get("misses"), "refused": None,
+                          "misses": progress.get("misses"), "lateness": progress.get("lateness_s"), "refused": None,
                           "error": end.get("error")}
                 self.tally.add(lambda t: t.good.append(record))
 
     def slow(self) -> None:
+        """Half speed through a 4 KB receive window, the client library holding one frame: the server's buffers
+        (the soak gives it a small --send-buffer-kb) fill within a few chunks, and the viewer stays behind."""
         period = 33 / self.fps
         while self.running():
-            with self.connect() as ws:
-                started = self.start(ws)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+            sock.connect((self.host, self.port))
+            with self.connect(sock=sock, max_queue=1) as ws:
+                started = self.start(ws, num_frames=self.limits["slow_frames"])
                 if started["type"] != "session.started":
                     self.tally.add(lambda t: t.slow.__setitem__("refused", t.slow["refused"] + 1))
                     time.sleep(1.0)
                     continue
-                outcome = "other"
+                outcome, warned, code, why = "other", False, None, ""
                 try:
                     while True:
                         time.sleep(2 * period)  # half speed
                         msg = self.recv_json(ws)
+                        while msg["type"] == "session.warning":
+                            warned = warned or msg.get("code") == "slow_consumer"
+                            msg = self.recv_json(ws)
                         if msg["type"] == "video.chunk_metadata":
                             ws.recv(timeout=120)
                         elif msg["type"] == "session.completed":
@@ -129,10 +142,23 @@ class Client:
                             break
                         elif msg["type"] == "error":
                             outcome = "stopped_slow_consumer" if msg["error"]["code"] == "slow_consumer" else "other"
+                            why = msg["error"]["message"][:160]
                             break
-                except Exception:  # noqa: BLE001 - the server closed the socket after telling
-                    pass
-                self.tally.add(lambda t: t.slow.__setitem__(outcome, t.slow[outcome] + 1))
+                    if outcome == "stopped_slow_consumer":
+                        code = _close_code(ws)
+                except Exception as e:  # noqa: BLE001 - the server closed the socket after telling
+                    why = f"{type(e).__name__}: {e}"[:160]
+                both = outcome == "stopped_slow_consumer" and warned and code == 1008
+
+                def add(t, outcome=outcome, both=both, warned=warned, code=str(code), why=why):
+                    t.slow.update({outcome: t.slow[outcome] + 1, "warned_then_1008": t.slow["warned_then_1008"] + both,
+                                   "warned": t.slow["warned"] + warned, "stopped_1008": t.slow["stopped_1008"] + (
+                                       outcome == "stopped_slow_consumer" and code == "1008")})
+                    t.slow["close_codes"][code] = t.slow["close_codes"].get(code, 0) + 1
+                    if outcome == "other" and len(t.slow["others"]) < 5:
+                        t.slow["others"].append(why)
+
+                self.tally.add(add)
 
     def vanish(self) -> None:
         while self.running():
@@ -198,6 +224,19 @@ class Client:
                 if not self.running():
                     return
             time.sleep(0.5)
+
+
+def _close_code(ws) -> int | None:
+    """The close code the server sends after its last message (None if the socket just went away)."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            ws.recv(timeout=10)
+    except ConnectionClosed as e:  # carries the close frame the server sent
+        return e.rcvd.code if e.rcvd is not None else None
+    except Exception:  # noqa: BLE001 - no close frame within 10 s
+        return None
 
 
 # -- bad input -----------------------------------------------------------------------------------------
