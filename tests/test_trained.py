@@ -1,7 +1,8 @@
 """The trained tiny checkpoint (`tiny-checkpoint DIR --trained`): it goes through the same chain as every
 checkpoint (export, whole-pipeline parity against diffusers' HeliosPyramidPipeline), its training is seeded,
 and its videos show what their prompts ask: colour and direction in at least 90% of 20 prompts x 2 seeds
-through the runtime (ONNX Runtime, fp32), and as many with the FP8 transformer."""
+through the runtime (ONNX Runtime, fp32), and as many with the FP8 transformer; a prompt's colour change shows
+from the chunk it lands on."""
 
 from __future__ import annotations
 
@@ -82,3 +83,18 @@ def test_adherence_fp32_and_fp8(trained_fp8):
     fp32, fp8 = report["share"]["fp32"], report["share"]["fp8"]
     assert fp32["videos"] == 40 and fp32["share"] >= 0.9, (fp32, report["flips"])
     assert fp8["matched"] == fp32["matched"], (fp32, fp8, report["flips"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_prompt_change_shows_from_the_next_chunk(trained_artifacts, at):
+    """A stream's prompt changes colour at chunk ``at`` (a prompt schedule, as a live change lands): every chunk
+    before shows the old colour, every chunk from it the new one (the runtime's frames, 3 chunks)."""
+    from helios_deploy.measure.adherence import analyse
+    from helios_deploy.runtime import Pipeline
+
+    pipe = Pipeline.from_artifacts(trained_artifacts)
+    for seed, (old, new, direction) in enumerate([("red", "blue", "right"), ("white", "green", "down")]):
+        schedule = {0: f"a {old} square moving {direction}", at: f"a {new} square moving {direction}"}
+        seen = analyse(pipe.generate(schedule, num_frames=99, seed=seed))
+        assert seen["chunk_colours"] == [old] * at + [new] * (3 - at), (schedule, seen)
