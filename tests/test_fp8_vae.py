@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import onnx
 import pytest
 
@@ -95,7 +94,7 @@ def test_fp8_vae_manifest_and_calibration(quantized_vae):
     assert manifest["components"]["transformer"]["fp8"].get("attention")
 
 
-def test_fp8_vae_accuracy_against_diffusers(tiny_ckpt, quantized_vae, quantized_attention):
+def test_fp8_vae_accuracy_against_diffusers(tiny_ckpt, quantized_vae):
     """Per call (the decoder alone vs diffusers' AutoencoderKLWan.decode): cosine >= 0.99, the FP8 target; rel_l2
     measured 0.13-0.14 on this 16-channel random VAE, above the 0.08 the transformer meets (docs say so; bound 0.16).
     Whole video (FP8 transformer with attention + FP8 decoder vs diffusers' fp32 pipeline): >= 30 dB per chunk."""
@@ -104,7 +103,7 @@ def test_fp8_vae_accuracy_against_diffusers(tiny_ckpt, quantized_vae, quantized_
     from helios_deploy.export.exporter.run import reference_loader
     from helios_deploy.export.parity.compare import OrtGraph, compare_component
     from helios_deploy.export.parity.fp8 import FP8_COSINE
-    from helios_deploy.export.parity.pipeline import PSNR_THRESHOLD, PipelineCase, psnr, run_pipeline_psnr
+    from helios_deploy.export.parity.pipeline import PSNR_THRESHOLD, PipelineCase, run_pipeline_psnr
     from helios_deploy.runtime import Pipeline
 
     spec = Artifacts.open(quantized_vae).spec("vae_decoder")
@@ -114,15 +113,12 @@ def test_fp8_vae_accuracy_against_diffusers(tiny_ckpt, quantized_vae, quantized_
                                precision="fp8", min_cosine=FP8_COSINE)
     print("fp8 vae per call:", [(c["name"], round(c["cosine"], 5), round(c["rel_l2"], 4)) for c in result["cases"]])
     assert len(result["cases"]) == 3 and result["passed"]
+    assert min(c["rel_l2"] for c in result["cases"]) > 1e-2  # really FP8 (the fp32 graph is within 1e-5)
     pipe = Pipeline.from_artifacts(quantized_vae, precision="fp8")
+    assert Path(pipe.runner("vae_decoder").path).name == "model.fp8.onnx"  # the pipeline decodes with it
     video = run_pipeline_psnr(tiny_ckpt, pipe, cases=(PipelineCase("t2v_111"),))
     print("fp8 attention + vae PSNR per chunk:", video["cases"][0]["psnr_db"])
     assert min(video["cases"][0]["psnr_db"]) >= PSNR_THRESHOLD
-    # really the FP8 decoder: another video than the FP8-attention artifacts' (same transformer graph)
-    ours = pipe.generate(FP8_PROMPTS[0], num_frames=33, output="float")
-    attn = Pipeline.from_artifacts(quantized_attention, precision="fp8").generate(FP8_PROMPTS[0], num_frames=33,
-                                                                                  output="float")
-    assert np.abs(ours - attn).max() > 1e-3 and psnr(ours, attn) < 60
 
 
 def test_fp8_vae_cli_and_bad_input(quantized_attention, tmp_path, capsys):
