@@ -85,7 +85,7 @@ def test_demo_output_strip_and_log(tmp_path, capfd):
     terminal = captured.out + captured.err
     assert "TINY Helios-Distilled" in terminal and "trained on CPU" in terminal and "not Helios's quality" in terminal
     assert f"(asked: {DEMO_PROMPT}):" in terminal  # what the video shows against the prompt
-    assert report["adherence"]["demo"]["colour_match"] and report["adherence"]["share"]["colour_share"] >= 0.9
+    assert report["adherence"]["demo"]["match"] and report["adherence"]["share"]["share"] >= 0.9  # colour and direction
     assert "adherence: " in terminal and "over 20 prompts" in terminal
     assert str(out / "demo.log") in terminal
     assert _third_party_lines(terminal) == [], terminal
