@@ -53,7 +53,7 @@ def assert_frames_equal(chunks, want):
 
 def fill(node_url, count, owner="filler"):
     """``count`` long streams opened on one node directly (ids returned), so it has no room left."""
-    from helios_deploy.api.node_client import Node
+    from helios_deploy.serving.node_connection import NodeConnection as Node
     from helios_deploy.serving.client import request_arrays
 
     node, ids = Node(node_url), []
@@ -210,32 +210,69 @@ def read_all(streams):
 
 def test_kill_9_of_a_node_mid_stream_continues_frame_exact(nodes, pipe):
     """Streams and a job on a node killed with -9 go on elsewhere from their last chunk: the same frames as
-    the uninterrupted run, the next chunk within 2 chunk-times, nothing lost."""
-    b = backend(nodes, failover=True)
+    the uninterrupted run, the next chunk within 2 chunk-times, nothing lost. One stream has its prompt changed
+    through another API replica (by id: the nodes are asked) and its node is killed right after accepting the
+    change, before the chunk the change applies from reached the replica holding the stream: that replica learnt
+    the change on the stream's own channel, so the resumed stream takes the new prompt from the same chunk."""
+    owner = "ab" * 32
+    b, director = backend(nodes, failover=True), backend(nodes)
     try:
-        live = [b.open(PROMPT, num_frames=198, seed=20 + i) for i in range(3)]
-        job = b.open(PROMPT, num_frames=198, seed=30, realtime=False)
+        live = [b.open(PROMPT, num_frames=198, seed=20 + i, owner=owner) for i in range(3)]
+        job = b.open(PROMPT, num_frames=198, seed=30, realtime=False, owner=owner)
         got, join = read_all(live + [job])
-        wait_for(lambda: len(got[id(live[0])]) >= 2, timeout=60)
+        wait_for(lambda: len(got[id(live[0])]) >= 1, timeout=60)
+        at = director.steer(live[0].id, "set_prompt", owner, NEW)["from_chunk"]
+        held = live[0].chunks_done
         victim = live[0].nodes[0]
         nodes.by_url(victim).kill()
         lost_at = time.perf_counter()
+        assert held <= at, (held, at)  # killed before the chunk the change applies from reached the holder
         join()
         after = [t for _c, t in got[id(live[0])] if t > lost_at]
         assert after and after[0] - lost_at <= 2 * 33 / 24, f"the next chunk came {after[0] - lost_at:.2f} s after"
         assert live[0].failovers == 1 and live[0].nodes[0] == victim and live[0].nodes[1] != victim, live[0].nodes
+        changed = pipe.generate({0: PROMPT, at: NEW}, num_frames=198, seed=20)
+        plain = pipe.generate(PROMPT, num_frames=198, seed=20)
+        assert not np.array_equal(changed[33 * at:], plain[33 * at:])  # the change shows in the frames
         for i, s in enumerate(live):
             assert s.status == "completed", (s.error, s.reasons, s.nodes)
-            assert_frames_equal([c for c, _t in got[id(s)]], pipe.generate(PROMPT, num_frames=198, seed=20 + i))
+            want = changed if i == 0 else pipe.generate(PROMPT, num_frames=198, seed=20 + i)
+            assert_frames_equal([c for c, _t in got[id(s)]], want)
         assert job.status == "completed", job.progress()
         assert_frames_equal([c for c, _t in got[id(job)]], pipe.generate(PROMPT, num_frames=198, seed=30))
         moved = [s for s in live + [job] if victim in s.nodes]
         assert all(s.failovers == 1 for s in moved), [s.progress() for s in moved]
     finally:
         b.close()
+        director.close()
+
+
+READY_BOUND = 3.0  # seconds from SIGTERM to a failing readiness probe (the wrapper answers in well under 1 s)
+
+
+def readiness_path() -> str:
+    """The path deploy/triton.yaml's readiness probe asks the Triton pod (the test probes that very path)."""
+    import yaml
+
+    from tests.test_api_deploy import DEPLOY
+
+    docs = yaml.safe_load_all((DEPLOY / "triton.yaml").read_text())
+    deploy = next(d for d in docs if d and d["kind"] == "Deployment")
+    return deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+
+
+def http_status(url: str) -> int:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return 0
 
 
 def test_sigterm_drains_a_node_and_its_streams_move(nodes, pipe):
+    """SIGTERM to a node's wrapper: its readiness (the probe deploy/triton.yaml gives Kubernetes) fails within
+    READY_BOUND seconds while its streams move on to other nodes, with the uninterrupted frames, and it exits."""
     b = backend(nodes, failover=True)
     try:
         streams = [b.open(PROMPT, num_frames=198, seed=40 + i) for i in range(2)]
@@ -243,7 +280,13 @@ def test_sigterm_drains_a_node_and_its_streams_move(nodes, pipe):
         got, join = read_all(streams)
         wait_for(lambda: len(got[id(streams[0])]) >= 1, timeout=60)
         drained = nodes.by_url(streams[0].nodes[0])
+        probe = f"http://127.0.0.1:{drained.http_port}{readiness_path()}"
+        assert http_status(probe) == 200
         drained.drain()
+        t0 = time.perf_counter()
+        wait_for(lambda: http_status(probe) != 200, timeout=10, every=0.05)
+        not_ready_in = time.perf_counter() - t0
+        assert not_ready_in <= READY_BOUND, f"readiness still green {not_ready_in:.2f} s into the drain"
         join()
         assert streams[0].failovers == 1 and len(streams[0].nodes) == 2, streams[0].progress()
         wait_for(lambda: not drained.alive(), timeout=60)  # the node exits once its streams have moved

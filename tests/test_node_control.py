@@ -68,9 +68,15 @@ def test_control_answers_owners_and_errors(node):
     assert node.control("stop", s.id)["error"]["code"] == "not_found"  # no owner given: not the owner
     progress = node.control("progress", s.id, owner=OWNER)
     assert progress["status"] == "running" and progress["failure"] is None and "error" not in progress
+    notes = []
+    node.watch(s.id, notes.append)  # the stream's own channel (the model sends each note on it)
     at = node.control("set_prompt", s.id, owner=OWNER, prompt="a red car")
     assert at["from_chunk"] >= 1 and at["stream_id"] == s.id
+    assert notes == [{"stream_id": s.id, "prompt": "a red car", "from_chunk": at["from_chunk"]}]
     assert node.control("set_prompt", s.id, owner=OWNER, prompt=" ")["error"]["code"] == "bad_request"
+    assert node.control("set_prompt", s.id, owner="someone else", prompt="a cat")["error"]["code"] == "not_found"
+    assert len(notes) == 1  # neither a refused change nor another owner's is announced
+    node.watch(s.id, None)
     assert node.control("rewind", s.id, owner=OWNER)["error"]["code"] == "bad_action"
     assert node.control("progress", None)["error"]["code"] == "bad_request"
     assert node.control("stop", s.id, owner=OWNER) == {"stream_id": s.id, "stopped": True}

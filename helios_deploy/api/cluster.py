@@ -6,7 +6,8 @@ placement by free real-time capacity.
         rid = node.send(arrays, handler)                   # handler(Reply) on the node's reader thread
     cluster.broadcast("stop", stream_id, owner)            # whichever node holds the stream answers
 
-A node is one ``helios`` model behind one gRPC address. Every request to it (a stream's open, and the control
+A node is one ``helios`` model behind one gRPC address (serving/node_connection.py's NodeConnection, with its
+capacity answer cached here). Every request to it (a stream's open, and the control
 requests ``action`` = set_prompt / stop / progress / capacity) travels over ONE bidirectional
 ModelStreamInfer stream on ONE channel, the answers routed back by request id; when that stream breaks (the
 node died: UNAVAILABLE, reset) every request on it gets a ``lost`` reply and the node is marked down until a
@@ -20,13 +21,56 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
-from .node_client import CAPACITY_TTL, CONTROL_TIMEOUT, Node
+from ..serving.node_connection import CONTROL_TIMEOUT, NodeConnection
 
 REFRESH_S = 10.0  # DNS re-resolution and down-node probing period
+CAPACITY_TTL = 0.5  # seconds a node's capacity answer is reused for placement
+
+
+class Node(NodeConnection):
+    """A node as placement sees it: its connection (serving/node_connection.py) and its capacity answer, cached."""
+
+    def __init__(self, address: str, model: str = "helios"):
+        super().__init__(address, model)
+        self.opening = 0  # opens sent to this node and not yet answered (placement counts them as taken)
+        self._capacity: tuple[float, dict | None] = (-1e9, None)
+
+    def on_lost(self) -> None:
+        self._capacity = (-1e9, None)
+
+    def capacity(self, ttl: float = CAPACITY_TTL) -> dict | None:
+        """The node's capacity answer ({capacity, active, queued, free, draining, demand}), cached ``ttl``
+        seconds; None when the node does not answer."""
+        at, value = self._capacity
+        if time.monotonic() - at < ttl or (value or {}).get("draining"):
+            return value  # a draining node is not asked again (it would be held open): it is going away
+        try:
+            value = self.control("capacity", timeout=CONTROL_TIMEOUT)
+        except UserError:
+            value = None
+            if not self.ready(timeout=1.0):  # e.g. helios unloading on a draining node: ask nothing more (a
+                self.up = False  # stream opened to ask would hold its unload); the refresher probes it again
+        self._capacity = (time.monotonic(), value)
+        return value
+
+    def drained(self) -> None:
+        """The node said it drains (a moved stream): take no new streams there, ask it nothing more."""
+        self._capacity = (time.monotonic(), {"capacity": 0, "active": 0, "queued": 0, "free": 0, "draining": True,
+                                             "demand": 0.0})
+
+    def forget_capacity(self) -> None:
+        self._capacity = (-1e9, None)
+
+    def ready(self, timeout: float = 2.0) -> bool:
+        ok = super().ready(timeout)
+        if not ok and (self._capacity[1] or {}).get("draining"):
+            self.up, self._capacity = False, (-1e9, None)  # the drained node has gone: forget its draining
+        return ok
 
 
 def owner_of(key_label: str) -> str:
@@ -131,8 +175,6 @@ class Cluster:
         an ended copy answers (a stream that moved leaves one behind: "finished"), or a node did not answer (the
         stream may be failing over from it), the stream may be between two nodes: asked again for up to
         ``settle`` seconds. StreamError not_found when every node answered and none knows it."""
-        import time
-
         from ..runtime.live import StreamError
 
         deadline = time.monotonic() + settle

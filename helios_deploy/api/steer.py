@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserError
+from ..serving.node_connection import NodeUnavailable
 from .cluster import owner_of
-from .node_client import NodeUnavailable
 from .errors import ApiError, from_user_error
 
 

@@ -8,6 +8,11 @@ kept here. When the node is lost (its connection breaks, it fails the stream, or
 node with ``resume`` = that snapshot: same id, the next chunk, the same prompt schedule. The reader of
 ``next()`` never notices but for the wait; ``nodes`` lists where the stream ran, in order.
 
+Prompt changes: the node announces every change it accepts for the stream on the stream's own channel
+(``{"stream_id", "prompt", "from_chunk"}``, whichever API replica made it), in the order they apply; they are
+kept here and written into the snapshot's prompt schedule before a resume, so a change made after the last
+snapshot (through this replica or another) applies at the same chunk on the next node.
+
 Chunks wait in a bounded buffer (``buffer`` chunks): a reader that falls that far behind ends the stream with
 StreamError("too_slow") instead of growing memory (the node's reader thread, shared by all of its streams,
 must never block).
@@ -19,15 +24,18 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import UserError
 from ..runtime.live import StreamError
-from .node_client import Node, NodeUnavailable, Reply, text_array
+from ..serving.node_connection import NodeUnavailable, Reply, text_array
+from .cluster import Node
 
 CHUNK_FRAMES = 33
 STOP_TIMEOUT = 5.0
+PROMPT_NOTE_WAIT = 1.0  # seconds set_prompt waits for the node's own note of the change on the stream's channel
 
 
 @dataclass
@@ -95,7 +103,8 @@ class TritonStream:
         self._lock = threading.Lock()
         self._attempt: _Attempt | None = None
         self._state: bytes | None = None  # the snapshot after chunk chunks_done - 1
-        self._prompts: dict[int, str] = {}  # prompt changes by the chunk they start at (re-applied after a resume)
+        self._prompts: list[tuple[int, str]] = []  # (from chunk, prompt) in the order applied (re-applied on resume)
+        self._noted = threading.Condition(self._lock)
 
     # -- placement -------------------------------------------------------------------------------
     def place(self, exclude: tuple = ()) -> None:
@@ -106,7 +115,9 @@ class TritonStream:
         if self._backend.failover:
             arrays["failover"] = np.array([True])
         if self._state is not None:  # with the prompt changes made after it was taken (at the same chunks)
-            arrays["resume"] = text_array(with_prompts(self._state, self._prompts))
+            with self._lock:
+                prompts = list(self._prompts)
+            arrays["resume"] = text_array(with_prompts(self._state, prompts))
         nodes = self._backend.cluster.ranked(exclude)
         if not nodes:
             raise StreamError("over_capacity", "no Triton node can take the stream: none answers, or all drain",
@@ -165,6 +176,8 @@ class TritonStream:
             index = reply.output("chunk_index")
             if index is not None and int(index.reshape(-1)[0]) >= 0:
                 self._deliver(attempt, int(index.reshape(-1)[0]), reply)
+            elif "from_chunk" in note and "prompt" in note:
+                self._note_prompt(int(note["from_chunk"]), note["prompt"])
             elif note.get("moved"):
                 attempt.node.drained()
                 self._keep_state(reply)
@@ -192,6 +205,11 @@ class TritonStream:
                 f"the Triton node {attempt.node.address} failed the open", found=reply.message or reply.kind)
             attempt.done = True
             attempt.admitted.set()
+
+    def _note_prompt(self, at: int, prompt: str) -> None:
+        with self._noted:
+            self._prompts.append((at, prompt))
+            self._noted.notify_all()
 
     def _keep_state(self, reply: Reply) -> None:
         state = reply.output("state")
@@ -298,8 +316,12 @@ class TritonStream:
         """The prompt from the stream's next chunk not yet started (on its node); that chunk's index."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("empty prompt", expected="a non-empty text prompt")
+        with self._noted:
+            seen = len(self._prompts)
         at = int(self._control("set_prompt", prompt)["from_chunk"])
-        self._prompts[at] = prompt
+        with self._noted:  # the node's note comes before its answer; a node that sends none: keep the answer
+            if not self._noted.wait_for(lambda: (at, prompt) in self._prompts[seen:], PROMPT_NOTE_WAIT):
+                self._prompts.append((at, prompt))
         return at
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -329,10 +351,12 @@ class TritonStream:
                 "error": None if self.error is None else str(self.error)}
 
 
-def with_prompts(state: bytes, prompts: dict[int, str]) -> bytes:
+def with_prompts(state: bytes, prompts: Sequence[tuple[int, str]]) -> bytes:
     """``state`` (a StreamState snapshot: safetensors, the stream's JSON in ``__metadata__["helios"]``) with the
-    prompt changes ``prompts`` (chunk -> prompt) applied to its schedule, as StreamState.set_prompt does: a change
-    made after the snapshot was taken then applies at the same chunk on the node that resumes it."""
+    prompt changes ``prompts`` ((from chunk, prompt) pairs in the order they were applied) applied to its schedule
+    again, as StreamState.set_prompt does: a change made after the snapshot was taken then applies at the same
+    chunk on the node that resumes it. Applying again the changes already in it changes nothing (each replaces
+    the entries from its chunk on, and the later ones, at later or equal chunks, follow)."""
     import json
     import struct
 
@@ -342,7 +366,7 @@ def with_prompts(state: bytes, prompts: dict[int, str]) -> bytes:
     header = json.loads(state[8:8 + n])
     meta = json.loads(header["__metadata__"]["helios"])
     schedule = {int(k): p for k, p in meta["schedule"].items()}
-    for at, prompt in sorted(prompts.items()):
+    for at, prompt in prompts:
         schedule = {k: p for k, p in schedule.items() if k < at}
         schedule[at] = prompt
     meta["schedule"] = {str(k): p for k, p in sorted(schedule.items())}

@@ -7,6 +7,8 @@ Two kinds of request, both on the node's ordinary gRPC stream (docs/serving.md h
   then one response per 33-frame chunk as soon as it is decoded (with ``failover``: plus ``state``, the stream's
   snapshot after that chunk), then the final flag. A drained stream's last response says ``{"moved": true}``
   in ``control`` and carries ``state``. An open with ``resume`` continues a snapshot's stream.
+  A prompt change the node accepts for the stream (from any caller) adds a response ``control`` =
+  {"stream_id", "prompt", "from_chunk"} on the stream's own channel, before the chunk it applies from.
 - a control request (``action``: set_prompt, stop, progress, capacity, drain): exactly one response, a JSON
   document in ``control``, with the final flag.
 A refused or bad open is answered like a control request: ``control`` = {"error": {"code", "message"}} with the
@@ -162,13 +164,20 @@ class TritonPythonModel:
                                                             f"{type(e).__name__}: {e}"))
         height, width = getattr(stream.state, "size", None) or self.pipe.sizes[0]
         self.node.sending(+1)
-        threading.Thread(target=self._forward, args=(stream, sender, (0, height, width, 3), failover), daemon=True,
-                         name=f"helios-stream-{stream.id}").start()
+        sender = _LockedSender(sender)  # the stream's thread and prompt changes (node.watch) both send on it
+        def note(document: dict) -> None:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[_bytes_tensor("stream_id", stream.id.encode()),
+                                                                   _json_tensor("control", document)]))
 
-    def _forward(self, stream, sender, empty_shape, failover: bool) -> None:
+        self.node.watch(stream.id, note)
+        threading.Thread(target=self._forward, args=(stream, sender, (0, height, width, 3), failover, note),
+                         daemon=True, name=f"helios-stream-{stream.id}").start()
+
+    def _forward(self, stream, sender, empty_shape, failover: bool, note) -> None:
         try:
             self._send_stream(stream, sender, empty_shape, failover)
         finally:
+            self.node.unwatch(stream.id, note)
             self.node.sending(-1)
 
     def _send_stream(self, stream, sender, empty_shape, failover: bool) -> None:
@@ -220,6 +229,23 @@ class TritonPythonModel:
             if getattr(self, part, None) is not None:
                 getattr(self, part).close()
         self.pipe = None
+
+
+class _LockedSender:
+    """A request's response sender shared by two threads: one response at a time, none after the final one."""
+
+    def __init__(self, sender):
+        self._sender, self._lock, self._final = sender, threading.Lock(), False
+
+    def send(self, response=None, flags: int = 0) -> None:
+        with self._lock:
+            if self._final:
+                raise RuntimeError("the stream's final response was sent")
+            self._final = bool(flags)
+            self._sender.send(response, flags=flags) if response is not None else self._sender.send(flags=flags)
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
 
 
 def _stop_quietly(stream) -> None:

@@ -17,6 +17,11 @@ Ownership: the ``owner`` given at open (the API passes the sha256 hex of the API
 a control request is answered only when its owner matches, else exactly as an unknown id (not_found), so a
 caller can ask every node by id and learn nothing about others' streams.
 
+Prompt changes reach the stream's own response channel: ``watch(stream_id, listener)`` (the model registers one
+per stream it answers) gets ``{"stream_id", "prompt", "from_chunk"}`` for every change the node accepts, from
+any caller, before the caller's answer and in the order the changes apply, so whoever holds the stream's
+failover state can fold into it a change made after its last snapshot (api/triton_stream.py).
+
 Answers are JSON-able dicts; an error is ``{"error": {"code", "message"}}`` with code not_found, finished,
 bad_request or bad_action, and no other answer has an ``error`` key (a stream's progress names its failure
 ``failure``); docs/serving.md has the protocol.
@@ -56,6 +61,8 @@ class Node:
         self._streams: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()  # id -> (owner, i)
         self._refused: collections.deque[float] = collections.deque()
         self._sending = 0  # streams whose responses are still being sent (their last one not yet)
+        self._listeners: dict[str, Callable[[dict], None]] = {}  # stream id -> its prompt-change listener
+        self._steering = threading.Lock()  # prompt changes: applied and announced one at a time, in order
 
     # -- opening ---------------------------------------------------------------------------------
     def _free(self, i: int) -> tuple[float, float]:
@@ -98,6 +105,34 @@ class Node:
             entry = self._streams.get(stream_id)
         return None if entry is None else self.devices[entry[1]]
 
+    def watch(self, stream_id: str, listener: Callable[[dict], None] | None) -> None:
+        """``listener(note)`` is called with ``{"stream_id", "prompt", "from_chunk"}`` for each prompt change the
+        node accepts for the stream (None: no more)."""
+        with self._lock:
+            if listener is None:
+                self._listeners.pop(stream_id, None)
+            else:
+                self._listeners[stream_id] = listener
+
+    def unwatch(self, stream_id: str, listener: Callable[[dict], None]) -> None:
+        """Remove ``listener`` if it is still the stream's (a stream resumed here since has its own)."""
+        with self._lock:
+            if self._listeners.get(stream_id) is listener:
+                del self._listeners[stream_id]
+
+    def _set_prompt(self, scheduler, stream_id: str, prompt: str) -> dict:
+        """Apply the change, then tell the stream's own channel (before the caller is answered)."""
+        with self._steering:
+            at = scheduler.set_prompt(stream_id, prompt)
+            with self._lock:
+                listener = self._listeners.get(stream_id)
+            if listener is not None:
+                try:
+                    listener({"stream_id": stream_id, "prompt": prompt, "from_chunk": at})
+                except Exception:  # noqa: BLE001 - the stream's channel is gone: nobody holds its state
+                    pass
+        return {"stream_id": stream_id, "from_chunk": at}
+
     # -- control ---------------------------------------------------------------------------------
     def control(self, action: str, stream_id: str | None = None, owner: str = "", prompt: str | None = None) -> dict:
         """One control request's answer (a JSON-able dict; errors as ``{"error": {...}}``, never raised)."""
@@ -116,7 +151,7 @@ class Node:
         scheduler = self.schedulers[entry[1]]
         try:
             if action == "set_prompt":
-                return {"stream_id": stream_id, "from_chunk": scheduler.set_prompt(stream_id, prompt or "")}
+                return self._set_prompt(scheduler, stream_id, prompt or "")
             if action == "stop":
                 scheduler.stop(stream_id)
                 return {"stream_id": stream_id, "stopped": True}

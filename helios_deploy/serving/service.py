@@ -5,9 +5,11 @@ Triton's ports by default (gRPC 8001, HTTP 8000, metrics 8002), refused up front
 SIGTERM (what systemd, Docker and Kubernetes send on scale-down or a rolling update) drains the node first:
 `serve` sends ``action=drain`` to its own ``helios`` model over gRPC (the node takes no new streams; each of
 its streams ends after its current chunk with a last response ``{"moved": true}`` carrying its state, which
-the API resumes on another node), waits until no stream is left (or --drain-timeout-secs pass), then
-forwards SIGTERM to tritonserver. SIGINT (Ctrl-C), a second SIGTERM, or a repository without the helios
-model stop at once. tritonserver finishes in-flight requests for up to --exit-timeout-secs and stops its
+the API resumes on another node), unloads ``helios`` through Triton's model-repository API (its readiness,
+/v2/models/helios/ready, fails at once: Kubernetes stops sending new streams; Triton refuses new requests while
+the streams in flight finish), waits until it is unloaded (every stream gone; without explicit model control:
+until the node reports no stream left) or --drain-timeout-secs pass, then forwards SIGTERM to tritonserver.
+SIGINT (Ctrl-C), a second SIGTERM, or a repository without the helios model stop at once. tritonserver finishes in-flight requests for up to --exit-timeout-secs and stops its
 Python backend stubs; `serve` waits for it and exits with its status (128 + N if it died of signal N). tritonserver runs in its own
 session, so a terminal's Ctrl-C reaches it once, through `serve`; should `serve` itself be killed, the
 kernel sends tritonserver SIGTERM (Linux parent-death signal). Anything of the server's process group
@@ -120,9 +122,16 @@ class _Forwarder:
             proc.send_signal(signum)  # before the server was up: nothing to drain
 
 
-def drain_node(grpc_url: str, timeout: float, log=lambda m: print(m, file=sys.stderr, flush=True)) -> bool:
+def drain_node(grpc_url: str, timeout: float, log=lambda m: print(m, file=sys.stderr, flush=True),
+               http_url: str | None = None) -> bool:
     """Drain the node at ``grpc_url`` (its helios model: action=drain) and wait until no stream of it is left
-    (each has sent its last response, moved) or ``timeout`` seconds pass; True when it emptied in time."""
+    (each has sent its last response, moved) or ``timeout`` seconds pass; True when it emptied in time.
+
+    With ``http_url`` (Triton's HTTP endpoint, explicit model control) the helios model is then unloaded through
+    Triton's model-repository API: its readiness (``/v2/models/helios/ready``, the Kubernetes readiness probe)
+    answers not-ready at once while the streams in flight still send their last responses, Triton itself
+    refuses every new request, and the unload completes once every request has ended and every client stream
+    to the model has closed; that is what is waited for then."""
     from .client import HeliosClient
 
     deadline = time.monotonic() + timeout
@@ -130,7 +139,8 @@ def drain_node(grpc_url: str, timeout: float, log=lambda m: print(m, file=sys.st
         with HeliosClient(grpc_url, timeout=min(10.0, timeout)) as client:
             answer = client.drain()
             log(f"serve: draining: {answer['streams']} stream(s) to move (at most {timeout:g} s)")
-            while time.monotonic() < deadline:
+            unloading = http_url is not None and unload_model(http_url, "helios", log)
+            while not unloading and time.monotonic() < deadline:
                 left = client.capacity()["streams"]
                 if left == 0:
                     log("serve: drained: no stream left")
@@ -139,8 +149,46 @@ def drain_node(grpc_url: str, timeout: float, log=lambda m: print(m, file=sys.st
     except UserError as e:  # not a helios node, or it is not answering: stop at once
         log(f"serve: could not drain the node ({e.what}); stopping now")
         return False
+    while unloading and time.monotonic() < deadline:  # our own client stream is closed: it holds no more
+        if model_state(http_url, "helios") not in ("READY", "UNLOADING"):
+            log("serve: drained: no stream left (helios unloaded)")
+            return True
+        time.sleep(0.2)
     log(f"serve: drain timed out after {timeout:g} s with streams left; stopping now")
     return False
+
+
+def _repository(http_url: str, path: str) -> bytes:
+    import urllib.request
+
+    request = urllib.request.Request(f"{http_url}/v2/repository/{path}", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read()
+
+
+def unload_model(http_url: str, model: str, log) -> bool:
+    """Ask Triton to unload ``model`` (it answers at once; the unload waits for requests in flight); False when
+    it cannot (model control mode none: the repository has no load_models.txt)."""
+    try:
+        _repository(http_url, f"models/{model}/unload")
+    except OSError as e:
+        log(f"serve: could not unload {model} ({e}); its readiness stays until the server stops")
+        return False
+    log(f"serve: {model} unloading: not ready from now on (new requests refused by Triton)")
+    return True
+
+
+def model_state(http_url: str, model: str) -> str | None:
+    """The model's state in Triton's repository index (READY, UNLOADING, UNAVAILABLE...); None when not listed
+    or Triton does not answer."""
+    import json
+
+    try:
+        index = json.loads(_repository(http_url, "index"))
+    except (OSError, ValueError):
+        return None
+    return next((m.get("state") for m in index if m.get("name") == model), None)
 
 
 def _die_with_parent() -> None:
@@ -169,7 +217,8 @@ def serve(repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metric
     server.grpc_port, server.http_port, server.metrics_port = grpc_port, http_port, metrics_port
     drain = None
     if (repo / "helios" / "config.pbtxt").is_file():
-        drain = functools.partial(drain_node, f"{loopback(address)}:{grpc_port}", drain_timeout)
+        drain = functools.partial(drain_node, f"{loopback(address)}:{grpc_port}", drain_timeout,
+                                  http_url=f"http://{loopback(address)}:{http_port}")
     with _Forwarder(drain) as forward:
         proc = subprocess.Popen(server.command(), env=env.process_env(), stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)

@@ -1,24 +1,27 @@
-"""One Triton node as the API reaches it: one gRPC channel and ONE bidirectional ModelStreamInfer stream on it
+"""One Triton node as a client reaches it: one gRPC channel and ONE bidirectional ModelStreamInfer stream on it
 that every request to the node shares (stream opens and the in-band control requests ``action`` = set_prompt /
-stop / progress / capacity), the answers routed back by request id to each request's handler.
+stop / progress / capacity / drain), the answers routed back by request id to each request's handler. The API's
+cluster (api/cluster.py) speaks to its nodes through it. (The CLI's HeliosClient still runs on serving/connection.py,
+tritonclient's own stream API: moving it here is left to do.)
 
-    node = Node("10.0.0.5:8001")
+    node = NodeConnection("10.0.0.5:8001")
     rid = node.send(arrays, handler)            # handler(Reply) on the node's reader thread: it must not block
     node.control("progress", stream_id, owner)  # -> the node's JSON answer ({"error": {...}} included)
-    node.capacity()                             # {capacity, active, queued, free, draining, demand}, cached
+    node.ready(); node.sizes(); node.close()
 
 When the stream breaks (the node died: UNAVAILABLE, connection reset) every request on it gets a ``lost`` reply
-and the node is marked down until a readiness probe (``ready()``) finds it back; the next request opens a new
-stream on the same channel.
+and the node is marked down (``up`` False) until ``ready()`` finds it back; the next request opens a new stream
+on the same channel. A stream with no request pending is closed after IDLE_CLOSE_S (a draining node, whose
+model unloads, is not held by it). An error Triton makes itself names its request (``[request id: X] ...``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -27,17 +30,17 @@ import numpy as np
 
 from ..errors import UserError
 
-CAPACITY_TTL = 0.5  # seconds a node's capacity answer is reused for placement
 CONTROL_TIMEOUT = 5.0
 IDLE_CLOSE_S = 2.0  # a node's stream with no request pending is closed after this (a draining node can exit)
 _MAX_MESSAGE = 2**31 - 1  # a chunk at 384x640 is ~24 MB, its state ~5 MB: gRPC's 4 MB default is far too small
 _OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+_REQUEST_ID = re.compile(r"^\[request id: ([^\]]+)\]")
 
 
 @dataclass
 class Reply:
-    """One answer to a request on a node: ``response`` (result: tritonclient InferResult), ``error`` (the
-    node refused or failed the request), ``final`` (no more answers), ``lost`` (the node's connection broke)."""
+    """One answer to a request on a node: ``response`` (result: tritonclient InferResult), ``error`` (Triton
+    refused or failed the request), ``final`` (no more answers), ``lost`` (the node's connection broke)."""
 
     kind: str
     result: object = None
@@ -87,10 +90,10 @@ def text_array(value: str | bytes) -> np.ndarray:
     return np.array([value if isinstance(value, bytes) else value.encode("utf-8")], dtype=np.object_)
 
 
-class _Connection:
+class _Stream:
     """One bidirectional ModelStreamInfer stream: requests in through a queue, answers out by request id."""
 
-    def __init__(self, stub, on_lost: Callable[["_Connection", str], None]):
+    def __init__(self, stub, on_lost: Callable[["_Stream", str], None]):
         self.requests: queue.Queue = queue.Queue()
         self.handlers: dict[str, Callable[[Reply], None]] = {}
         self.lock = threading.Lock()
@@ -109,8 +112,7 @@ class _Connection:
         return True
 
     def _idle(self) -> None:
-        """After the last pending request: close the stream if still idle, so that a node going away (a drain)
-        is not held by it; the channel (the TCP connection) stays."""
+        """After the last pending request: close the stream if still idle; the channel (TCP) stays."""
         with self.lock:
             if self.handlers or not self.alive:
                 return
@@ -140,7 +142,8 @@ class _Connection:
         from tritonclient.grpc import InferResult
 
         r = message.infer_response
-        request_id = r.id or _named_request(message.error_message)
+        match = _REQUEST_ID.match(message.error_message or "")
+        request_id = r.id or (match.group(1) if match else "")
         final = "triton_final_response" in r.parameters and r.parameters["triton_final_response"].bool_param
         with self.lock:
             handler = self.handlers.get(request_id)
@@ -151,9 +154,9 @@ class _Connection:
                     timer.daemon = True
                     timer.start()
         if handler is None:
-            return  # a request forgotten (its stream moved on) or one whose error carried no id
+            return  # a request forgotten (its reader left, its stream moved on) or an error that names none
         if message.error_message:
-            return _call(handler, Reply("error", message=message.error_message))
+            return _call(handler, Reply("error", message=_REQUEST_ID.sub("", message.error_message).strip()))
         if r.outputs:
             _call(handler, Reply("response", InferResult(r)))
         if final:
@@ -164,23 +167,15 @@ class _Connection:
         self._responses.cancel()
 
 
-def _named_request(error_message: str) -> str:
-    """The request id Triton puts in front of an error it makes itself: ``[request id: X] ...``."""
-    match = re.match(r"^\[request id: ([^\]]+)\]", error_message or "")
-    return match.group(1) if match else ""
-
-
 def _call(handler, reply: Reply) -> None:
     try:
         handler(reply)
     except Exception:  # noqa: BLE001 - one stream's bug must not stop the node's reader
-        import logging
-
-        logging.getLogger("helios_deploy.api").exception("a node reply handler failed")
+        logging.getLogger("helios_deploy.serving").exception("a node reply handler failed")
 
 
-class Node:
-    """One Triton node (gRPC address): its connection, control requests over it, its capacity answer."""
+class NodeConnection:
+    """One Triton node (gRPC address): its shared stream, control requests over it, readiness and sizes."""
 
     def __init__(self, address: str, model: str = "helios"):
         import grpc
@@ -188,15 +183,13 @@ class Node:
 
         self.address, self.model = address, model
         self.up, self.lost_reason = True, None
-        self.opening = 0  # opens sent to this node and not yet answered (placement counts them as taken)
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._conn: _Connection | None = None
+        self._conn: _Stream | None = None
         self._lock = threading.Lock()
-        self._capacity: tuple[float, dict | None] = (-1e9, None)
 
     def __repr__(self) -> str:
-        return f"Node({self.address}, {'up' if self.up else 'down'})"
+        return f"{type(self).__name__}({self.address}, {'up' if self.up else 'down'})"
 
     def send(self, arrays: Mapping[str, np.ndarray], handler: Callable[[Reply], None],
              request_id: str | None = None) -> str:
@@ -205,28 +198,32 @@ class Node:
         while True:
             with self._lock:
                 if self._conn is None or not self._conn.alive:
-                    self._conn = _Connection(self._stub, self._lost)
+                    self._conn = _Stream(self._stub, self._lost)
                 conn = self._conn
             if conn.send(request, handler):
                 return request.id
 
     def forget(self, request_id: str) -> None:
-        """No more replies for this request (a stream that moved to another node)."""
+        """No more replies for this request (its reader left, or its stream moved to another node)."""
         conn = self._conn
         if conn is not None:
             conn.forget(request_id)
 
-    def _lost(self, conn: _Connection, reason: str) -> None:
+    def _lost(self, conn: _Stream, reason: str) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
-            if not getattr(conn, "closing", False):
+            if not conn.closing:
                 self.up, self.lost_reason = False, reason
-                self._capacity = (-1e9, None)
+                self.on_lost()
+
+    def on_lost(self) -> None:
+        """Called (under the node's lock) when its stream broke; subclasses forget what they cached."""
 
     def control(self, action: str, stream_id: str | None = None, owner: str | None = None,
                 prompt: str | None = None, timeout: float = CONTROL_TIMEOUT) -> dict:
-        """One control request to the ``helios`` model; its JSON answer (``{"error": {...}}`` included)."""
+        """One control request to the ``helios`` model; its JSON answer (``{"error": {...}}`` included).
+        NodeUnavailable when the node does not answer within ``timeout`` or fails the request."""
         arrays = {"action": text_array(action)}
         for name, value in (("stream_id", stream_id), ("owner", owner), ("prompt", prompt)):
             if value is not None:
@@ -244,43 +241,32 @@ class Node:
         rid = self.send(arrays, handler)
         if not done.wait(timeout):
             self.forget(rid)
-            raise NodeUnavailable(f"the Triton node {self.address} did not answer {action!r} within {timeout:g} s")
-        if "error" in box and "answer" not in box:
-            raise NodeUnavailable(f"the Triton node {self.address} failed {action!r}", found=box["error"])
-        return box.get("answer") or {}
+            raise NodeUnavailable(f"the Triton node {self.address} did not answer {action!r} within {timeout:g} s",
+                                  fix="check the server's log")
+        if "answer" not in box:
+            raise NodeUnavailable(f"the Triton node {self.address} failed {action!r}",
+                                  found=box.get("error") or "no control answer (is it serving helios-deploy's model?)")
+        return box["answer"]
 
-    def capacity(self, ttl: float = CAPACITY_TTL) -> dict | None:
-        """The node's capacity answer ({capacity, active, queued, free, draining, demand}), cached ``ttl``
-        seconds; None when the node does not answer."""
-        at, value = self._capacity
-        if time.monotonic() - at < ttl or (value or {}).get("draining"):
-            return value  # a draining node is not asked again (it would be held open): it is going away
-        try:
-            value = self.control("capacity", timeout=CONTROL_TIMEOUT)
-        except UserError:
-            value = None
-        self._capacity = (time.monotonic(), value)
-        return value
-
-    def drained(self) -> None:
-        """The node said it drains (a moved stream): take no new streams there, ask it nothing more."""
-        self._capacity = (time.monotonic(), {"capacity": 0, "active": 0, "queued": 0, "free": 0, "draining": True,
-                                             "demand": 0.0})
-
-    def forget_capacity(self) -> None:
-        self._capacity = (-1e9, None)
-
-    def ready(self, timeout: float = 2.0) -> bool:
+    def model_ready(self, timeout: float = 2.0) -> bool:
+        """The model's readiness; NodeUnavailable when the node cannot be reached."""
         from tritonclient.grpc import service_pb2
 
         try:
-            ok = self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=timeout).ready
-        except Exception:  # noqa: BLE001 - any gRPC failure: not ready
+            return self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=timeout).ready
+        except Exception as e:  # noqa: BLE001 - any gRPC failure
+            detail = e.details() if callable(getattr(e, "details", None)) else str(e)
+            raise NodeUnavailable(f"cannot reach a Triton server at {self.address}",
+                                  found=(detail or type(e).__name__).strip().splitlines()[0],
+                                  fix="start the server, and pass its gRPC address (default port 8001)") from None
+
+    def ready(self, timeout: float = 2.0) -> bool:
+        try:
+            ok = self.model_ready(timeout)
+        except NodeUnavailable:
             ok = False
         if ok and not self.up:
             self.up, self.lost_reason = True, None
-        if not ok and (self._capacity[1] or {}).get("draining"):
-            self.up, self._capacity = False, (-1e9, None)  # the drained node has gone: forget its draining
         return ok
 
     def sizes(self) -> tuple[tuple[int, int], ...]:
@@ -296,7 +282,8 @@ class Node:
         return ((int(dims[0]), int(dims[1])),)
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
+        with self._lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             conn.closing = True
             conn.close()
