@@ -170,16 +170,21 @@ class Cluster:
         return [n for n, _ in usable]
 
     def broadcast(self, action: str, stream_id: str, owner: str | None, prompt: str | None = None,
-                  timeout: float = CONTROL_TIMEOUT, settle: float = 2.0) -> tuple[Node, dict]:
+                  timeout: float = CONTROL_TIMEOUT, settle: float = 2.0,
+                  failing_over: float = 6.0) -> tuple[Node, dict]:
         """Ask every live node; the answer of the one that holds the stream running (for this owner). When only
         an ended copy answers (a stream that moved leaves one behind: "finished"), or a node did not answer (the
         stream may be failing over from it), the stream may be between two nodes: asked again for up to
-        ``settle`` seconds. StreamError not_found when every node answered and none knows it."""
+        ``settle`` seconds (``failing_over`` while a node is marked down: its streams are being resumed elsewhere by
+        the replicas that hold them). StreamError not_found when every node, none of them down, answered and none
+        knows it."""
         from ..runtime.live import StreamError
 
-        deadline = time.monotonic() + settle
+        start = time.monotonic()
         while True:
             nodes = self.live()
+            some_down = len(nodes) < len(self.live(include_down=True))
+            deadline = start + (max(settle, failing_over) if some_down else settle)
 
             def ask(node):
                 try:
@@ -192,7 +197,7 @@ class Cluster:
                 if "error" not in answer:
                     return node, answer
             ended = [(n, a) for n, a in answers if a["error"].get("code") != "not_found"]
-            if not ended and len(answers) == len(nodes):  # every node answered: none knows it (for this owner)
+            if not ended and len(answers) == len(nodes) and not some_down:  # all answered: none knows it
                 raise StreamError("not_found", f"no stream {stream_id!r} for this key on any Triton node",
                                   found=f"{len(nodes)} node(s) asked")
             if time.monotonic() > deadline:
