@@ -361,12 +361,12 @@ def test_encode_time_is_charged_to_the_runners_admission(api):
     _idle(app)
 
 
-def test_a_viewer_reading_at_half_speed_is_warned_then_stopped(artifacts, tmp_path):
-    """A viewer that reads every chunk, but at half the playback speed, never blocks one send for 3 chunk
-    periods (each read frees the next chunk's room), so the send timeout alone never stops it: it stays behind
-    (chunks made and not yet sent) and is warned, then stopped (slow_consumer, 1008) once it has been behind for
-    more than max_backlog_chunks periods, long before its 20 chunks are made (16 KB below the app: a fraction of
-    one 64x128 chunk, about 100 KB; the client library holds one message)."""
+def test_a_viewer_reading_at_half_speed_is_stopped(artifacts, tmp_path):
+    """A viewer that reads every chunk, but at half the playback speed, is stopped (slow_consumer, 1008) long
+    before its 20 chunks are made: on an idle host each read frees the next chunk's room, so no send blocks for 3
+    periods and it is warned, then stopped once it has been behind (chunks made and not yet sent) for more than
+    max_backlog_chunks periods; on a loaded host one send can wait that long, and it is stopped at once (16 KB below
+    the app: a fraction of one 64x128 chunk, about 100 KB; the client library holds one message)."""
     fps = 48.0  # a 0.69 s period: the runners keep up on a busy host, so only the viewer falls behind
     app = make_app(artifacts, tmp_path / "jobs", fps=fps, send_buffer_bytes=16 << 10, max_frames=660)
     with serving(app) as (url, app):
@@ -388,10 +388,15 @@ def test_a_viewer_reading_at_half_speed_is_warned_then_stopped(artifacts, tmp_pa
             except Exception as e:  # noqa: BLE001 - the server's close
                 closed = e
         kinds = [m["type"] for m in msgs]
-        assert "session.warning" in kinds and kinds[-1] == "error", kinds
-        warning = kinds.index("session.warning")
-        assert msgs[warning]["code"] == "slow_consumer" and msgs[-1]["error"]["code"] == "slow_consumer", msgs
-        assert "behind for" in msgs[-1]["error"]["message"], msgs[-1]
+        assert kinds[-1] == "error" and msgs[-1]["error"]["code"] == "slow_consumer", (kinds, msgs[-1])
+        stop = msgs[-1]["error"]["message"]
+        if "took over" not in stop:  # stopped as behind for too long: warned first
+            assert "behind for" in stop, msgs[-1]
+            warning = kinds.index("session.warning")
+            assert msgs[warning]["code"] == "slow_consumer" and warning < len(kinds) - 1, msgs
+        # else the viewer's socket stayed full while one send waited 3 periods (a loaded host delays the reader
+        # further; measured: chunk 4's send, with 4 chunks sent within a period each): stopped at once, as a
+        # warning would wait behind the bytes it has not read
         assert getattr(closed, "rcvd", None) is not None and closed.rcvd.code == 1008, closed
         assert stream.progress()["status"] == "stopped" and stream.progress()["chunks_done"] < 20
         assert chunks < 20

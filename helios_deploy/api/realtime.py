@@ -15,8 +15,9 @@ Server -> client:
     {"type": "error", "error": {"code", "message", "param"}}   a bad message; the socket stays open
 A client that closes the socket (or goes away) stops its stream at once. A viewer that reads slower than the
 stream plays (more than Limits.max_backlog_chunks chunks made and not yet sent, or behind for longer than that
-many chunk periods, or one chunk's send blocked that long) is warned, then its stream is stopped (error code
-slow_consumer) and the socket closed with 1008: nothing is buffered without bound.
+many chunk periods) is warned, then its stream is stopped (error code slow_consumer) and the socket closed with
+1008; one whose socket stays full while one chunk's send waits that long is stopped at once (a warning would wait
+behind the bytes it has not read): nothing is buffered without bound.
 A message over Limits.max_message_bytes is refused (error code message_too_large, the socket stays open).
 Auth: ``Authorization: Bearer KEY``, or the subprotocols ["helios.v1", "bearer.KEY"] (browsers).
 """
