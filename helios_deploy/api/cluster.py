@@ -171,20 +171,19 @@ class Cluster:
 
     def broadcast(self, action: str, stream_id: str, owner: str | None, prompt: str | None = None,
                   timeout: float = CONTROL_TIMEOUT, settle: float = 2.0,
-                  failing_over: float = 6.0) -> tuple[Node, dict]:
+                  failing_over: float = 12.0) -> tuple[Node, dict]:
         """Ask every live node; the answer of the one that holds the stream running (for this owner). When only
         an ended copy answers (a stream that moved leaves one behind: "finished"), or a node did not answer (the
         stream may be failing over from it), the stream may be between two nodes: asked again for up to
-        ``settle`` seconds (``failing_over`` while a node is marked down: its streams are being resumed elsewhere by
-        the replicas that hold them). StreamError not_found when every node, none of them down, answered and none
-        knows it."""
+        ``settle`` seconds (``failing_over`` while a node is marked down or does not answer: its streams are being
+        resumed elsewhere by the replicas that hold them, which takes up to the 10-s watchdog plus a resume).
+        StreamError not_found when every node, none of them down, answered and none knows it."""
         from ..runtime.live import StreamError
 
         start = time.monotonic()
         while True:
             nodes = self.live()
             some_down = len(nodes) < len(self.live(include_down=True))
-            deadline = start + (max(settle, failing_over) if some_down else settle)
 
             def ask(node):
                 try:
@@ -197,7 +196,9 @@ class Cluster:
                 if "error" not in answer:
                     return node, answer
             ended = [(n, a) for n, a in answers if a["error"].get("code") != "not_found"]
-            if not ended and len(answers) == len(nodes) and not some_down:  # all answered: none knows it
+            unsure = some_down or len(answers) < len(nodes)  # a lost node's streams may be resuming elsewhere
+            deadline = start + (max(settle, failing_over) if unsure else settle)
+            if not ended and not unsure:  # every node answered, none is down: none knows it
                 raise StreamError("not_found", f"no stream {stream_id!r} for this key on any Triton node",
                                   found=f"{len(nodes)} node(s) asked")
             if time.monotonic() > deadline:
