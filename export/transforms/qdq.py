@@ -117,10 +117,14 @@ def insert_qdq(graph: Graph, targets: Sequence[str], amax: Mapping[str, float]) 
             node.input[0] = f"{node.input[0]}_DequantizeLinear_Output"
         out.append(node)
         out += [n for o in node.output if o in pairs for n in pairs[o]]
-    del g.node[:]
-    g.node.extend(out)
-    # a weight that became an FP8 initializer keeps no stale float32 value_info (shape inference refuses it)
-    stale = [v for v in g.value_info if v.name in weights]
-    for v in stale:
-        g.value_info.remove(v)
+    replace_nodes(g, out, weights)
     return graph
+
+
+def replace_nodes(g: onnx.GraphProto, nodes: Sequence[onnx.NodeProto], fp8_weights) -> None:
+    """The graph's nodes become ``nodes``; a weight in ``fp8_weights`` (now an FP8 initializer) keeps no stale
+    float32 value_info (shape inference refuses it)."""
+    del g.node[:]
+    g.node.extend(nodes)
+    for v in [v for v in g.value_info if v.name in fp8_weights]:
+        g.value_info.remove(v)

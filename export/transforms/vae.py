@@ -48,7 +48,7 @@ from onnx import helper
 from ...errors import UserError
 from ..graphio import Graph
 from ..graphio.sources import Source
-from .qdq import FP8, FP8_MAX, _activation_pair, fp8_scale
+from .qdq import FP8, FP8_MAX, _activation_pair, fp8_scale, replace_nodes
 
 COMPONENT = "vae_decoder"
 MAX_FILTER = 32  # Model Optimizer: FP8 conv excluded when the filter has more elements
@@ -214,11 +214,7 @@ def insert_conv_qdq(graph: Graph, targets: Sequence[str], amax: Mapping[str, flo
             node.input[0] = f"{node.input[0]}_DequantizeLinear_Output"
         out.append(node)
         out += [p for o in node.output if o in pairs for p in pairs[o]]
-    del g.node[:]
-    g.node.extend(out)
-    stale = [v for v in g.value_info if v.name in done]
-    for v in stale:
-        g.value_info.remove(v)
+    replace_nodes(g, out, done)
     return {x: float(fp8_scale(pooled[step_key(x)])) for x in activations}
 
 
