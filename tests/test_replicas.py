@@ -50,6 +50,13 @@ def client(url, key=KEY):
     return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
+
+def healthy(url: str) -> bool:
+    """The replica at ``url`` answers /health with 200 (False while it is not up yet)."""
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    return False
+
 def test_any_replica_answers_for_any_job(artifacts, pg_url, tmp_path):
     import openai
 
@@ -85,17 +92,12 @@ def test_killed_replica_job_is_run_again_by_another(artifacts, pg_url, tmp_path)
     videos, port = tmp_path / "shared-videos", free_port()
     url_a = f"http://127.0.0.1:{port}"
 
-    def up():
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(f"{url_a}/health", timeout=2).status_code == 200
-        return False
-
     app_b = _replica(artifacts, pg_url, videos)
     store_b = app_b.state.api.store
     with open(tmp_path / "replica-a.log", "w") as log, _served(app_b) as b:
         server = _serve_replica(artifacts, pg_url, videos, port, log)
         try:
-            wait_for(up, timeout=300, every=0.2)
+            wait_for(lambda: healthy(url_a), timeout=300, every=0.2)
             job = client(url_a).videos.create(prompt=PROMPT, extra_body={"num_frames": LONG, "seed": 2})
             cb = client(b)
             wait_for(lambda: cb.videos.retrieve(job.id).progress > 0, timeout=60)

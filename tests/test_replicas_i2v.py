@@ -4,17 +4,15 @@ through that replica directly. The fixtures and helpers are tests/test_replicas.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import signal
 import stat
 
-import httpx
 import numpy as np
 
 from tests.api_helpers import decode_mp4, free_port, wait_for
-from tests.test_replicas import PROMPT, _replica, _serve_replica, _served, client
+from tests.test_replicas import PROMPT, _replica, _serve_replica, _served, client, healthy
 
 FRAMES = 660  # 20 chunks: A is killed at its first chunk's progress, long before its last (max_frames: 1650)
 
@@ -35,17 +33,12 @@ def test_killed_replica_i2v_job_is_run_again_with_its_image(artifacts, pg_url, t
     url_a = f"http://127.0.0.1:{port}"
     image = ("first.png", _image_png(), "image/png")
 
-    def up():
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(f"{url_a}/health", timeout=2).status_code == 200
-        return False
-
     app_b = _replica(artifacts, pg_url, videos)
     store_b = app_b.state.api.store
     with open(tmp_path / "replica-a.log", "w") as log, _served(app_b) as b:
         server = _serve_replica(artifacts, pg_url, videos, port, log)
         try:
-            wait_for(up, timeout=120, every=0.2)
+            wait_for(lambda: healthy(url_a), timeout=120, every=0.2)
             job = client(url_a).videos.create(prompt=PROMPT, input_reference=image,
                                               extra_body={"num_frames": FRAMES, "seed": 4})
             cb = client(b)
