@@ -133,3 +133,27 @@ def test_fp8_vae_cli_and_bad_input(quantized_attention, tmp_path, capsys):
     assert code == 1 and "no convolution of the VAE decoder can be FP8" in err and "Traceback" not in err
     assert sorted(p.name for p in (root / "vae_decoder").iterdir()) == before
     assert (root / "manifest.json").read_text() == manifest
+
+
+def test_fp8_vae_min_channels_option(quantized_attention, tmp_path, capsys):
+    """`--fp8-vae-min-channels N` sets the channel rule (recorded in the manifest); below TensorRT's floor of 16 or
+    without --fp8-vae it is one clear message, exit 1, nothing written."""
+    root = shutil.copytree(quantized_attention, tmp_path / "arts")
+    before = {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*")}
+    manifest = (root / "manifest.json").read_text()
+    for args, message in ((["--fp8-vae", "--fp8-vae-min-channels", 15], "--fp8-vae-min-channels must be at least 16"),
+                          (["--fp8-vae-min-channels", 16], "--fp8-vae-min-channels is an option of --fp8-vae")):
+        code, _, err = run_cli(["quantize", root, *args, "--calibration-chunks", 1], capsys)
+        assert code == 1 and message in err and "Traceback" not in err
+        assert {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*")} == before
+        assert (root / "manifest.json").read_text() == manifest
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(FP8_PROMPTS[0] + "\n")
+    code, out, err = run_cli(["quantize", root, "--fp8-vae", "--fp8-vae-min-channels", TINY_MIN_CHANNELS,
+                              "--calibration-prompts", prompts, "--calibration-chunks", 1,
+                              "--keep-high-precision", "^patch_"], capsys)
+    assert code == 0, err
+    entry = _entry(root)
+    assert entry["rule"]["min_channels"] == TINY_MIN_CHANNELS
+    n = sum(v == "fp8" for v in entry["layer_precision"].values())
+    assert n > 0 and f"vae_decoder: {n} of {len(entry['layer_precision'])} convolutions in FP8" in out

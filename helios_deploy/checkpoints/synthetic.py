@@ -6,7 +6,9 @@ without downloading anything.
 - text_encoder: a UMT5 encoder at UMT5-XXL width (d_model 4096, 64 heads, d_ff 10240) with few layers and
   the real 256384-token vocabulary, so ``text_dim`` matches and the largest single tensor (the 4.2 GB fp32
   embedding table) is real;
-- vae, tokenizer, scheduler: the tiny ones (helios_deploy.checkpoints.tiny), so the whole pipeline runs.
+- vae, tokenizer, scheduler: the tiny ones (helios_deploy.checkpoints.tiny), so the whole pipeline runs; or
+  (``real_vae=True``) the VAE at the real Wan 2.1 config (diffusers' AutoencoderKLWan defaults: base_dim 96, z_dim
+  16, dim_mult [1, 2, 4, 4], 2 res blocks; 127 M parameters), for trying the VAE's steps at real width.
 
 Weights are drawn and written one tensor at a time into bf16 safetensors shards of at most 2 GB (as real
 checkpoints are stored), so writing it takes little memory. The values follow the tiny checkpoint's rule
@@ -101,22 +103,34 @@ def _write_text_encoder(folder: Path, layers: int, seed: int) -> int:
     return _write_shards(model, folder, "model", seed + 1)
 
 
+def _write_vae(folder: Path, layers: int, seed: int) -> int:
+    """The Wan 2.1 VAE at diffusers' defaults (the real config; ``layers`` is not used)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan()
+    model.save_config(folder)
+    return _write_shards(model, folder, "diffusion_pytorch_model", seed + 2)
+
+
 def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def write_wide_checkpoint(out_dir: str | Path, layers: int = 2, text_encoder_layers: int = 1, seed: int = 0,
-                          force: bool = False) -> dict:
-    """Write the synthetic checkpoint; returns the parameter counts and weight bytes per component."""
+                          force: bool = False, real_vae: bool = False) -> dict:
+    """Write the synthetic checkpoint; returns the parameter counts and weight bytes per component (the VAE's
+    too with ``real_vae``: the real Wan 2.1 VAE config instead of the tiny VAE)."""
     out = Path(out_dir)
     with staged_dir(out, force=force) as tmp:
         build_pipeline(seed=seed).save_pretrained(tmp, safe_serialization=True)
         info = {}
-        for folder, write, n in (("transformer", _write_transformer, layers),
-                                 ("text_encoder", _write_text_encoder, text_encoder_layers)):
+        parts = [("transformer", _write_transformer, layers), ("text_encoder", _write_text_encoder, text_encoder_layers)]
+        for folder, write, n in parts + ([("vae", _write_vae, 0)] if real_vae else []):
             shutil.rmtree(tmp / folder)
             (tmp / folder).mkdir()
             info[folder] = {"layers": n, "params": write(tmp / folder, n, seed), "weights_bytes": _bytes(tmp / folder)}
         (tmp / "helios_deploy_synthetic.json").write_text(json.dumps(
-            {"seed": seed, "real_width": True, "components": info}, indent=2) + "\n")
+            {"seed": seed, "real_width": True, **({"real_vae": True} if real_vae else {}), "components": info}, indent=2) + "\n")
     return {"path": str(out), **info}

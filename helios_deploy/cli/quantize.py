@@ -28,9 +28,13 @@ import click
               help="fp8: also FP8 convolutions in the VAE decoder where TensorRT runs them in FP8 (input and output "
                    "channels > 16, filters of at most 32 elements; first and last convolutions kept), calibrated in "
                    "the same run (opt-in: see docs/quantize-and-build.md).")
+@click.option("--fp8-vae-min-channels", "vae_min_channels", type=int, default=None, metavar="N",
+              help="With --fp8-vae: a decoder convolution becomes FP8 only with at least N input and output channels "
+                   "(default 17: Model Optimizer's FP8 rule, > 16; at least 16, TensorRT's FP8 convolution kernels' "
+                   "floor). Recorded in the manifest (rule.min_channels).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(artifacts, precision, components, calibration_prompts, keep, calibration_chunks, device, seed,
-            fp8_attention, fp8_vae):
+            fp8_attention, fp8_vae, vae_min_channels):
     """Quantize exported graphs to FP8 (E4M3 Q/DQ on the linear layers, FP8 weights), calibrated on the real
     sampler loop (all three pyramid stages, chunks with history). Writes ARTIFACTS/<component>/model.fp8.onnx
     (+ .data) and records the recipe, calibration hash and per-layer precision in the manifest.
@@ -46,7 +50,9 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
       helios-deploy quantize ARTIFACTS --precision bf16     # bf16 graphs for bf16 builds and the rest of fp8 ones
     """
     from ..export.transforms.quantize import quantize_artifacts
+    from ..export.transforms.vae import KERNEL_MIN_CHANNELS, MIN_CHANNELS
 
+    _check_min_channels(vae_min_channels, fp8_vae, KERNEL_MIN_CHANNELS)
     patterns = None if not keep else [] if list(keep) == ["none"] else list(keep)
     if precision == "bf16":
         if fp8_attention or fp8_vae:
@@ -68,7 +74,8 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
     names = [c.strip() for c in (components or "transformer").split(",") if c.strip()]
     result = quantize_artifacts(artifacts, names, prompts_file=calibration_prompts, keep=patterns,
                                 chunks=calibration_chunks, seed=seed, device=device,
-                                log=lambda m: click.echo(m, err=True), attention=fp8_attention, vae=fp8_vae)
+                                log=lambda m: click.echo(m, err=True), attention=fp8_attention, vae=fp8_vae,
+                                vae_min_channels=MIN_CHANNELS if vae_min_channels is None else vae_min_channels)
     for name, e in result["components"].items():
         if name == "vae_decoder":
             n = sum(v == "fp8" for v in e["layer_precision"].values())
@@ -84,3 +91,17 @@ def command(artifacts, precision, components, calibration_prompts, keep, calibra
             click.echo(f"{name}: {len(e['attention']['nodes'])} attentions in FP8 (Q.K^T and softmax.V), "
                        f"{len(e['attention']['kept'])} kept in high precision")
     click.echo(f"quantized in {result['seconds']:.1f}s")
+
+
+def _check_min_channels(value, fp8_vae, floor):
+    """--fp8-vae-min-channels goes with --fp8-vae and is at least TensorRT's FP8 convolution floor."""
+    from ..errors import UserError
+
+    if value is None:
+        return
+    if not fp8_vae:
+        raise UserError("--fp8-vae-min-channels is an option of --fp8-vae", fix="pass --precision fp8 --fp8-vae")
+    if value < floor:
+        raise UserError(f"--fp8-vae-min-channels must be at least {floor}", found=str(value),
+                        expected=f"an integer >= {floor} (TensorRT's FP8 convolutions need at least {floor} input and "
+                                 "output channels; Model Optimizer's FP8 rule is 17)")
