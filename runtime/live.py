@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Callable
 
@@ -47,6 +48,7 @@ from .stream_state import CHUNK_FRAMES, StreamState
 
 DEFAULT_FPS = 24.0
 MAX_CHUNKS_QUEUED = 3  # chunks made and not yet read, per stream
+ENDED_KEPT = 10_000  # ended streams whose status is remembered (an id and a word each), for control answers
 _STATUS_TEXT = {"stopped": "been stopped", "completed": "completed", "moved": "moved to another node",
                 "shed": "been shed (the runners fell behind)"}
 
@@ -84,7 +86,11 @@ class LiveScheduler(Admission, Worker):
         self.shed_lateness = float(shed_lateness)
         super().__init__(chunk_seconds, max_streams)
         self._streams: dict[str, LiveStream] = {}  # open: queued or running
-        self._ended: collections.OrderedDict[str, LiveStream] = collections.OrderedDict()  # recent, for control
+        # ended streams: only their status is kept (recent ones, for control answers); the stream itself (its chunk
+        # queue, timings, callbacks) lives on only while its owner holds it (e.g. a job's chunks still being read):
+        # keeping thousands of ended LiveStreams grew a long-running server by a few KB per stream
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._ended_streams: weakref.WeakValueDictionary[str, LiveStream] = weakref.WeakValueDictionary()
         self._opens: collections.deque = collections.deque()  # (function, Future): run by the worker
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -203,7 +209,8 @@ class LiveScheduler(Admission, Worker):
         if stream_id in self._streams:
             return self._streams[stream_id]
         if stream_id in self._ended:
-            raise StreamError("finished", f"stream {stream_id} has {_STATUS_TEXT.get(self._ended[stream_id].status, self._ended[stream_id].status)}",
+            status = self._ended[stream_id]
+            raise StreamError("finished", f"stream {stream_id} has {_STATUS_TEXT.get(status, status)}",
                               fix="start a new stream")
         raise StreamError("not_found", f"no stream {stream_id!r}", fix="use the stream id the first response returned")
 
@@ -224,9 +231,9 @@ class LiveScheduler(Admission, Worker):
         """Stop a stream now: its state and unread chunks are freed at once; a chunk in flight is dropped at
         its next step. A stream whose chunks are all made but not all read (a job being read) stops too."""
         with self._lock:
-            done = self._ended.get(stream_id)
+            done = self._ended_streams.get(stream_id)
             if done is not None and done.status == "completed" and done.queued_chunks:
-                done.status = "stopped"
+                done.status = self._ended[stream_id] = "stopped"
                 done.discard()
                 return
             self._end(self._find(stream_id), "stopped")
@@ -258,10 +265,11 @@ class LiveScheduler(Admission, Worker):
         if s.id not in self._streams:
             return
         del self._streams[s.id]
-        self._ended[s.id] = s
-        if len(self._ended) > 10_000:  # remember the recent ones only
-            self._ended.popitem(last=False)
         s.end(status, error)
+        self._ended[s.id] = status
+        self._ended_streams[s.id] = s
+        if len(self._ended) > ENDED_KEPT:  # remember the recent ones only
+            self._ended.popitem(last=False)
         self._lock.notify_all()
         for q in [x for x in self._streams.values() if x.status == "queued"]:  # in arrival order
             if not self._fits(q):

@@ -401,3 +401,39 @@ def test_a_viewer_reading_at_half_speed_is_stopped(artifacts, tmp_path):
         assert stream.progress()["status"] == "stopped" and stream.progress()["chunks_done"] < 20
         assert chunks < 20
         _idle(app)
+
+
+def test_the_server_negotiates_no_permessage_deflate():
+    """serve()'s uvicorn settings turn permessage-deflate off: the chunks are H.264 (deflate does not shrink
+    them), and a socket that negotiated it held a zlib compressor and deflated every chunk on the event loop.
+    The client offers it (websockets does by default); the server's handshake must not accept it."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from websockets.sync.client import connect as ws_connect
+
+    from helios_deploy.api.security import Limits
+    from helios_deploy.api.serve import uvicorn_options
+    from tests.api_helpers import free_port
+
+    async def echo(ws):
+        await ws.accept()
+        await ws.send_bytes(await ws.receive_bytes())
+        await ws.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(Limits())))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30)
+        with ws_connect(f"ws://127.0.0.1:{port}/ws", compression="deflate") as ws:
+            offered = ws.request.headers.get("Sec-WebSocket-Extensions") or ""
+            ws.send(b"\0" * 1000)
+            assert ws.recv(timeout=10) == b"\0" * 1000
+        assert "permessage-deflate" in offered  # the client did ask for it
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

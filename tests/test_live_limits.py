@@ -83,6 +83,36 @@ def test_chunk_queue_is_bounded_and_stop_drops_it(pipe):
         assert job.next(timeout=5) is None and job.status == "stopped"
 
 
+
+def test_ended_streams_are_not_kept(pipe):
+    """A long-running server ends thousands of streams: the scheduler remembers an ended stream's status (for
+    the "finished" answer) but not the stream itself (its chunk queue, timings, callbacks: ~5 KB each, which
+    grew the soak's server by megabytes); a completed job whose owner still reads it can still be stopped."""
+    import gc
+    import weakref
+
+    from helios_deploy.runtime.live import StreamError
+
+    with scheduler(pipe) as sched:
+        refs = []
+        for i in range(20):
+            s = sched.open(PROMPT, num_frames=132, seed=i, cancelled=lambda: False)
+            s.stop()
+            refs.append(weakref.ref(s))
+        stream_id = s.id
+        del s
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+        with pytest.raises(StreamError) as e:
+            sched.stream(stream_id)
+        assert e.value.code == "finished" and "stopped" in str(e.value)
+        job = sched.open(PROMPT, num_frames=66, seed=2, lead=float("inf"))
+        wait_for(lambda: job.status == "completed")
+        sched.stop(job.id)  # its owner holds it: still found, stopped, its chunks dropped
+        assert job.next(timeout=5) is None and job.status == "stopped"
+        with pytest.raises(StreamError, match="been stopped"):
+            sched.stream(job.id)
+
 def test_request_bounds_and_schedule_cache(pipe):
     from helios_deploy.runtime import settings
     from helios_deploy.runtime.scheduler import SCHEDULE_CACHE_SIZE, DMDScheduler
