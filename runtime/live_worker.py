@@ -54,7 +54,7 @@ class Worker:
         self.pipe.bind(threading.get_ident())
         try:
             if self.chunk_seconds is None:
-                self.chunk_seconds = self.measure_chunk_seconds()
+                self.set_measured(self.measure_chunk_seconds())
         except BaseException as e:  # noqa: BLE001 - start() raises it
             self._worker_error, self.stopped = e, True
             self.pipe.bind(None)
