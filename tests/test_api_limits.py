@@ -437,3 +437,45 @@ def test_the_server_negotiates_no_permessage_deflate():
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+ARENAS_SCRIPT = """
+import ctypes, sys, tempfile, threading
+from helios_deploy.api.serve import bound_malloc_arenas
+if sys.argv[1] == "bound":
+    assert bound_malloc_arenas()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def work():  # ctypes lets go of the GIL: 8 threads allocate at once, as the server's threads do
+    for _ in range(20000):
+        libc.free(libc.malloc(200))
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile("r") as out:
+    f = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    print(out.read().count("<heap nr="))
+"""
+
+
+def test_the_server_bounds_its_malloc_arenas():
+    """serve() caps glibc's malloc arenas (bound_malloc_arenas, first thing): with the default (8 per core) the
+    server's threads spread over many arenas, each keeping what was freed in it (a 5-minute soak's server
+    held 24 -> 35 MB freed but not returned, RSS growing while the memory in use stayed flat). Threads that
+    allocate at once get new arenas without the cap and stay within it with it."""
+    import subprocess
+    import sys
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS_SCRIPT, mode], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    from helios_deploy.api.serve import MALLOC_ARENAS
+
+    assert heaps("bound") <= MALLOC_ARENAS
+    assert heaps("default") > MALLOC_ARENAS  # the same threads without the cap: the test can tell

@@ -9,6 +9,8 @@ from ..errors import UserError
 from .security import Limits, parse_keys, resolve_keys
 
 KEY_ENV = "HELIOS_API_KEY"
+MALLOC_ARENAS = 2  # glibc malloc arenas of the server process (its default: up to 8 per core)
+_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 
 def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -22,6 +24,20 @@ def open_backend(artifacts: str | None, triton: str | None, *, backend: str = "o
     from .backends import TritonBackend
 
     return TritonBackend(triton, model=triton_model, max_streams=max_streams, fps=fps, failover=failover)
+
+
+def bound_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does); True when set, False off glibc. Each thread that
+    finds the arenas busy gets a new one (up to 8 per core), and each arena keeps the memory freed in it: the
+    server's threads (event loop, backend calls, encoders, one per job) then held more and more freed memory.
+    Measured in 5-minute soaks: malloc's free-but-held memory 24 -> 35 MB (RSS +7 MB, in use flat at 145 MB)
+    with the default arenas; 9 -> 12 MB and flat after the first minute with 2. Call it before threads start."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, int(arenas)) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def uvicorn_options(limits: Limits) -> dict:
@@ -43,6 +59,7 @@ def serve(*, artifacts: str | None, triton: str | None, store: str | Path, host:
     from .app import create_app
     from .jobs import LEASE_SECONDS, open_store
 
+    bound_malloc_arenas()
     if bool(artifacts) == bool(triton):
         raise UserError("pass --artifacts DIR (run in this process) or --triton HOST:PORT, one of them",
                         fix="helios-deploy api --artifacts engines/demo/artifacts")
