@@ -118,6 +118,14 @@ class LiveStream:
         """Admitted at ``now``: the next chunk's deadline counts from here (a resumed stream's too)."""
         self.status, self.timing.t0 = "running", now - self.chunks_done * period
 
+    def due_in(self, seconds: float) -> None:
+        """Its next chunk is due ``seconds`` from now (a resumed stream keeps its viewer's playback deadline)."""
+        sched = self._scheduler
+        with sched._lock:
+            target = time.perf_counter() + max(0.0, float(seconds))
+            self.timing.t0 = target - sched.budget - self.chunks_done * CHUNK_FRAMES / sched.fps
+            sched._lock.notify_all()
+
     def deadline(self, fps: float, budget: float) -> float:
         return self.timing.t0 + budget + self.chunks_done * CHUNK_FRAMES / fps
 

@@ -6,6 +6,8 @@ Also: no import circle inside helios_deploy/serving."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_control_answers_owners_and_errors(node):
 
 def test_requests_parse_control_and_failover_inputs():
     from helios_deploy.errors import UserError
-    from helios_deploy.serving.requests import control_request, failover_request
+    from helios_deploy.serving.requests import control_request, due_in_request, failover_request
 
     def getter(values):
         return lambda name: values.get(name)
@@ -99,6 +101,10 @@ def test_requests_parse_control_and_failover_inputs():
         control_request(getter({"action": text(b"\xff")}))
     with pytest.raises(UserError, match="one snapshot"):
         failover_request(getter({"resume": np.array([b"a", b"b"], dtype=np.object_)}))
+    assert due_in_request(getter({})) is None
+    assert due_in_request(getter({"due_in": np.array([-2.5], np.float32)})) == 0.0  # late: due now
+    with pytest.raises(UserError, match="finite"):
+        due_in_request(getter({"due_in": np.array([np.nan], np.float32)}))
 
 
 def test_drain_moves_streams_and_they_resume_with_the_uninterrupted_frames(artifacts, pipe):
@@ -120,7 +126,9 @@ def test_drain_moves_streams_and_they_resume_with_the_uninterrupted_frames(artif
         with pytest.raises(StreamError) as e:
             node.open(prompt=PROMPT, num_frames=33, seed=1)
         assert e.value.code == "draining"
-        t = other.open(owner=OWNER, resume=s.snapshot)
+        t = other.open(owner=OWNER, resume=s.snapshot, due_in=0.0)  # its viewer waits: due now, not in a period
+        sched = other.schedulers[0]
+        assert t.deadline(sched.fps, sched.budget) <= time.perf_counter() + 0.05, "the resumed chunk is not due now"
         assert t.id == s.id and t.chunks_done == len(first)
         rest = [c.frames for c in t]
         assert len(first) + len(rest) == 4

@@ -38,10 +38,33 @@ class Node(NodeConnection):
     def __init__(self, address: str, model: str = "helios"):
         super().__init__(address, model)
         self.opening = 0  # opens sent to this node and not yet answered (placement counts them as taken)
+        self._placed: list[float] = []  # when streams were admitted here, until a capacity answer counts them
+        self._count = threading.Lock()
         self._capacity: tuple[float, dict | None] = (-1e9, None)
+
+    def reserve(self) -> None:
+        """An open is on its way here: placement counts it as taken (a burst of opens, or of a lost node's
+        streams resuming at once, spreads over the nodes instead of all going to the one that looked freest)."""
+        with self._count:
+            self.opening += 1
+
+    def settle(self, admitted: bool) -> None:
+        """The node answered the open: an admitted stream stays counted until a capacity answer asked after its
+        admission includes it."""
+        with self._count:
+            self.opening -= 1
+            if admitted:
+                self._placed.append(time.monotonic())
+
+    def taken(self) -> int:
+        """Streams placement has sent here that the cached capacity answer does not count yet."""
+        with self._count:
+            return self.opening + len(self._placed)
 
     def on_lost(self) -> None:
         self._capacity = (-1e9, None)
+        with self._count:
+            self._placed = []  # its streams are gone (moving elsewhere)
 
     def capacity(self, ttl: float = CAPACITY_TTL) -> dict | None:
         """The node's capacity answer ({capacity, active, queued, free, draining, demand}), cached ``ttl``
@@ -49,8 +72,11 @@ class Node(NodeConnection):
         at, value = self._capacity
         if time.monotonic() - at < ttl or (value or {}).get("draining"):
             return value  # a draining node is not asked again (it would be held open): it is going away
+        asked = time.monotonic()
         try:
             value = self.control("capacity", timeout=CONTROL_TIMEOUT)
+            with self._count:
+                self._placed = [t for t in self._placed if t > asked]  # the answer counts the earlier ones
         except UserError:
             value = None
             if not self.ready(timeout=1.0):  # e.g. helios unloading on a draining node: ask nothing more (a
@@ -121,6 +147,7 @@ class Cluster:
         self.refresh_s, self.capacity_ttl = refresh_s, capacity_ttl
         self.nodes: dict[str, Node] = {}
         self._lock = threading.Lock()
+        self._placing = threading.Lock()  # a ranking and its reservation are one step
         self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="helios-cluster")
         self.refresh()
@@ -160,14 +187,20 @@ class Cluster:
         answers = list(self._pool.map(lambda n: n.capacity(self.capacity_ttl), nodes))
         return dict(zip(nodes, answers))
 
-    def ranked(self, exclude: Sequence[Node] = ()) -> list[Node]:
+    def ranked(self, exclude: Sequence[Node] = (), reserve: bool = False) -> list[Node]:
         """Nodes that answer and are not draining, the most free real-time capacity first (then the fewest
-        active streams); nodes reporting no free room last, so a queueing node can still be tried."""
-        answers = self.capacities([n for n in self.live() if n not in exclude])
-        usable = [(n, a) for n, a in answers.items() if a is not None and not a.get("draining")]
-        usable.sort(key=lambda na: (na[0].opening - float(na[1].get("free", 0)), float(na[1].get("active", 0)),
-                                    na[0].address))
-        return [n for n, _ in usable]
+        active streams); nodes reporting no free room last, so a queueing node can still be tried. Free room
+        is the node's capacity answer less the streams sent there since (Node.taken). ``reserve``: the first
+        node counts one more open at once, in the same step as the ranking, so that opens placed at the same
+        moment (a lost node's streams) do not all pick the same node."""
+        answers = self.capacities([n for n in self.live() if n not in exclude])  # asked outside the lock
+        with self._placing:
+            usable = [(n, a, n.taken()) for n, a in answers.items() if a is not None and not a.get("draining")]
+            usable.sort(key=lambda nat: (nat[2] - float(nat[1].get("free", 0)),
+                                         float(nat[1].get("active", 0)) + nat[2], nat[0].address))
+            if reserve and usable:
+                usable[0][0].reserve()
+        return [n for n, _, _ in usable]
 
     def broadcast(self, action: str, stream_id: str, owner: str | None, prompt: str | None = None,
                   timeout: float = CONTROL_TIMEOUT, settle: float = 2.0,

@@ -92,6 +92,7 @@ class TritonStream:
         self.nodes: list[str] = []
         self.failovers, self.chunks_done = 0, 0
         self.reasons: list[str] = []  # why each failover happened
+        self.timeline: list[dict] = []  # per failover, wall-clock times (time.time()): lost, tried, admitted, chunk
         self.first_chunk_latency: float | None = None
         self.lateness: list[float] = []
         self.gaps: list[float] = []  # seconds between consecutive chunks' arrivals
@@ -118,15 +119,20 @@ class TritonStream:
             with self._lock:
                 prompts = list(self._prompts)
             arrays["resume"] = text_array(with_prompts(self._state, prompts))
-        nodes = self._backend.cluster.ranked(exclude)
+            if self.realtime and self._t0 is not None:  # its viewer's playback deadline goes with it
+                due = self.deadline(self.chunks_done) - time.perf_counter()
+                arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
+        self._mark("placing")
+        nodes = self._backend.cluster.ranked(exclude, reserve=True)
+        self._mark("ranked", ",".join(n.address for n in nodes))
         if not nodes:
             raise StreamError("over_capacity", "no Triton node can take the stream: none answers, or all drain",
                               found=", ".join(n.address for n in self._backend.cluster.live(True)) or "no nodes",
                               fix="retry later, or add a node")
         refusals = []
-        for node in nodes:
+        for i, node in enumerate(nodes):
             try:
-                self._try(node, arrays)
+                self._try(node, arrays, reserved=i == 0)
                 return
             except StreamError as e:
                 if e.code not in ("over_capacity", "draining"):
@@ -137,22 +143,41 @@ class TritonStream:
         raise StreamError("over_capacity", f"over capacity: every Triton node ({len(nodes)}) refused the stream",
                           found="; ".join(refusals), fix="retry later, or add a node")
 
-    def _try(self, node: Node, arrays: dict) -> None:
+    def _try(self, node: Node, arrays: dict, reserved: bool = False) -> None:
+        try:
+            self._try_on(node, arrays, reserved)
+        except UserError as e:
+            self._mark("tried", f"{node.address}: {getattr(e, 'code', None) or type(e).__name__}")
+            raise
+
+    def _mark(self, event: str, detail: str | None = None) -> None:
+        """A failover's moment (wall clock, comparable across processes) in ``timeline``."""
+        if self.timeline and self.status == "moving":
+            entry = self.timeline[-1]
+            if event == "tried":
+                entry.setdefault("refused", []).append([detail, time.time()])
+            else:
+                entry[event], entry[event + "_node"] = time.time(), detail
+
+    def _try_on(self, node: Node, arrays: dict, reserved: bool) -> None:
+        """``reserved``: placement already counted this open on ``node`` (Cluster.ranked(reserve=True))."""
         attempt = _Attempt(node)
         with self._lock:
             self._attempt = attempt
-        node.opening += 1  # counted in placement until the node has answered: a burst spreads over the nodes
+        if not reserved:
+            node.reserve()  # counted in placement until the node's capacity answer shows it: a burst spreads
         try:
             attempt.request_id = node.send(arrays, lambda reply: self._on_reply(attempt, reply))
             admitted = attempt.admitted.wait(self._backend.admit_timeout)
         finally:
-            node.opening -= 1
+            node.settle(admitted=bool(attempt.stream_id) and attempt.refusal is None)
         if not admitted:
             node.forget(attempt.request_id)
             raise NodeUnavailable(f"the Triton node {node.address} did not start the stream within "
                                   f"{self._backend.admit_timeout:g} s")
         if attempt.refusal is not None:
             raise attempt.refusal
+        self._mark("admitted", node.address)
         with self._lock:
             self.id = self.id or attempt.stream_id
             self.nodes.append(node.address)
@@ -160,7 +185,6 @@ class TritonStream:
             now = time.perf_counter()
             self._t0 = self._t0 or now
             self._last = now
-        node.forget_capacity()  # its free room changed
         if self.status == "stopped":  # stopped while it was moving: not on the new node either
             self._stop_on(node)
             node.forget(attempt.request_id)
@@ -229,6 +253,8 @@ class TritonStream:
             threading.Thread(target=self._stop_on, args=(attempt.node,), daemon=True).start()
             return self._end("failed")
         self._keep_state(reply)
+        if self.timeline and "chunk" not in self.timeline[-1]:
+            self.timeline[-1]["chunk"], self.timeline[-1]["chunk_index"] = time.time(), index
         if self.first_chunk_latency is None:
             self.first_chunk_latency = now - self._opened
         else:
@@ -248,6 +274,7 @@ class TritonStream:
             if attempt is not self._attempt or attempt.done or self.status not in ("running",):
                 return
             attempt.done, self.status = True, "moving"
+            self.timeline.append({"reason": reason, "lost": time.time(), "from": attempt.node.address})
         attempt.node.forget(attempt.request_id)
         threading.Thread(target=self._failover, args=(attempt, reason), name=f"helios-failover-{self.id}",
                          daemon=True).start()
@@ -346,6 +373,7 @@ class TritonStream:
                 "first_chunk_latency_s": self.first_chunk_latency, "lateness_s": list(self.lateness),
                 "misses": sum(1 for x in self.lateness if x > 0), "nodes": list(self.nodes),
                 "failovers": self.failovers, "failover_reasons": list(self.reasons),
+                "failover_timeline": [dict(t) for t in self.timeline],
                 "max_gap_s": max(self.gaps, default=None),
                 "state_bytes": None if self._state is None else len(self._state),
                 "error": None if self.error is None else str(self.error)}

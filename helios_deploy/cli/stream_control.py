@@ -8,8 +8,10 @@ import click
 @click.option("--stop", is_flag=True, help="End the stream now (its client gets the final response).")
 @click.option("--progress", is_flag=True, help="Print the stream's progress as JSON.")
 @click.option("--capacity", is_flag=True, help="Print the node's capacity, active streams and demand as JSON.")
-@click.option("--drain", is_flag=True, help="Drain the node: it takes no new streams and its streams end as moved "
-              "after their current chunk (what SIGTERM to `python -m helios_deploy.serving.server serve` does).")
+@click.option("--drain", is_flag=True, help="Drain the node: it takes no new streams, its streams end as moved "
+              "after their current chunk, and its helios model is unloaded so its readiness fails at once (what "
+              "SIGTERM to `python -m helios_deploy.serving.server serve` does, but the server keeps running: load "
+              "the model again with POST /v2/repository/models/helios/load on its HTTP port).")
 @click.option("--owner", default="", help="The owner the stream was opened with (the API: sha256 hex of the API "
               "key); a stream of another owner is answered as unknown.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
@@ -41,5 +43,12 @@ def command(url, stream_id, new_prompt, stop, progress, capacity, drain, owner, 
             click.echo(f"stopped {stream_id}")
         elif progress:
             click.echo(json.dumps(client.progress(stream_id), indent=2))
+        elif capacity:
+            click.echo(json.dumps(client.capacity(), indent=2))
         else:
-            click.echo(json.dumps(client.capacity() if capacity else client.drain(), indent=2))
+            answer = client.drain()
+            why_not = client.unload()  # readiness fails now, as on SIGTERM; the moved streams' answers still go
+            answer["unloading"] = why_not is None
+            if why_not is not None:
+                answer["readiness"] = f"stays ready until the server stops: the model could not be unloaded ({why_not})"
+            click.echo(json.dumps(answer, indent=2))

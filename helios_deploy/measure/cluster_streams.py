@@ -52,6 +52,8 @@ class ClusterRecord:
     completed: bool = False
     state_bytes: int | None = None  # the last snapshot's size (failover state carried per chunk)
     failover_reasons: list[str] = field(default_factory=list)
+    failover_timeline: list[dict] = field(default_factory=list)  # the API's per-failover moments (wall clock)
+    arrivals_wall: list[float] = field(default_factory=list)  # time.time() of each chunk at the viewer
     steer_error: str | None = None  # the prompt change through the other replica failed
     error: str | None = None
 
@@ -131,6 +133,7 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                 if msg["type"] == "video.chunk_metadata":
                     record.pieces.append(ws.recv(timeout=300))
                     record.arrivals.append(time.perf_counter() - t0)
+                    record.arrivals_wall.append(time.time())
                     record.indexes.append(msg["chunk_index"])
                     progress["max_chunks"] = max(progress["max_chunks"], len(record.pieces))
                     if record.from_chunk is None and record.steer_error is None:
@@ -146,6 +149,7 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                     record.node, record.failovers = p.get("nodes", []), p.get("failovers", 0)
                     record.state_bytes = p.get("state_bytes")
                     record.failover_reasons = p.get("failover_reasons", [])
+                    record.failover_timeline = p.get("failover_timeline", [])
                     record.completed = msg["type"] == "session.completed" and len(record.pieces) == chunks
                     return
                 elif msg["type"] == "error":
@@ -176,8 +180,9 @@ def _fault(nodes, replicas, records, at: int | None, kind: str, progress: dict, 
                 held[p["nodes"][-1]] = held.get(p["nodes"][-1], 0) + 1
     busiest = max(held, key=held.get) if held else nodes.urls[0]
     node = nodes.by_url(busiest)
+    at_wall = time.time()
     node.kill() if kind == "kill" else node.drain()
-    out.update(kind=kind, node=busiest, at_chunk=at, streams_on_it=held.get(busiest, 0))
+    out.update(kind=kind, node=busiest, at_chunk=at, streams_on_it=held.get(busiest, 0), at_wall=at_wall)
 
 
 def _get(url: str, key: str) -> dict:

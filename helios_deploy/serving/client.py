@@ -63,16 +63,17 @@ def request_arrays(prompt: str, *, image=None, video=None, height: int | None = 
                    pyramid_steps: Sequence[int] | None = None, amplify_first_chunk: bool | None = None,
                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
                    negative_prompt: str | None = None, realtime: bool | None = None, failover: bool | None = None,
-                   resume: bytes | None = None) -> dict:
+                   resume: bytes | None = None, due_in: float | None = None) -> dict:
     """The request's tensors as arrays of the dtypes the model declares (absent ones left out: the served
-    checkpoint variant's defaults apply). ``resume``: a snapshot (a moved stream's ``state``) to continue."""
+    checkpoint variant's defaults apply). ``resume``: a snapshot (a moved stream's ``state``) to continue;
+    ``due_in``: seconds until its next chunk is due at the viewer."""
     values = {"prompt": [prompt.encode("utf-8")], "image": image, "video": video, "height": height, "width": width,
               "num_frames": num_frames,
               "seed": seed, "pyramid_steps": pyramid_steps, "amplify_first_chunk": amplify_first_chunk,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "negative_prompt": None if negative_prompt is None else [negative_prompt.encode("utf-8")],
               "realtime": realtime, "failover": failover,
-              "resume": None if resume is None else np.array([resume], dtype=np.object_)}
+              "resume": None if resume is None else np.array([resume], dtype=np.object_), "due_in": due_in}
     out = {}
     for t in HELIOS_INPUTS:
         v = values[t.name]
@@ -214,6 +215,17 @@ class HeliosClient:
     def drain(self) -> dict:
         """Stop the node admitting; its streams end after their current chunk as moved. {"draining", "streams"}."""
         return self._checked("drain")
+
+    def unload(self) -> str | None:
+        """Ask Triton to unload the model (Triton's repository API over this gRPC connection): its readiness
+        (``/v2/models/<model>/ready``, a Kubernetes readiness probe) fails at once and Triton refuses new
+        requests, while the requests in flight (drained streams' last responses) finish. None when asked; else
+        why not (the server runs without explicit model control: its repository has no load_models.txt)."""
+        try:
+            self._client.unload_model(self.model)
+        except Exception as e:  # noqa: BLE001 - tritonclient's InferenceServerException: say why
+            return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None
 
     def control(self, action: str, stream_id: str | None = None, prompt: str | None = None) -> dict:
         """One control request; the node's JSON answer as it is (an error as {"error": {"code", "message"}})."""

@@ -57,6 +57,8 @@ HELIOS_INPUTS = (
                  "snapshot after that chunk, for a resume elsewhere); default false"),
     ServedTensor("resume", "bytes", (1,), True, "a snapshot (output `state`): continue that stream (same id, next "
                  "chunk) instead of starting one; the other open inputs are ignored"),
+    ServedTensor("due_in", "float32", (1,), True, "with resume: seconds until the stream's next chunk is due at its "
+                 "viewer (its playback deadline, kept across the move; 0: due now); default one chunk period"),
 )
 # control requests: the same model, input `action` set (one `control` JSON response, then the final flag)
 CONTROL_INPUTS = (

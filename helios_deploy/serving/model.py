@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import UserError
 from ..model.specs import COMPONENTS
 from .node import Node, error_answer
-from .requests import control_request, failover_request, parse_request
+from .requests import control_request, due_in_request, failover_request, parse_request
 
 try:  # only inside the Python backend stub
     import triton_python_backend_utils as pb_utils
@@ -145,7 +145,7 @@ class TritonPythonModel:
         try:
             failover, resume = failover_request(get)
             if resume is not None:  # the snapshot holds the prompt schedule, size, settings and position
-                kwargs = {"resume": resume}
+                kwargs = {"resume": resume, "due_in": due_in_request(get)}
                 realtime = get("realtime")
                 lead = None if realtime is None or bool(realtime.reshape(-1)[0]) else float("inf")
             else:
@@ -190,7 +190,13 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("frames", np.zeros(empty_shape, np.uint8)),
                 pb_utils.Tensor("chunk_index", np.array([-1], dtype=np.int32)), sid, _json_tensor("control", opened)]))
+            if stream.chunks_done:
+                pb_utils.Logger.log_info(f"helios: stream {stream.id} resumed at chunk {stream.chunks_done}")
+            resumed = stream.chunks_done > 0
             for chunk in stream:
+                if resumed:
+                    pb_utils.Logger.log_info(f"helios: stream {stream.id}: chunk {chunk.index} made after its resume")
+                    resumed = False
                 tensors = [pb_utils.Tensor("frames", np.ascontiguousarray(chunk.frames)),
                            pb_utils.Tensor("chunk_index", np.array([chunk.index], dtype=np.int32)), sid]
                 if failover and getattr(chunk, "snapshot", None) is not None:

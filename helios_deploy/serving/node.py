@@ -73,9 +73,11 @@ class Node:
         """Scheduler indices, the one with the most free capacity first."""
         return sorted(range(len(self.schedulers)), key=self._free, reverse=True)
 
-    def open(self, owner: str = "", **request):
+    def open(self, owner: str = "", due_in: float | None = None, **request):
         """Open a stream (keywords as LiveScheduler.open) on the scheduler with the most free capacity, the next
-        one on a refusal; StreamError draining / over_capacity when no scheduler takes it."""
+        one on a refusal; StreamError draining / over_capacity when no scheduler takes it. ``due_in`` (a resume):
+        seconds until its next chunk is due at its viewer, which sets that chunk's deadline (a moved stream keeps
+        its playback deadline instead of getting a new first-chunk budget behind the node's own streams)."""
         if self.draining:
             raise StreamError("draining", "this node is draining (shutting down): it takes no new streams",
                               fix="open the stream on another node")
@@ -88,6 +90,8 @@ class Node:
                     raise
                 refusal = e
                 continue
+            if due_in is not None:
+                stream.due_in(due_in)
             self._remember(stream.id, owner, i)
             return stream
         with self._lock:

@@ -118,6 +118,17 @@ def control_request(get: Callable[[str], np.ndarray | None]) -> dict:
     return out
 
 
+def due_in_request(get: Callable[[str], np.ndarray | None]) -> float | None:
+    """A resume's ``due_in`` (seconds until its next chunk is due; never below 0), or None when not given."""
+    value = get("due_in")
+    if value is None or value.size == 0:
+        return None
+    due = float(value.reshape(-1)[0])
+    if not np.isfinite(due):
+        raise UserError("input 'due_in' must be a finite number of seconds", found=str(due))
+    return max(0.0, due)
+
+
 def failover_request(get: Callable[[str], np.ndarray | None]) -> tuple[bool, bytes | None]:
     """(``failover`` flag, ``resume`` snapshot bytes or None) of an open."""
     flag = get("failover")
