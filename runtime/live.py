@@ -18,8 +18,10 @@ and not read: the worker makes none for a stream whose queue is full.
 Admission: each stream takes (its chunk time) / (its chunk period) of the runners, its first chunk counted
 with the extra steps of amplify_first_chunk; a stream that would take the load over 1 is refused at once
 (``StreamError`` code ``over_capacity``) or, with ``queue=True``, waits until streams finish. The chunk time
-follows the runs (a moving average per shape). When the runners fall behind anyway (a live chunk later
-than ``shed_lateness``), the newest live stream is stopped (code ``shed``) so the others stay on time.
+follows the runs (a moving average per shape, plus twice the runs' moving mean deviation from it: a new
+stream's first chunk has no lead to absorb an underestimate; runtime/live_admission.py). When the runners
+fall behind anyway (a live chunk later than ``shed_lateness``), the newest live stream is stopped (code
+``shed``) so the others stay on time.
 
     sched = LiveScheduler(pipe).start()
     s = sched.open("a cat", num_frames=330, seed=0, failover=True)
