@@ -72,29 +72,51 @@ def calibration_graph(src: Path, activations: Sequence[str], work: Path,
     name_nodes_by_module(graph.proto)
     g = graph.proto.graph
     outputs: dict[str, str] = {}
+    after: dict[str, list] = {}  # activation -> its calibration nodes
     for i, x in enumerate(activations):
         amax, size = f"calibration/amax_{i}", f"calibration/size_{i}"
-        g.node.extend([helper.make_node("Abs", [x], [f"calibration/abs_{i}"], name=f"calibration/abs_{i}"),
-                       helper.make_node("ReduceMax", [f"calibration/abs_{i}"], [amax], keepdims=0,
-                                        name=f"calibration/reduce_max_{i}"),
-                       helper.make_node("Size", [x], [size], name=f"calibration/size_{i}")])
+        after[x] = [helper.make_node("Abs", [x], [f"calibration/abs_{i}"], name=f"calibration/abs_{i}"),
+                    helper.make_node("ReduceMax", [f"calibration/abs_{i}"], [amax], keepdims=0,
+                                     name=f"calibration/reduce_max_{i}"),
+                    helper.make_node("Size", [x], [size], name=f"calibration/size_{i}")]
         g.output.extend([helper.make_tensor_value_info(amax, TensorProto.FLOAT, []),
                          helper.make_tensor_value_info(size, TensorProto.INT64, [])])
         outputs[amax] = outputs[size] = x
         if x in shapes:
             shape = f"calibration/shape_{i}"
-            g.node.append(helper.make_node("Shape", [x], [shape], name=shape))
+            after[x].append(helper.make_node("Shape", [x], [shape], name=shape))
             g.output.append(helper.make_tensor_value_info(shape, TensorProto.INT64, [None]))
             outputs[shape] = x
+    _place_after_producers(g, after)
     link_data(src, work)
     path = work / src.name
     graph.save_referencing(path)
     return path, outputs
 
 
+def _place_after_producers(g, after: Mapping[str, list]) -> None:
+    """Put each activation's calibration nodes right after the node that makes it (graph inputs: first), for
+    RangeRunner's priority-based execution order, which runs the ready node that comes first in the graph. In
+    ONNX Runtime's default order (the graph's leaves and their ancestors, depth first) the reductions, leaves of
+    their own, ran after the whole graph and every calibrated activation stayed alive until the end of the call:
+    on the real-width Wan decoder chunk at 64x64 the calibration graph peaked 0.96 GB above the plain graph (0.98
+    GB), an excess growing with the pixels; placed here and run in priority order, 0.18 GB above it."""
+    made = {o for node in g.node for o in node.output}
+    nodes = [n for x in after if x not in made for n in after[x]]
+    for node in g.node:
+        nodes.append(node)
+        nodes.extend(n for o in node.output for n in after.get(o, ()))
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 class RangeRunner(OnnxRuntimeRunner):
     """A calibration graph run as the runtime's runner for its component: the sampler loop calls it like
-    the exported graph, and it keeps, per activation, the running max |x| and the fewest rows seen."""
+    the exported graph, and it keeps, per activation, the running max |x| and the fewest rows seen. Its session
+    runs in ONNX Runtime's priority-based order, so each reduction runs as soon as its activation is made
+    (``_place_after_producers``) and the activation is freed as in the plain graph."""
+
+    execution_order = "PRIORITY_BASED"
 
     def __init__(self, path: Path, graph, component: str, device: str, outputs: Mapping[str, str],
                  rows_of: Mapping[str, int]):

@@ -30,6 +30,7 @@ def require_cuda() -> None:
 
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
+    execution_order = "DEFAULT"  # ort.ExecutionOrder's name (export/transforms/calibration.py's RangeRunner: PRIORITY_BASED)
 
     def __init__(self, path: Path, graph: GraphSpec, component: str, device: str, prepack: bool = True):
         super().__init__(graph, component, device)
@@ -42,6 +43,7 @@ class OnnxRuntimeRunner(Runner):
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.execution_order = getattr(ort.ExecutionOrder, self.execution_order)
         # ORT's intra-op threads spin after each run by default; between our calls the host work (torch
         # ops of the sampler) then competes with spinning threads for the same cores (measured on 2 cores:
         # 23.7 ms of host time per chunk with spinning, see the bench note)
