@@ -133,6 +133,10 @@ def test_drain_moves_streams_and_they_resume_with_the_uninterrupted_frames(artif
         rest = [c.frames for c in t]
         assert len(first) + len(rest) == 4
         assert np.array_equal(np.concatenate(first + rest), pipe.generate(PROMPT, num_frames=33 * 4, seed=7))
+        # a stream lost before its first state is opened again from its start under the id it had (steered by it)
+        again = other.open(owner=OWNER, prompt=PROMPT, num_frames=33, seed=1, stream_id="f" * 32)
+        assert again.id == "f" * 32 and other.control("progress", "f" * 32, OWNER)["stream_id"] == "f" * 32
+        assert other.control("stop", "f" * 32, OWNER)["stopped"] is True
     finally:
         node.close()
         other.close()

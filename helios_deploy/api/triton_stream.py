@@ -115,6 +115,8 @@ class TritonStream:
         arrays = dict(self._arrays)
         if self._backend.failover:
             arrays["failover"] = np.array([True])
+        if self._state is None and self.id is not None:  # lost before its first chunk: again from its start,
+            arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
         if self._state is not None:  # with the prompt changes made after it was taken (at the same chunks)
             with self._lock:
                 prompts = list(self._prompts)

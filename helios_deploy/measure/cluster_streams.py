@@ -118,6 +118,7 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
     from websockets.sync.client import connect
 
     viewer, director = replicas[record.replica], replicas[1 - record.replica]
+    steering = None
     try:
         with connect(viewer.url.replace("http://", "ws://") + "/v1/realtime/video", max_size=1 << 26,
                      additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=60) as ws:
@@ -136,14 +137,9 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                     record.arrivals_wall.append(time.time())
                     record.indexes.append(msg["chunk_index"])
                     progress["max_chunks"] = max(progress["max_chunks"], len(record.pieces))
-                    if record.from_chunk is None and record.steer_error is None:
-                        try:  # a failed change is reported; the stream is still watched to its end
-                            answer = _post(f"{director.url}/v1/realtime/streams/{record.stream_id}/interaction",
-                                           key, {"prompt": NEW_PROMPT})
-                            record.from_chunk = int(answer["from_chunk"])
-                        except OSError as e:
-                            record.steer_error = f"{type(e).__name__}: {e}"
-                            record.prompt_changed = False
+                    if steering is None:  # on its own thread: the viewer keeps reading (its gaps are its own)
+                        steering = threading.Thread(target=_steer, args=(record, director, key), daemon=True)
+                        steering.start()
                 elif msg["type"] in ("session.completed", "session.stopped"):
                     p = msg.get("progress") or {}
                     record.node, record.failovers = p.get("nodes", []), p.get("failovers", 0)
@@ -157,6 +153,20 @@ def _watch(record: ClusterRecord, replicas: list[Replica], key: str, chunks: int
                     return
     except Exception as e:  # noqa: BLE001 - reported per stream
         record.error = f"{type(e).__name__}: {e}"
+    finally:
+        if steering is not None:
+            steering.join(60)
+
+
+def _steer(record: ClusterRecord, director: Replica, key: str) -> None:
+    """The stream's prompt change through the other replica (a failed change is reported)."""
+    try:
+        answer = _post(f"{director.url}/v1/realtime/streams/{record.stream_id}/interaction", key,
+                       {"prompt": NEW_PROMPT})
+        record.from_chunk = int(answer["from_chunk"])
+    except OSError as e:
+        record.steer_error = f"{type(e).__name__}: {e}"
+        record.prompt_changed = False
 
 
 def _fault(nodes, replicas, records, at: int | None, kind: str, progress: dict, done: threading.Event,

@@ -63,7 +63,8 @@ HELIOS_INPUTS = (
 # control requests: the same model, input `action` set (one `control` JSON response, then the final flag)
 CONTROL_INPUTS = (
     ServedTensor("action", "bytes", (1,), True, "absent: open a stream; set_prompt | stop | progress | capacity | drain"),
-    ServedTensor("stream_id", "bytes", (1,), True, "set_prompt / stop / progress: the stream's id"),
+    ServedTensor("stream_id", "bytes", (1,), True, "set_prompt / stop / progress: the stream's id; an open: the id "
+                 "to keep (a stream opened again from its start on another node, lost before its first state)"),
     ServedTensor("owner", "bytes", (1,), True, "an open: who owns the stream (the API: sha256 hex of the API key); "
                  "control: answered only when it matches (else not_found); default empty"),
 )

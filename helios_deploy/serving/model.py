@@ -136,10 +136,10 @@ class TritonPythonModel:
             if control["action"] is not None:
                 _answer(sender, self.node.control(**control))
             else:
-                self._open(get, sender, control["owner"])
+                self._open(get, sender, control["owner"], control["stream_id"])
         return None
 
-    def _open(self, get, sender, owner: str) -> None:
+    def _open(self, get, sender, owner: str, stream_id: str | None = None) -> None:
         from ..runtime.live import StreamError
 
         try:
@@ -153,6 +153,8 @@ class TritonPythonModel:
                 lead = None if kwargs.pop("realtime") else float("inf")
             if failover:
                 kwargs["failover"] = True
+            if resume is None and stream_id:  # opened again from its start elsewhere: the id it had
+                kwargs["stream_id"] = stream_id
             stream = self.node.open(owner=owner, **kwargs, lead=lead, cancelled=sender.is_cancelled)
         except StreamError as e:
             return _answer(sender, error_answer(e.code, e.render()))
