@@ -237,8 +237,11 @@ def test_runners_falling_behind_shed_the_newest_stream(pipe):
         m = sched.metrics()
     assert errors[0] is None and streams[0].status == "completed"
     assert errors[2] == "shed" and m["shed"] >= 1
-    late = streams[0].progress()["lateness_s"]  # the oldest gets back toward its deadlines once alone
-    assert late[-1] < max(late) - 0.5 * period, (period, late)
+    # the oldest is on time again once the newest are shed: its last chunks are early (without shedding all
+    # three fall further behind with every chunk). Not "half a period below its worst": the nearest-deadline
+    # order serves the oldest first, so on an idle host its worst can be on time (CI: worst +0.04 s, last -0.75 s)
+    late = streams[0].progress()["lateness_s"]
+    assert len(late) == 7 and all(x < 0 for x in late[-3:]), (period, late)
 
 
 def test_chunk_time_follows_the_runs(pipe):
