@@ -137,12 +137,15 @@ class LiveScheduler(Admission, Worker):
     # -- requests --------------------------------------------------------------------------------
     def open(self, prompt=None, num_frames: int = CHUNK_FRAMES, seed: int = 0, *, lead: float | None = None,
              cancelled: Callable[[], bool] | None = None, failover: bool = False, resume: bytes | None = None,
-             **request) -> LiveStream:
+             stream_id: str | None = None, due_in: float | None = None, **request) -> LiveStream:
         """Check and admit a stream (keywords as Pipeline.stream); its chunks are made from now on.
 
         ``resume``: a snapshot (a chunk's ``snapshot``, or a moved stream's): continues that stream, same id,
         from its next chunk (prompt, frames, seed and settings come from it; the others are ignored).
         ``failover``: each chunk carries ``snapshot``, the stream's state after it. ``lead=inf``: a job.
+        ``stream_id``: the id of a stream opened again from its start (lost elsewhere before its first snapshot).
+        ``due_in``: seconds until the next chunk is due (a moved stream keeps its viewer's playback deadline
+        instead of a new first-chunk budget behind this scheduler's own streams).
         Errors: UserError for a bad request or snapshot; StreamError over_capacity (full, unless ``queue``),
         draining, exists (the snapshot's stream is open here)."""
         self._check_open()
@@ -157,7 +160,7 @@ class LiveScheduler(Admission, Worker):
             # chunk in flight); a text-to-video open touches no runner and is checked here, so a burst of new
             # streams does not wait one chunk per open
             encodes = request.get("image") is not None or request.get("video") is not None
-            state, stream_id = (self._on_worker(opener) if encodes else opener()), None
+            state = self._on_worker(opener) if encodes else opener()
         stream = LiveStream(self, state, self._weight(state), self.lead if lead is None else float(lead), cancelled,
                             stream_id, failover)
         with self._lock:
@@ -169,6 +172,8 @@ class LiveScheduler(Admission, Worker):
                 raise StreamError("over_capacity", "over capacity: this server is serving all the real-time "
                                   "streams it can", found=self._load_text(stream),
                                   fix="retry later, or add a GPU / replica")
+            if due_in is not None and stream.status == "running":  # its next chunk due in due_in seconds
+                stream.start(time.perf_counter() + max(0.0, float(due_in)) - self.budget, self.period)
             self._ended.pop(stream.id, None)
             self._streams[stream.id] = stream
             self.totals["streams"] += 1

@@ -118,26 +118,6 @@ class LiveStream:
         """Admitted at ``now``: the next chunk's deadline counts from here (a resumed stream's too)."""
         self.status, self.timing.t0 = "running", now - self.chunks_done * period
 
-    def rename(self, stream_id: str) -> None:
-        """Take the id ``stream_id`` (a stream opened again elsewhere before its first chunk, with no snapshot yet,
-        keeps the id its viewer and other replicas know). StreamError exists when the scheduler has that id."""
-        sched = self._scheduler
-        with sched._lock:
-            if stream_id != self.id:
-                if stream_id in sched._streams:
-                    raise StreamError("exists", f"stream {stream_id} is already open here")
-                sched._streams[stream_id] = sched._streams.pop(self.id, self)
-                self.id = stream_id
-            sched._lock.notify_all()
-
-    def due_in(self, seconds: float) -> None:
-        """Its next chunk is due ``seconds`` from now (a resumed stream keeps its viewer's playback deadline)."""
-        sched = self._scheduler
-        with sched._lock:
-            target = time.perf_counter() + max(0.0, float(seconds))
-            self.timing.t0 = target - sched.budget - self.chunks_done * CHUNK_FRAMES / sched.fps
-            sched._lock.notify_all()
-
     def deadline(self, fps: float, budget: float) -> float:
         return self.timing.t0 + budget + self.chunks_done * CHUNK_FRAMES / fps
 

@@ -73,12 +73,10 @@ class Node:
         """Scheduler indices, the one with the most free capacity first."""
         return sorted(range(len(self.schedulers)), key=self._free, reverse=True)
 
-    def open(self, owner: str = "", due_in: float | None = None, stream_id: str | None = None, **request):
-        """Open a stream (keywords as LiveScheduler.open) on the scheduler with the most free capacity, the next
-        one on a refusal; StreamError draining / over_capacity when no scheduler takes it. ``due_in`` (a resume):
-        seconds until its next chunk is due at its viewer, which sets that chunk's deadline (a moved stream keeps
-        its playback deadline instead of getting a new first-chunk budget behind the node's own streams).
-        ``stream_id``: a stream opened again from its start (lost before its first snapshot) keeps its id."""
+    def open(self, owner: str = "", **request):
+        """Open a stream (keywords as LiveScheduler.open, among them ``due_in`` for a resume and ``stream_id`` for a
+        stream opened again from its start) on the scheduler with the most free capacity, the next one on a
+        refusal; StreamError draining / over_capacity when no scheduler takes it."""
         if self.draining:
             raise StreamError("draining", "this node is draining (shutting down): it takes no new streams",
                               fix="open the stream on another node")
@@ -91,14 +89,6 @@ class Node:
                     raise
                 refusal = e
                 continue
-            if stream_id:
-                try:
-                    stream.rename(stream_id)
-                except StreamError:
-                    self.schedulers[i].stop(stream.id)
-                    raise
-            if due_in is not None:
-                stream.due_in(due_in)
             self._remember(stream.id, owner, i)
             return stream
         with self._lock:
