@@ -79,31 +79,13 @@ def bf16_pipeline(arts):
 
 
 def bf16_adherence_report(arts, prompts=None, seeds=(0, 1)) -> dict:
-    """fp8.adherence_report's shape for bf16: the share of prompt x seed videos that show their prompt's colour
-    and direction, the fp32 runtime (ONNX Runtime) against ``bf16_pipeline`` (each bf16 video takes 9-15 s
-    on one core at the tests' 64x128: the reference evaluator's VAE decoder is 9 s of it); ``seconds``: each."""
-    import time
+    """fp8.adherence_report for bf16: the fp32 runtime (ONNX Runtime) against ``bf16_pipeline`` (each bf16 video
+    takes 9-15 s on one core at the tests' 64x128: the reference evaluator's VAE decoder is 9 s of it)."""
+    from .fp8 import adherence_report
 
-    from ...measure.adherence import adherence_share, default_prompts
-    from ...runtime import Pipeline
-    from .fp8 import ADHERENCE_MAX_DROP
-
-    prompts = list(prompts) if prompts is not None else default_prompts()
-    shares, seconds = {}, {}
-    for precision, make in (("fp32", lambda: Pipeline.from_artifacts(arts.root)), ("bf16", lambda: bf16_pipeline(arts))):
-        t0 = time.perf_counter()
-        pipe = make()
-        shares[precision] = adherence_share(pipe, prompts, seeds, output="float")
-        pipe.close()
-        seconds[precision] = round(time.perf_counter() - t0, 1)
-    flips = [{"prompt": a["prompt"], "seed": a["seed"], "fp32": a["match"], "bf16": b["match"]}
-             for a, b in zip(shares["fp32"]["results"], shares["bf16"]["results"]) if a["match"] != b["match"]]
-    drop = shares["fp32"]["share"] - shares["bf16"]["share"]
-    return {"precision": "bf16", "videos": shares["fp32"]["videos"], "prompts": len(prompts), "seeds": list(seeds),
-            "graphs": {"fp32": "onnxruntime", "bf16": f"onnx.reference: {', '.join(T2V_COMPONENTS)} bf16"},
-            "max_drop": ADHERENCE_MAX_DROP, "seconds": seconds,
-            "share": {p: {k: v for k, v in r.items() if k != "results"} for p, r in shares.items()},
-            "drop": drop, "flips": flips, "passed": drop <= ADHERENCE_MAX_DROP}
+    report = adherence_report(arts, prompts, seeds, precision="bf16", pipeline=lambda: bf16_pipeline(arts))
+    report["graphs"] = {"fp32": "onnxruntime", "bf16": f"onnx.reference: {', '.join(T2V_COMPONENTS)} bf16"}
+    return report
 
 
 def bf16_report(checkpoint, artifacts, components: Iterable[str] | None = None, seed: int = 0,

@@ -37,19 +37,31 @@ def _rows(component: str, result: dict) -> list[tuple]:
              f"{c['rel_l2']:.3e} (<= {FP8_REL_L2})") for c in result["cases"] if not c["passed"]]
 
 
-def adherence_report(arts: Artifacts, prompts=None, seeds=(0, 1), precision: str = "fp8") -> dict:
+def adherence_report(arts: Artifacts, prompts=None, seeds=(0, 1), precision: str = "fp8", pipeline=None) -> dict:
     """The share of videos that show their prompt's colour and motion, fp32 runtime against ``precision``'s, on
-    the same prompts x seeds; ``flips``: the videos whose verdict changed; passed: a drop <= ADHERENCE_MAX_DROP."""
+    the same prompts x seeds; ``flips``: the videos whose verdict changed; passed: a drop <= ADHERENCE_MAX_DROP.
+    ``pipeline``: makes the ``precision`` pipeline (default: the runtime's, ``Pipeline.from_artifacts``);
+    ``seconds``: each precision's run."""
+    import time
+
     from ...measure.adherence import adherence_share, default_prompts
     from ...runtime import Pipeline
 
     prompts = list(prompts) if prompts is not None else default_prompts()
-    shares = {p: adherence_share(Pipeline.from_artifacts(arts.root, precision=p), prompts, seeds, output="float")
-              for p in ("fp32", precision)}
+    makers = {"fp32": lambda: Pipeline.from_artifacts(arts.root, precision="fp32"),
+              precision: pipeline or (lambda: Pipeline.from_artifacts(arts.root, precision=precision))}
+    shares, seconds = {}, {}
+    for p, make in makers.items():
+        t0 = time.perf_counter()
+        pipe = make()
+        shares[p] = adherence_share(pipe, prompts, seeds, output="float")
+        pipe.close()
+        seconds[p] = round(time.perf_counter() - t0, 1)
     flips = [{"prompt": a["prompt"], "seed": a["seed"], "fp32": a["match"], precision: b["match"]}
              for a, b in zip(shares["fp32"]["results"], shares[precision]["results"]) if a["match"] != b["match"]]
     drop = shares["fp32"]["share"] - shares[precision]["share"]
-    return {"precision": precision, "videos": shares["fp32"]["videos"], "max_drop": ADHERENCE_MAX_DROP,
+    return {"precision": precision, "videos": shares["fp32"]["videos"], "prompts": len(prompts), "seeds": list(seeds),
+            "max_drop": ADHERENCE_MAX_DROP, "seconds": seconds,
             "share": {p: {k: v for k, v in r.items() if k != "results"} for p, r in shares.items()},
             "drop": drop, "flips": flips, "passed": drop <= ADHERENCE_MAX_DROP}
 
