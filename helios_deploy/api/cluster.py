@@ -19,6 +19,7 @@ control request: a node answers control only for streams opened with the same ow
 from __future__ import annotations
 
 import ipaddress
+import random
 import socket
 import threading
 import time
@@ -182,22 +183,28 @@ class Cluster:
         with self._lock:
             return [n for n in self.nodes.values() if include_down or n.up]
 
-    def capacities(self, nodes: Sequence[Node] | None = None) -> dict[Node, dict | None]:
+    def capacities(self, nodes: Sequence[Node] | None = None, ttl: float | None = None) -> dict[Node, dict | None]:
+        """Each node's capacity answer (None: it does not answer), cached up to ``ttl`` (default capacity_ttl)."""
         nodes = list(self.live() if nodes is None else nodes)
-        answers = list(self._pool.map(lambda n: n.capacity(self.capacity_ttl), nodes))
+        ttl = self.capacity_ttl if ttl is None else ttl
+        answers = list(self._pool.map(lambda n: n.capacity(ttl), nodes))
         return dict(zip(nodes, answers))
 
     def ranked(self, exclude: Sequence[Node] = (), reserve: bool = False) -> list[Node]:
         """Nodes that answer and are not draining, the most free real-time capacity first (then the fewest
-        active streams); nodes reporting no free room last, so a queueing node can still be tried. Free room
-        is the node's capacity answer less the streams sent there since (Node.taken). ``reserve``: the first
-        node counts one more open at once, in the same step as the ranking, so that opens placed at the same
-        moment (a lost node's streams) do not all pick the same node."""
-        answers = self.capacities([n for n in self.live() if n not in exclude])  # asked outside the lock
+        active streams, then at random); nodes reporting no free room last, so a queueing node can still be
+        tried. Free room is the node's capacity answer less the streams sent there since (Node.taken).
+        ``reserve``: the first node counts one more open at once, in the same step as the ranking, so that opens
+        placed at the same moment by this replica (a lost node's streams) do not all pick the same node.
+        Other replicas' opens are not seen until a node's answer counts them, hence: with ``exclude`` (a stream
+        moving off a node) every node is asked afresh (streams other replicas moved there a moment ago count),
+        and ties go to a random node rather than the same one on every replica."""
+        nodes = [n for n in self.live() if n not in exclude]
+        answers = self.capacities(nodes, ttl=0.0 if exclude else None)  # asked outside the lock
         with self._placing:
             usable = [(n, a, n.taken()) for n, a in answers.items() if a is not None and not a.get("draining")]
             usable.sort(key=lambda nat: (nat[2] - float(nat[1].get("free", 0)),
-                                         float(nat[1].get("active", 0)) + nat[2], nat[0].address))
+                                         float(nat[1].get("active", 0)) + nat[2], random.random()))
             if reserve and usable:
                 usable[0][0].reserve()
         return [n for n, _, _ in usable]
