@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from tests.trained_fixture import trained_artifacts, trained_ckpt  # noqa: F401 - the trained tiny checkpoint
+# trained_artifacts is conftest's session fixture (tests/trained_fixture.py): imported here, it would be a second
+# fixture of this module, exporting the trained checkpoint a second time in the session.
 
 
 @pytest.fixture(scope="module")
