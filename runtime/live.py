@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import UserError
 from .live_admission import Admission, batch_key
@@ -137,7 +137,8 @@ class LiveScheduler(Admission, Worker):
     # -- requests --------------------------------------------------------------------------------
     def open(self, prompt=None, num_frames: int = CHUNK_FRAMES, seed: int = 0, *, lead: float | None = None,
              cancelled: Callable[[], bool] | None = None, failover: bool = False, resume: bytes | None = None,
-             stream_id: str | None = None, due_in: float | None = None, **request) -> LiveStream:
+             stream_id: str | None = None, due_in: float | None = None,
+             prompt_changes: Sequence[tuple[int, str]] = (), **request) -> LiveStream:
         """Check and admit a stream (keywords as Pipeline.stream); its chunks are made from now on.
 
         ``resume``: a snapshot (a chunk's ``snapshot``, or a moved stream's): continues that stream, same id,
@@ -146,6 +147,8 @@ class LiveScheduler(Admission, Worker):
         ``stream_id``: the id of a stream opened again from its start (lost elsewhere before its first snapshot).
         ``due_in``: seconds until the next chunk is due (a moved stream keeps its viewer's playback deadline
         instead of a new first-chunk budget behind this scheduler's own streams).
+        ``prompt_changes``: (from chunk, prompt) pairs made before this open (a stream opened again from its start,
+        or resumed), applied in order to its state as set_prompt would have, before it is admitted.
         Errors: UserError for a bad request or snapshot; StreamError over_capacity (full, unless ``queue``),
         draining, exists (the snapshot's stream is open here)."""
         self._check_open()
@@ -161,6 +164,10 @@ class LiveScheduler(Admission, Worker):
             # streams does not wait one chunk per open
             encodes = request.get("image") is not None or request.get("video") is not None
             state = self._on_worker(opener) if encodes else opener()
+        for at, text in prompt_changes or ():
+            if not isinstance(at, int) or at < 0:
+                raise UserError(f"prompt change from chunk {at!r}", expected="a chunk index >= 0")
+            state.set_prompt(text, at)
         stream = LiveStream(self, state, self._weight(state), self.lead if lead is None else float(lead), cancelled,
                             stream_id, failover)
         with self._lock:

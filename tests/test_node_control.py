@@ -107,6 +107,31 @@ def test_requests_parse_control_and_failover_inputs():
         due_in_request(getter({"due_in": np.array([np.nan], np.float32)}))
 
 
+def test_requests_parse_prompt_changes():
+    """Input prompt_changes (an open's changes made before it, JSON [[from_chunk, prompt], ...]) in its order;
+    anything else one clear bad request naming the input."""
+    import json
+
+    from helios_deploy.errors import UserError
+    from helios_deploy.serving.requests import prompt_changes_request
+
+    def parse(value):
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return prompt_changes_request(lambda name: np.array([raw], dtype=np.object_) if name == "prompt_changes"
+                                      else None)
+
+    assert prompt_changes_request(lambda name: None) is None
+    assert parse([[2, "a cat"], [1, "a dog"]]) == [(2, "a cat"), (1, "a dog")]  # the order they were applied in
+    assert parse([]) == []
+    bad = [b"[[1, ", {"1": "a dog"}, [[1]], [[1, "a dog", 3]], [["1", "a dog"]], [[1.5, "a dog"]], [[True, "a dog"]],
+           [[-1, "a dog"]], [[1, 7]], [[1, " "]], [1, "a dog"], b"\xff"]
+    for value in bad:
+        with pytest.raises(UserError, match="prompt_changes"):
+            parse(value)
+    with pytest.raises(UserError, match="prompt_changes"):
+        prompt_changes_request(lambda name: np.array([b"[]", b"[]"], dtype=np.object_))
+
+
 def test_drain_moves_streams_and_they_resume_with_the_uninterrupted_frames(artifacts, pipe):
     """Drain ends each stream after its chunk in flight as moved with its snapshot; the snapshot opened on another
     node (here: a fresh scheduler) continues it, same id, and the frames equal the stream run without a drain."""
@@ -137,6 +162,13 @@ def test_drain_moves_streams_and_they_resume_with_the_uninterrupted_frames(artif
         again = other.open(owner=OWNER, prompt=PROMPT, num_frames=33, seed=1, stream_id="f" * 32)
         assert again.id == "f" * 32 and other.control("progress", "f" * 32, OWNER)["stream_id"] == "f" * 32
         assert other.control("stop", "f" * 32, OWNER)["stopped"] is True
+        # ... with the prompt changes made before it was lost, applied in their order before its first chunk
+        changed = other.open(owner=OWNER, prompt=PROMPT, num_frames=66, seed=1, stream_id="d" * 32,
+                             prompt_changes=[(0, "a red car"), (1, "a blue boat")])
+        assert changed.id == "d" * 32
+        frames = np.concatenate([c.frames for c in changed])
+        assert np.array_equal(frames, pipe.generate({0: "a red car", 1: "a blue boat"}, num_frames=66, seed=1))
+        assert not np.array_equal(frames, pipe.generate(PROMPT, num_frames=66, seed=1))
     finally:
         node.close()
         other.close()

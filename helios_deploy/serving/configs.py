@@ -59,6 +59,9 @@ HELIOS_INPUTS = (
                  "chunk) instead of starting one; the other open inputs are ignored"),
     ServedTensor("due_in", "float32", (1,), True, "with resume: seconds until the stream's next chunk is due at its "
                  "viewer (its playback deadline, kept across the move; 0: due now); default one chunk period"),
+    ServedTensor("prompt_changes", "bytes", (1,), True, "an open (again from its start, with stream_id; or a resume): "
+                 "the prompt changes made before it, JSON [[from_chunk, prompt], ...] in the order they were applied, "
+                 "each applied as set_prompt does before the stream is admitted; default none"),
 )
 # control requests: the same model, input `action` set (one `control` JSON response, then the final flag)
 CONTROL_INPUTS = (

@@ -6,7 +6,8 @@ Two kinds of request, both on the node's ordinary gRPC stream (docs/serving.md h
 - an open (no ``action``): the first response carries the node-made ``stream_id`` (chunk_index -1, no frames),
   then one response per 33-frame chunk as soon as it is decoded (with ``failover``: plus ``state``, the stream's
   snapshot after that chunk), then the final flag. A drained stream's last response says ``{"moved": true}``
-  in ``control`` and carries ``state``. An open with ``resume`` continues a snapshot's stream.
+  in ``control`` and carries ``state``. An open with ``resume`` continues a snapshot's stream; one with
+  ``stream_id`` (and ``prompt_changes``) starts again a stream lost before its first snapshot.
   A prompt change the node accepts for the stream (from any caller) adds a response ``control`` =
   {"stream_id", "prompt", "from_chunk"} on the stream's own channel, before the chunk it applies from.
 - a control request (``action``: set_prompt, stop, progress, capacity, drain): exactly one response, a JSON
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import UserError
 from ..model.specs import COMPONENTS
 from .node import Node, error_answer
-from .requests import control_request, due_in_request, failover_request, parse_request
+from .requests import control_request, due_in_request, failover_request, parse_request, prompt_changes_request
 
 try:  # only inside the Python backend stub
     import triton_python_backend_utils as pb_utils
@@ -155,6 +156,9 @@ class TritonPythonModel:
                 kwargs["failover"] = True
             if resume is None and stream_id:  # opened again from its start elsewhere: the id it had
                 kwargs["stream_id"] = stream_id
+            changes = prompt_changes_request(get)  # ... and the prompt changes made before, applied before admission
+            if changes:
+                kwargs["prompt_changes"] = changes
             stream = self.node.open(owner=owner, **kwargs, lead=lead, cancelled=sender.is_cancelled)
         except StreamError as e:
             return _answer(sender, error_answer(e.code, e.render()))

@@ -74,9 +74,10 @@ class Node:
         return sorted(range(len(self.schedulers)), key=self._free, reverse=True)
 
     def open(self, owner: str = "", **request):
-        """Open a stream (keywords as LiveScheduler.open, among them ``due_in`` for a resume and ``stream_id`` for a
-        stream opened again from its start) on the scheduler with the most free capacity, the next one on a
-        refusal; StreamError draining / over_capacity when no scheduler takes it."""
+        """Open a stream (keywords as LiveScheduler.open, among them ``due_in`` for a resume, ``stream_id`` for a
+        stream opened again from its start and ``prompt_changes`` for the changes made before) on the scheduler
+        with the most free capacity, the next one on a refusal; StreamError draining / over_capacity when no
+        scheduler takes it."""
         if self.draining:
             raise StreamError("draining", "this node is draining (shutting down): it takes no new streams",
                               fix="open the stream on another node")

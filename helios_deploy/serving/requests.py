@@ -4,6 +4,7 @@ arrays (``get(name)`` -> array or None), so they are tested without Triton."""
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Mapping
 
 import numpy as np
@@ -127,6 +128,28 @@ def due_in_request(get: Callable[[str], np.ndarray | None]) -> float | None:
     if not np.isfinite(due):
         raise UserError("input 'due_in' must be a finite number of seconds", found=str(due))
     return max(0.0, due)
+
+
+def prompt_changes_request(get: Callable[[str], np.ndarray | None]) -> list[tuple[int, str]] | None:
+    """An open's ``prompt_changes`` as [(from_chunk, prompt), ...] in the order given (the order they were applied),
+    or None when absent; a UserError for anything but a JSON list of [chunk >= 0, non-empty prompt] pairs."""
+    text = text_input(get, "prompt_changes")
+    if text is None:
+        return None
+    expected = 'a JSON list of [from_chunk, prompt] pairs in the order applied, e.g. [[1, "a dog"]] (chunk >= 0)'
+    try:
+        changes = json.loads(text)
+    except ValueError as e:
+        raise UserError("input 'prompt_changes' is not JSON", found=str(e), expected=expected) from None
+    if not isinstance(changes, list):
+        raise UserError("input 'prompt_changes' is not a list", found=text[:80], expected=expected)
+    out = []
+    for item in changes:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and item[0] >= 0
+                and isinstance(item[1], str) and item[1].strip()):
+            raise UserError("input 'prompt_changes' has a bad entry", found=json.dumps(item)[:80], expected=expected)
+        out.append((item[0], item[1]))
+    return out
 
 
 def failover_request(get: Callable[[str], np.ndarray | None]) -> tuple[bool, bytes | None]:
