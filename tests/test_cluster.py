@@ -39,9 +39,13 @@ def pipe(artifacts):
 
 
 def backend(nodes, **kw):
+    return backend_at(",".join(n.grpc_url for n in nodes.nodes if n.alive()), **kw)
+
+
+def backend_at(urls, **kw):
     from helios_deploy.api.backends import TritonBackend
 
-    return TritonBackend(",".join(n.grpc_url for n in nodes.nodes if n.alive()), **kw)
+    return TritonBackend(urls, **kw)
 
 
 def assert_frames_equal(chunks, want):
@@ -212,6 +216,149 @@ def read_all(streams):
     for t in threads:
         t.start()
     return got, lambda: [t.join(300) for t in threads]
+
+
+@pytest.fixture(scope="module")
+def spare(server_env, artifacts, tmp_path_factory):
+    """One more node, of 1 real-time stream, that queues what it cannot take: a stream opened behind its filler
+    is admitted (it has its id) and waits with no chunk made. The tests below pause or kill it."""
+    from helios_deploy.measure.nodes import LocalNodes
+
+    with LocalNodes(artifacts, tmp_path_factory.mktemp("spare"), count=1, max_streams=1, chunk_seconds=0.05,
+                    queue=True) as n:
+        yield n.nodes[0]
+
+
+def open_on(b, url, prompt, owner, **request):
+    """A live stream of backend ``b`` placed on the node at ``url`` (the others left out of its placement)."""
+    from helios_deploy.api.triton_stream import TritonStream
+    from helios_deploy.serving.client import request_arrays
+
+    arrays = request_arrays(prompt, realtime=True, **request)
+    arrays["owner"] = np.array([owner.encode()], dtype=np.object_)
+    s = TritonStream(b, arrays, (request["num_frames"] + 32) // 33, True, owner)
+    with b._lock:  # the backend's own, as b.open makes it: its watchdog checks it, close() stops it
+        b._streams[id(s)] = s
+    s.place(exclude=tuple(n for n in b.cluster.live() if n.address != url))
+    return s
+
+
+def open_direct(url, arrays):
+    """A stream opened on one node directly, read to its end: (its chunks' frames, its control documents)."""
+    from helios_deploy.serving.node_connection import NodeConnection
+
+    node, done, frames, notes = NodeConnection(url), threading.Event(), [], []
+
+    def handler(reply):
+        if reply.kind == "response":
+            index = reply.output("chunk_index")
+            if index is not None and int(index.reshape(-1)[0]) >= 0:
+                frames.append(reply.output("frames"))
+            elif reply.json("control") is not None:
+                notes.append(reply.json("control"))
+        else:
+            done.set()
+
+    try:
+        node.send(arrays, handler)
+        assert done.wait(120), "the stream did not end"
+    finally:
+        node.close()
+    return frames, notes
+
+
+def test_a_change_whose_note_died_with_the_node_comes_from_the_shared_store(nodes, spare, pipe, pg_url, tmp_path):
+    """Replica A holds a stream on the spare node; replica B steers it by id and records the node's answer in the
+    PostgreSQL job store both share; the node's note of that change never reaches A (swallowed here: what a kill -9
+    between the node's note and its answer does); the node goes silent (SIGSTOP) before the chunk the change applies
+    from, and A moves the stream (its watchdog). A's snapshot predates the change, so only the store has it: the
+    resumed stream takes it at the same chunk, and its rows go when it ends."""
+    import os
+    import signal
+
+    from helios_deploy.api.store_pg import PostgresStore
+    from helios_deploy.runtime.stream_state import snapshot_meta
+
+    owner, urls = "ef" * 32, ",".join([spare.grpc_url] + [n.grpc_url for n in nodes.nodes if n.alive()])
+    stores = [PostgresStore(pg_url, videos=tmp_path / "videos", start=False) for _ in range(2)]
+    a, b = backend_at(urls, failover=True, lost_after=30.0), backend_at(urls)
+    a.share_prompts(stores[0])
+    b.share_prompts(stores[1])
+    paused = False
+    try:
+        s = open_on(a, spare.grpc_url, PROMPT, owner, num_frames=132, seed=60)
+        s._note_prompt = lambda at, prompt: None  # the note is lost on its way to A
+        got, join = read_all([s])
+        wait_for(lambda: len(got[id(s)]) >= 1, timeout=60)
+        at = b.steer(s.id, "set_prompt", owner, NEW)["from_chunk"]
+        os.killpg(spare.server_pid, signal.SIGSTOP)
+        paused = True
+        time.sleep(0.3)  # what the node sent before it stopped has arrived
+        held = snapshot_meta(s._state)["schedule"]
+        assert s.chunks_done <= at < 4 and NEW not in held.values() and not s._prompts, (s.chunks_done, at, held)
+        assert a.prompt_log.changes(s.id) == [(at, NEW)]  # B's record, read by A
+        a.lost_after = 0.5  # the silent node is lost now (the watchdog), not in 30 s
+        wait_for(lambda: len(s.nodes) == 2, timeout=30)
+        a.lost_after = 30.0
+        os.killpg(spare.server_pid, signal.SIGCONT)
+        paused = False
+        join()
+        assert s.status == "completed" and s.nodes[0] == spare.grpc_url != s.nodes[1], s.progress()
+        want = pipe.generate({0: PROMPT, at: NEW}, num_frames=132, seed=60)
+        plain = pipe.generate(PROMPT, num_frames=132, seed=60)  # what the resume from A's snapshot alone makes
+        assert not np.array_equal(want[33 * at:], plain[33 * at:])
+        assert_frames_equal([c for c, _t in got[id(s)]], want)
+        wait_for(lambda: b.prompt_log.changes(s.id) == [], timeout=10)  # the stream ended: its rows are gone
+    finally:
+        if paused:
+            os.killpg(spare.server_pid, signal.SIGCONT)
+        a.close()
+        b.close()
+        for store in stores:
+            store.close()
+
+
+def test_a_stream_lost_before_its_first_chunk_is_opened_again_with_its_prompt_changes(nodes, spare, pipe):
+    """A stream lost before its first chunk (no state yet) is opened again from its start under its id, and with
+    the prompt changes made meanwhile (input prompt_changes): here one made through another replica while the
+    stream waited in the spare node's queue (so accepted from chunk 0), then the node killed with -9. The frames
+    are the changed stream's, not the first prompt's. A node opening a kept id with changes from chunks 1 and 2
+    gives the frames of that schedule; a bad list is a bad request."""
+    from helios_deploy.serving.client import request_arrays
+    from helios_deploy.serving.node_connection import text_array
+
+    owner, urls = "cd" * 32, ",".join([spare.grpc_url] + [n.grpc_url for n in nodes.nodes if n.alive()])
+    filler, _ids = fill(spare.grpc_url, 1)
+    b, director = backend_at(urls, failover=True, lost_after=30.0), backend_at(urls)
+    try:
+        s = open_on(b, spare.grpc_url, PROMPT, owner, num_frames=99, seed=50)
+        at = director.steer(s.id, "set_prompt", owner, NEW)["from_chunk"]
+        assert at == 0 and s.nodes == [spare.grpc_url], (at, s.nodes)
+        wait_for(lambda: (0, NEW) in s._prompts, timeout=10)  # the node's note on the stream's own channel
+        assert s.chunks_done == 0 and s.progress()["state_bytes"] is None  # queued: no chunk, no state
+        spare.kill()
+        got, join = read_all([s])
+        join()
+        assert s.status == "completed" and s.failovers == 1 and s.nodes[1] != spare.grpc_url, s.progress()
+        want = pipe.generate({0: NEW}, num_frames=99, seed=50)  # {0: PROMPT, at: NEW} with at = 0
+        assert not np.array_equal(want, pipe.generate(PROMPT, num_frames=99, seed=50))
+        assert_frames_equal([c for c, _t in got[id(s)]], want)
+    finally:
+        filler.close()
+        b.close()
+        director.close()
+    node = next(n for n in nodes.nodes if n.alive()).grpc_url
+    arrays = request_arrays(PROMPT, num_frames=99, seed=51)
+    arrays["stream_id"] = text_array("e" * 32)
+    arrays["prompt_changes"] = text_array(json.dumps([[2, THIRD], [1, NEW], [2, THIRD]]))
+    frames, notes = open_direct(node, arrays)
+    assert notes[0]["stream_id"] == "e" * 32, notes
+    assert_frames_equal([SimpleNamespace(frames=f) for f in frames],
+                        pipe.generate({0: PROMPT, 1: NEW, 2: THIRD}, num_frames=99, seed=51))
+    arrays["prompt_changes"] = text_array(json.dumps([[1, NEW], [-1, THIRD]]))
+    frames, notes = open_direct(node, arrays)
+    assert not frames and notes[0]["error"]["code"] == "bad_request", notes
+    assert "prompt_changes" in notes[0]["error"]["message"], notes
 
 
 def test_kill_9_of_a_node_mid_stream_continues_frame_exact(nodes, pipe):

@@ -195,6 +195,38 @@ def test_expired_jobs_are_swept(opener):
     assert store.get(running["id"])["expires_at"] is None  # a job that has not ended does not expire
 
 
+def test_prompt_changes_are_shared_and_swept(opener, kind):
+    """api/prompt_log.py on both stores: a change one replica records, another reads back in the order recorded;
+    the stream's end deletes its rows, the sweep the rows an hour old; a store that is gone fails no change."""
+    from helios_deploy.api.prompt_log import PromptLog, missing
+
+    first = opener()
+    second = first if kind == "sqlite" else opener()  # a second replica of the same store
+    mine, theirs = PromptLog(first), PromptLog(second)
+    assert mine.record("s1", 1, "a dog") and theirs.record("s1", 3, "a cat") and theirs.record("s2", 0, "a fox")
+    assert mine.record("s1", 2, "a cow")
+    assert theirs.changes("s1") == [(1, "a dog"), (3, "a cat"), (2, "a cow")] and mine.changes("nope") == []
+    # the holder noted (1, "a dog") and (3, "a cat") on its stream; the rest died with the node: in chunk order
+    assert missing([(1, "a dog"), (3, "a cat")], theirs.changes("s1")) == [(2, "a cow")]
+    assert missing([(1, "a dog")], [(1, "a dog"), (1, "a dog"), (0, "a fox")]) == [(0, "a fox"), (1, "a dog")]
+    mine.ended("s1")  # deleted in the background
+    wait = time.monotonic() + 10
+    while theirs.changes("s1") and time.monotonic() < wait:
+        time.sleep(0.05)
+    assert theirs.changes("s1") == [] and theirs.changes("s2") == [(0, "a fox")]
+    with first._tx() as q:  # an hour old, its stream's end never recorded (its replica died): swept
+        q("UPDATE prompt_changes SET recorded_at = recorded_at - 3601")
+    theirs._swept = 0.0
+    theirs.ended(None)
+    while mine.changes("s2") and time.monotonic() < wait:
+        time.sleep(0.05)
+    assert mine.changes("s2") == []
+    second.close()
+    assert theirs.record("s3", 1, "a dog") is False and theirs.changes("s3") is None  # logged, never raised
+    for log in (mine, theirs):
+        log.close()
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800),
                                            ("1.5h", 5400), ("never", None), ("0", None)])
 def test_parse_duration(text, seconds):

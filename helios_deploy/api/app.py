@@ -156,6 +156,8 @@ def create_app(backend, store: JobStore, keys: tuple[str, ...] = (), limits: Lim
     state.encode = EncodeMeter(state.limits.encode_workers, state.limits.encode_seconds, tuple(backend.sizes[0]))
     if hasattr(backend, "count_encode"):  # runners on this host's CPUs: the encode counts in their admission
         backend.count_encode(state.encode)
+    if hasattr(backend, "share_prompts"):  # Triton nodes: prompt changes recorded in the store the replicas share
+        backend.share_prompts(store)
     state.metrics = Metrics(store, backend, state.encode, fps)
     state.jobs = videos.JobRunner(state)
     state.health = HealthMonitor(backend)

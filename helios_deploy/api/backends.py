@@ -154,6 +154,7 @@ class TritonBackend:
                             found=", ".join(n.address for n in self.cluster.live(True)),
                             fix="start the servers, and pass their gRPC addresses (default port 8001)")
         self.sizes = ready[0].sizes()
+        self.prompt_log = None  # share_prompts(): the prompt changes recorded in the shared job store
         self._streams: dict[int, TritonStream] = {}
         self._lock = threading.Lock()
         self.totals = {"streams": 0, "refused": 0, "failovers": 0}
@@ -196,9 +197,22 @@ class TritonBackend:
         self.totals["streams"] += 1
         return stream
 
+    def share_prompts(self, store) -> None:
+        """Record every prompt change a node accepts through this replica in ``store`` (the job store the API
+        replicas share), and read them back before a stream held here is resumed (api/prompt_log.py)."""
+        from .prompt_log import PromptLog
+
+        self.prompt_log = PromptLog(store)
+
+    def record_prompt(self, stream_id: str, from_chunk: int, prompt: str) -> None:
+        if self.prompt_log is not None:
+            self.prompt_log.record(stream_id, from_chunk, prompt)  # never fails the change: logged when it cannot
+
     def _ended(self, stream: TritonStream) -> None:
         with self._lock:
             self._streams.pop(id(stream), None)
+        if self.prompt_log is not None and stream.id is not None:
+            self.prompt_log.ended(stream.id)
 
     def _local(self, stream_id: str) -> TritonStream | None:
         with self._lock:
@@ -228,6 +242,8 @@ class TritonBackend:
         if "error" in answer:
             error = answer["error"]
             raise StreamError(error.get("code", "not_found"), error.get("message") or f"stream {stream_id}")
+        if action == "set_prompt":  # the replica holding the stream reads it back should the node's note be lost
+            self.record_prompt(stream_id, int(answer["from_chunk"]), prompt)
         return answer
 
     def _watch(self) -> None:
@@ -262,3 +278,5 @@ class TritonBackend:
         for s in streams:
             s.stop(timeout=2.0)
         self.cluster.close()
+        if self.prompt_log is not None:
+            self.prompt_log.close()

@@ -25,6 +25,9 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_key_seq ON jobs (key, seq);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompt_changes (stream_id TEXT NOT NULL, from_chunk INTEGER NOT NULL, prompt TEXT NOT NULL,
+    recorded_at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS prompt_changes_stream ON prompt_changes (stream_id);
 """
 _SCHEMA_LOCK = 0x68656C696F73  # advisory lock id: replicas starting together create the schema one at a time
 TIMEOUT = 5.0  # seconds a call waits for a connection before it fails with StoreError

@@ -24,6 +24,9 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_key_seq ON jobs (key, seq);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompt_changes (stream_id TEXT NOT NULL, from_chunk INTEGER NOT NULL, prompt TEXT NOT NULL,
+    recorded_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS prompt_changes_stream ON prompt_changes (stream_id);
 """
 # columns added since the first version of the store (an older jobs.sqlite gets them on open)
 _ADDED = {"expires_at": "INTEGER", "owner": "TEXT", "lease_until": "REAL", "attempts": "INTEGER NOT NULL DEFAULT 1"}

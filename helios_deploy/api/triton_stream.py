@@ -10,8 +10,11 @@ node with ``resume`` = that snapshot: same id, the next chunk, the same prompt s
 
 Prompt changes: the node announces every change it accepts for the stream on the stream's own channel
 (``{"stream_id", "prompt", "from_chunk"}``, whichever API replica made it), in the order they apply; they are
-kept here and written into the snapshot's prompt schedule before a resume, so a change made after the last
-snapshot (through this replica or another) applies at the same chunk on the next node.
+kept here and written into the snapshot's prompt schedule before a resume (a stream lost before its first
+snapshot: sent as ``prompt_changes`` with its open from the start), so a change made after the last snapshot
+(through this replica or another) applies at the same chunk on the next node. The replica that gets a node's
+answer to a change also records it in the shared job store (api/prompt_log.py); before a resume the changes
+recorded there that no note told are added, so a change whose note died with the node is not lost either.
 
 Chunks wait in a bounded buffer (``buffer`` chunks): a reader that falls that far behind ends the stream with
 StreamError("too_slow") instead of growing memory (the node's reader thread, shared by all of its streams,
@@ -21,10 +24,10 @@ must never block).
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -32,6 +35,7 @@ from ..errors import UserError
 from ..runtime.live import StreamError
 from ..serving.node_connection import NodeUnavailable, Reply, text_array
 from .cluster import Node
+from .prompt_log import missing, with_prompts
 
 CHUNK_FRAMES = 33
 STOP_TIMEOUT = 5.0
@@ -112,18 +116,7 @@ class TritonStream:
         """Open (or, with a snapshot, resume) the stream on the node with the most free capacity that takes it;
         the node's refusal (over capacity, draining, unreachable) moves it to the next. Raises the last refusal,
         or a bad request's UserError at once."""
-        arrays = dict(self._arrays)
-        if self._backend.failover:
-            arrays["failover"] = np.array([True])
-        if self._state is None and self.id is not None:  # lost before its first chunk: again from its start,
-            arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
-        if self._state is not None:  # with the prompt changes made after it was taken (at the same chunks)
-            with self._lock:
-                prompts = list(self._prompts)
-            arrays["resume"] = text_array(with_prompts(self._state, prompts))
-            if self.realtime and self._t0 is not None:  # its viewer's playback deadline goes with it
-                due = self.deadline(self.chunks_done) - time.perf_counter()
-                arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
+        arrays = self._open_arrays()
         self._mark("placing")
         nodes = self._backend.cluster.ranked(exclude, reserve=True)
         self._mark("ranked", ",".join(n.address for n in nodes))
@@ -144,6 +137,38 @@ class TritonStream:
                 refusals.append(f"{node.address}: {e.what}")
         raise StreamError("over_capacity", f"over capacity: every Triton node ({len(nodes)}) refused the stream",
                           found="; ".join(refusals), fix="retry later, or add a node")
+
+    def _open_arrays(self) -> dict:
+        """The open's inputs: the first open's; a stream lost before its first chunk: again from its start under its
+        id with the prompt changes made meanwhile; else a resume of the last snapshot with the changes made after it.
+        Either way with the changes recorded in the shared store that no note told this replica."""
+        arrays = dict(self._arrays)
+        if self._backend.failover:
+            arrays["failover"] = np.array([True])
+        if self.id is None:
+            return arrays
+        self._merge_recorded()
+        with self._lock:
+            prompts = list(self._prompts)
+        if self._state is None:  # lost before its first chunk: again from its start,
+            arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
+            if prompts:  # with its prompt changes, applied before its first chunk as they were on the lost node
+                arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))
+            return arrays
+        arrays["resume"] = text_array(with_prompts(self._state, prompts))  # the changes made after it was taken
+        if self.realtime and self._t0 is not None:  # its viewer's playback deadline goes with it
+            due = self.deadline(self.chunks_done) - time.perf_counter()
+            arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
+        return arrays
+
+    def _merge_recorded(self) -> None:
+        """Add the prompt changes recorded in the shared store (by whichever replica got the node's answer) that no
+        note on the stream's channel told this replica: one whose note died with the node (api/prompt_log.py)."""
+        log = getattr(self._backend, "prompt_log", None)
+        recorded = log.changes(self.id) if log is not None else None
+        if recorded:
+            with self._noted:
+                self._prompts.extend(missing(self._prompts, recorded))
 
     def _try(self, node: Node, arrays: dict, reserved: bool = False) -> None:
         try:
@@ -348,6 +373,9 @@ class TritonStream:
         with self._noted:
             seen = len(self._prompts)
         at = int(self._control("set_prompt", prompt)["from_chunk"])
+        record = getattr(self._backend, "record_prompt", None)
+        if record is not None:  # in the shared store at once: the replica holding the stream may be another one
+            record(self.id, at, prompt)
         with self._noted:  # the node's note comes before its answer; a node that sends none: keep the answer
             if not self._noted.wait_for(lambda: (at, prompt) in self._prompts[seen:], PROMPT_NOTE_WAIT):
                 self._prompts.append((at, prompt))
@@ -379,31 +407,6 @@ class TritonStream:
                 "max_gap_s": max(self.gaps, default=None),
                 "state_bytes": None if self._state is None else len(self._state),
                 "error": None if self.error is None else str(self.error)}
-
-
-def with_prompts(state: bytes, prompts: Sequence[tuple[int, str]]) -> bytes:
-    """``state`` (a StreamState snapshot: safetensors, the stream's JSON in ``__metadata__["helios"]``) with the
-    prompt changes ``prompts`` ((from chunk, prompt) pairs in the order they were applied) applied to its schedule
-    again, as StreamState.set_prompt does: a change made after the snapshot was taken then applies at the same
-    chunk on the node that resumes it. Applying again the changes already in it changes nothing (each replaces
-    the entries from its chunk on, and the later ones, at later or equal chunks, follow)."""
-    import json
-    import struct
-
-    if not prompts:
-        return state
-    (n,) = struct.unpack("<Q", state[:8])
-    header = json.loads(state[8:8 + n])
-    meta = json.loads(header["__metadata__"]["helios"])
-    schedule = {int(k): p for k, p in meta["schedule"].items()}
-    for at, prompt in prompts:
-        schedule = {k: p for k, p in schedule.items() if k < at}
-        schedule[at] = prompt
-    meta["schedule"] = {str(k): p for k, p in sorted(schedule.items())}
-    header["__metadata__"]["helios"] = json.dumps(meta)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
-    return struct.pack("<Q", len(text)) + text + state[8 + n:]
 
 
 def _refusal(error: dict, node: Node) -> Exception:
