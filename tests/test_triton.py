@@ -301,7 +301,10 @@ def test_every_config_parses_and_the_server_loaded_the_declared_tensors(repo, cl
     assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_CPU]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["artifacts"] == "artifacts" and (repo / "helios" / "artifacts" / "manifest.json").is_file()
-    loaded = client._client.get_model_config("helios", as_json=True)["config"]
+    import tritonclient.grpc as grpcclient  # the loaded config as Triton reports it, through Triton's own client
+
+    with grpcclient.InferenceServerClient(client.url) as triton:
+        loaded = triton.get_model_config("helios", as_json=True)["config"]
     assert [i["name"] for i in loaded["input"]] == [t.name for t in HELIOS_INPUTS + CONTROL_INPUTS]
     assert [o["name"] for o in loaded["output"]] == [t.name for t in HELIOS_OUTPUTS]  # stream_id: input and output
     # two sizes: height and width per request, so the image dims are open; the sizes are a parameter

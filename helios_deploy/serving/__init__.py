@@ -7,7 +7,8 @@
 - node.py         the node inside it: one LiveScheduler per GPU, placement, owners, control answers, demand
 - requests.py     a request's tensors -> an open's keywords or a control action
 - live_metrics.py the node's live-stream metrics on Triton's metrics port (helios_live_demand, ...)
-- client.py       gRPC client (``helios-deploy client``, ``stream-control``); connection.py its shared stream
+- client.py       gRPC client (``helios-deploy client``, ``stream-control``) on node_connection.py
+- node_connection.py one node's shared gRPC stream, replies by request id (the API's cluster and client.py)
 - tritonserver.py a local tritonserver on CPU from the nvidia-pytriton wheel (tests, users without a GPU)
 - service.py      ``python -m helios_deploy.serving.server serve``: tritonserver as a service, drain on SIGTERM
 - server.py       that entry point

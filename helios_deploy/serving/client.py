@@ -1,4 +1,4 @@
-"""gRPC streaming client for the ``helios`` model of one node (tritonclient.grpc, decoupled streaming).
+"""gRPC streaming client for the ``helios`` model of one node (decoupled streaming).
 
     with HeliosClient("localhost:8001") as client:
         for chunk in client.stream("a cat", num_frames=66, seed=0):
@@ -6,7 +6,7 @@
             client.set_prompt(client.stream_id, "a dog")   # from the stream's next chunk not yet started
 
 A HeliosClient is one gRPC connection to one node and one bidirectional stream on it, which every request
-shares (serving/connection.py): any number of streams at once (each ``stream`` generator reads its own), and the
+shares (serving/node_connection.py): any number of streams at once (each ``stream`` generator reads its own), and the
 control requests (``set_prompt``, ``stop``, ``progress``, ``capacity``, ``drain``), which go in band to the same
 ``helios`` model over the same connection, so they reach the node that holds the stream (docs/serving.md). A
 stream's id comes in its first response (``client.stream_id``: the last opened). ``owner`` (the API: sha256 hex
@@ -21,7 +21,7 @@ node StreamError("unavailable"); other server errors, time-outs and connection f
 
 from __future__ import annotations
 
-import json
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +30,14 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..model.sizes import check_size_exported, parse_sizes
-from .configs import HELIOS_INPUTS, HELIOS_OUTPUTS
-from .connection import ERROR, Connection
+from ..model.sizes import check_size_exported
+from .configs import HELIOS_INPUTS
+from .node_connection import NodeConnection, Reply, ReplyQueue, text_array
 
 _NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
           "float32": np.float32}
 MAX_BUFFERED = 8  # chunks a stream may hold unread before it is stopped
+READY_TIMEOUT = 10.0  # seconds check_ready waits for the node's answer
 
 
 @dataclass
@@ -76,7 +77,7 @@ def request_arrays(prompt: str, *, image=None, video=None, height: int | None = 
               "resume": None if resume is None else np.array([resume], dtype=np.object_), "due_in": due_in}
     out = {}
     for t in HELIOS_INPUTS:
-        v = values[t.name]
+        v = values.get(t.name)  # an input with no keyword here (e.g. the API's prompt_changes): left out
         if v is None:
             continue
         arr = np.asarray(v)
@@ -87,40 +88,58 @@ def request_arrays(prompt: str, *, image=None, video=None, height: int | None = 
     return out
 
 
+class _Request:
+    """One request of a HeliosClient: its replies (a ReplyQueue, bounded for a stream) and, for a stream, its id
+    from the first response, so that it can be stopped when its reader falls behind or leaves."""
+
+    def __init__(self, client: "HeliosClient", max_buffered: int | None):
+        self.client, self.id, self.stream_id, self.abandoned = client, "", None, False
+        self.replies = ReplyQueue(max_buffered, on_response=self._named, on_overflow=self.stop)
+
+    def _named(self, reply: Reply) -> None:
+        if self.stream_id is None and (sid := reply.text("stream_id")) is not None:
+            self.stream_id = sid
+            if self.abandoned:  # the reader left before the stream was named: stop it now
+                self.leave()
+
+    def leave(self) -> None:
+        """The reader is gone: no more replies, and the stream (once named) is stopped on the node."""
+        self.abandoned = True
+        if self.stream_id is not None:
+            self.client._node.forget(self.id)
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the stream on the node (in band); its answer is not waited for."""
+        if self.stream_id is None:
+            return  # stopped when its first response names it
+        try:
+            self.client._send(self.client._control_arrays("stop", self.stream_id, None), None)
+        except UserError:
+            pass  # the client is closed: so is the stream
+
+
 class HeliosClient:
     stream_id: str | None = None  # the last opened stream's id, from its first response
     last_state: bytes | None = None  # with failover: the last snapshot received
 
     def __init__(self, url: str, model: str = "helios", timeout: float | None = None, owner: str = "",
                  max_buffered: int = MAX_BUFFERED):
-        import tritonclient.grpc as grpcclient
-
         self.url, self.model, self.timeout, self.owner, self.max_buffered = url, model, timeout, owner, max_buffered
         try:
-            self._client = grpcclient.InferenceServerClient(url)
-        except Exception as e:  # noqa: BLE001 - tritonclient raises several kinds for a bad URL
+            self._node = NodeConnection(url, model)
+        except Exception as e:  # noqa: BLE001 - grpc raises several kinds for a bad address
             raise UserError(f"cannot create a gRPC client for {url}", found=str(e), fix="pass HOST:PORT, e.g. localhost:8001")
-        self._grpc = grpcclient
-        self._conn = Connection(self._client, self._stop_abandoned)
+        self._closed = False
 
     def check_ready(self) -> None:
-        try:
-            ready = self._client.is_model_ready(self.model)
-        except Exception as e:  # noqa: BLE001 - InferenceServerException or a gRPC error
-            raise UserError(f"cannot reach a Triton server at {self.url}", found=str(e).strip().splitlines()[0],
-                            fix="start the server, and pass its gRPC address (default port 8001)") from None
-        if not ready:
+        if not self._node.model_ready(timeout=READY_TIMEOUT):  # NodeUnavailable (a UserError): not reached
             raise UserError(f"model {self.model!r} is not ready on {self.url}", fix="check the server's log")
 
     def sizes(self) -> tuple[tuple[int, int], ...]:
         """The (height, width) sizes the served model takes, the default first: its config's ``sizes``
         parameter (a repository from before several sizes: the image dims)."""
-        config = self._client.get_model_config(self.model, as_json=True)["config"]
-        listed = (config.get("parameters") or {}).get("sizes", {}).get("string_value")
-        if listed:
-            return parse_sizes(listed)
-        dims = next(i["dims"] for i in config["input"] if i["name"] == "image")
-        return ((int(dims[0]), int(dims[1])),)
+        return self._node.sizes()
 
     def video_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The request's (height, width): one the served model takes (None: its default), else one UserError."""
@@ -134,67 +153,63 @@ class HeliosClient:
         """Yield the chunks of one generation as they arrive (keywords as request_arrays)."""
         return self.stream_arrays(request_arrays(prompt, **request))
 
-    def _send(self, arrays: Mapping[str, np.ndarray], max_buffered: int | None):
-        from tritonclient.utils import np_to_triton_dtype
-
+    def _send(self, arrays: Mapping[str, np.ndarray], max_buffered: int | None) -> _Request:
+        if self._closed:
+            raise UserError("this client is closed", fix="use a new HeliosClient")
         arrays = dict(arrays)
         if self.owner and "owner" not in arrays:
-            arrays["owner"] = np.array([self.owner.encode()], dtype=np.object_)
-        inputs = []
-        for name, arr in arrays.items():
-            t = self._grpc.InferInput(name, list(arr.shape), np_to_triton_dtype(np.dtype(arr.dtype)))
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        outputs = [self._grpc.InferRequestedOutput(t.name) for t in HELIOS_OUTPUTS]
-        return self._conn.send(self.model, inputs, outputs, max_buffered)
+            arrays["owner"] = text_array(self.owner)
+        request = _Request(self, max_buffered)
+        request.id = self._node.send(arrays, request.replies)
+        return request
 
-    def _take(self, pending):
+    def _take(self, request: _Request) -> Reply:
+        """The request's next response or final reply; its error, a lost node or a fallen-behind reader raised."""
         try:
-            kind, value, final = pending.take(self.timeout)
-        except Exception:  # queue.Empty
+            reply = request.replies.take(self.timeout)
+        except queue.Empty:
             raise UserError(f"no response from {self.url} within {self.timeout:g} s",
                             fix="raise --timeout, or check the server's log") from None
-        if kind == ERROR:
-            raise value
-        return value, final
+        if reply.kind == "error":
+            raise UserError("the Triton server refused or failed the request", found=reply.message)
+        if reply.kind == "lost":
+            raise _unavailable(reply.message)
+        if reply.kind == "overflow":
+            raise UserError(f"the reader fell behind: {request.replies.max_buffered} chunks of stream "
+                            f"{request.stream_id} were waiting to be read",
+                            fix="read chunks as they come (or raise max_buffered); the stream was stopped")
+        return reply
 
     def stream_arrays(self, arrays: Mapping[str, np.ndarray]) -> Iterator[StreamChunk]:
         """Send ``arrays`` as they are (Triton data types from their numpy dtypes); yield the chunks."""
         t0 = time.perf_counter()
-        pending = self._send(arrays, self.max_buffered)
+        request = self._send(arrays, self.max_buffered)
         done = False
         try:
             while not done:
-                result, done = self._take(pending)
-                control = _control_document(result)
+                reply = self._take(request)
+                if reply.kind == "final":
+                    done = True
+                    continue
+                control = reply.json("control")
                 if control is not None and "error" in control:
+                    done = True  # refused: no stream to stop
                     raise _refusal(control["error"])
-                if result.as_numpy("stream_id") is not None:
-                    self.stream_id = result.as_numpy("stream_id").reshape(-1)[0].decode()
-                state = result.as_numpy("state")
+                if reply.text("stream_id") is not None:
+                    self.stream_id = reply.text("stream_id")
+                state = reply.output("state")
                 state = None if state is None else bytes(state.reshape(-1)[0])
                 if state is not None:
                     self.last_state = state
                 if control is not None and control.get("moved"):
+                    done = True  # the node ended the stream itself
                     raise StreamMoved(control["stream_id"], int(control["next_chunk"]), state)
-                index = result.as_numpy("chunk_index")
+                index = reply.output("chunk_index")
                 if index is not None and int(index[0]) >= 0:  # -1: the first response, the id only
-                    yield StreamChunk(int(index[0]), result.as_numpy("frames"), time.perf_counter() - t0, state)
+                    yield StreamChunk(int(index[0]), reply.output("frames"), time.perf_counter() - t0, state)
         finally:
             if not done:  # the reader left early: stop the stream on the node (in band)
-                self._conn.forget(pending)
-                pending.abandoned = True
-                if pending.stream_id is not None:
-                    self._stop_abandoned(pending)
-
-    def _stop_abandoned(self, pending) -> None:
-        """Stop a stream whose reader is gone (left the loop, or fell behind); its answer is not waited for."""
-        if pending.stream_id is None:
-            return  # stopped when its first response names it
-        try:
-            self._send(self._control_arrays("stop", pending.stream_id, None), None)
-        except UserError:
-            pass  # the node is gone: so is the stream
+                request.leave()
 
     # -- control (in band: requests to the same model over this connection) ------------------------
     def set_prompt(self, stream_id: str, prompt: str) -> int:
@@ -221,22 +236,17 @@ class HeliosClient:
         (``/v2/models/<model>/ready``, a Kubernetes readiness probe) fails at once and Triton refuses new
         requests, while the requests in flight (drained streams' last responses) finish. None when asked; else
         why not (the server runs without explicit model control: its repository has no load_models.txt)."""
-        try:
-            self._client.unload_model(self.model)
-        except Exception as e:  # noqa: BLE001 - tritonclient's InferenceServerException: say why
-            return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None
+        return self._node.unload()
 
     def control(self, action: str, stream_id: str | None = None, prompt: str | None = None) -> dict:
         """One control request; the node's JSON answer as it is (an error as {"error": {"code", "message"}})."""
-        pending = self._send(self._control_arrays(action, stream_id, prompt), None)
+        request = self._send(self._control_arrays(action, stream_id, prompt), None)
+        document = None
         try:
-            result, final = self._take(pending)
-            while not final:  # one document, then the final flag (an empty final response: nothing)
-                _, final = self._take(pending)
+            while (reply := self._take(request)).kind != "final":  # one document, then the final flag
+                document = document or reply.json("control")
         finally:
-            self._conn.forget(pending)
-        document = _control_document(result)
+            self._node.forget(request.id)
         if document is None:
             raise UserError(f"the node at {self.url} sent no control answer", fix="is it serving helios-deploy's model?")
         return document
@@ -249,11 +259,12 @@ class HeliosClient:
 
     def _control_arrays(self, action: str, stream_id: str | None, prompt: str | None) -> dict:
         values = {"action": action, "stream_id": stream_id, "prompt": prompt}
-        return {k: np.array([v.encode("utf-8")], dtype=np.object_) for k, v in values.items() if v is not None}
+        return {k: text_array(v) for k, v in values.items() if v is not None}
 
     def close(self) -> None:
-        self._conn.close()
-        self._client.close()
+        """Cancel every request still open on the stream (the node stops them) and end the connection."""
+        self._closed = True
+        self._node.close()
 
     def __enter__(self) -> "HeliosClient":
         return self
@@ -262,9 +273,11 @@ class HeliosClient:
         self.close()
 
 
-def _control_document(result) -> dict | None:
-    raw = result.as_numpy("control")
-    return None if raw is None else json.loads(raw.reshape(-1)[0])
+def _unavailable(reason: str) -> UserError:
+    from ..runtime.live import StreamError
+
+    return StreamError("unavailable", "lost the connection to the node", found=reason.strip().splitlines()[0]
+                       if reason.strip() else "the gRPC stream ended", fix="the node may be down: try another node")
 
 
 def _refusal(error: dict) -> UserError:

@@ -1,13 +1,14 @@
 """One Triton node as a client reaches it: one gRPC channel and ONE bidirectional ModelStreamInfer stream on it
 that every request to the node shares (stream opens and the in-band control requests ``action`` = set_prompt /
 stop / progress / capacity / drain), the answers routed back by request id to each request's handler. The API's
-cluster (api/cluster.py) speaks to its nodes through it. (The CLI's HeliosClient still runs on serving/connection.py,
-tritonclient's own stream API: moving it here is left to do.)
+cluster (api/cluster.py) and the CLI's HeliosClient (serving/client.py, through a ReplyQueue per request) speak to
+nodes through it.
 
     node = NodeConnection("10.0.0.5:8001")
     rid = node.send(arrays, handler)            # handler(Reply) on the node's reader thread: it must not block
     node.control("progress", stream_id, owner)  # -> the node's JSON answer ({"error": {...}} included)
     node.ready(); node.sizes(); node.close()
+    replies = ReplyQueue(max_buffered=8); node.send(arrays, replies); replies.take(timeout)  # a reader thread's
 
 When the stream breaks (the node died: UNAVAILABLE, connection reset) every request on it gets a ``lost`` reply
 and the node is marked down (``up`` False) until ``ready()`` finds it back; the next request opens a new stream
@@ -40,7 +41,8 @@ _REQUEST_ID = re.compile(r"^\[request id: ([^\]]+)\]")
 @dataclass
 class Reply:
     """One answer to a request on a node: ``response`` (result: tritonclient InferResult), ``error`` (Triton
-    refused or failed the request), ``final`` (no more answers), ``lost`` (the node's connection broke)."""
+    refused or failed the request), ``final`` (no more answers), ``lost`` (the node's connection broke);
+    ``overflow`` (a ReplyQueue's reader fell behind) only from a ReplyQueue."""
 
     kind: str
     result: object = None
@@ -88,6 +90,45 @@ def infer_request(model: str, request_id: str, arrays: Mapping[str, np.ndarray])
 
 def text_array(value: str | bytes) -> np.ndarray:
     return np.array([value if isinstance(value, bytes) else value.encode("utf-8")], dtype=np.object_)
+
+
+class ReplyQueue:
+    """One request's replies for a thread that reads them in turn: ``node.send(arrays, replies)``, then
+    ``replies.take(timeout)`` for the next Reply (queue.Empty when none came in time). At most ``max_buffered``
+    responses wait unread: at the next one, ``on_overflow()`` is called (once, on the node's reader thread: it must
+    not block; e.g. stop the request on the node) and ``take`` gives Reply("overflow") after the responses already
+    there, then nothing more: memory never grows with a slow reader. ``on_response(reply)`` sees every response
+    on the reader thread as it arrives, before it waits in the queue."""
+
+    def __init__(self, max_buffered: int | None = None, on_response: Callable[[Reply], None] | None = None,
+                 on_overflow: Callable[[], None] | None = None):
+        self.max_buffered, self._on_response, self._on_overflow = max_buffered, on_response, on_overflow
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.buffered, self.overflowed = 0, False  # responses in the queue not yet taken; the bound was passed
+
+    def __call__(self, reply: Reply) -> None:
+        if self.overflowed:
+            return
+        if reply.kind == "response":
+            if self._on_response is not None:
+                self._on_response(reply)
+            with self._lock:
+                self.overflowed = self.max_buffered is not None and self.buffered >= self.max_buffered
+                self.buffered += not self.overflowed
+            if self.overflowed:
+                self._queue.put(Reply("overflow", message=f"{self.max_buffered} responses were waiting to be read"))
+                if self._on_overflow is not None:
+                    self._on_overflow()
+                return
+        self._queue.put(reply)
+
+    def take(self, timeout: float | None = None) -> Reply:
+        reply = self._queue.get(timeout=timeout)
+        if reply.kind == "response":
+            with self._lock:
+                self.buffered -= 1
+        return reply
 
 
 class _Stream:
@@ -165,6 +206,12 @@ class _Stream:
     def close(self) -> None:
         self.requests.put(None)
         self._responses.cancel()
+
+
+def _why(error: Exception) -> str:
+    """A gRPC failure's first line of details (else its type)."""
+    detail = error.details() if callable(getattr(error, "details", None)) else str(error)
+    return (detail or type(error).__name__).strip().splitlines()[0]
 
 
 def _call(handler, reply: Reply) -> None:
@@ -255,9 +302,7 @@ class NodeConnection:
         try:
             return self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=timeout).ready
         except Exception as e:  # noqa: BLE001 - any gRPC failure
-            detail = e.details() if callable(getattr(e, "details", None)) else str(e)
-            raise NodeUnavailable(f"cannot reach a Triton server at {self.address}",
-                                  found=(detail or type(e).__name__).strip().splitlines()[0],
+            raise NodeUnavailable(f"cannot reach a Triton server at {self.address}", found=_why(e),
                                   fix="start the server, and pass its gRPC address (default port 8001)") from None
 
     def ready(self, timeout: float = 2.0) -> bool:
@@ -280,6 +325,18 @@ class NodeConnection:
             return parse_sizes(config.parameters["sizes"].string_value)
         dims = next(i.dims for i in config.input if i.name == "image")
         return ((int(dims[0]), int(dims[1])),)
+
+    def unload(self, timeout: float = 30.0) -> str | None:
+        """Ask Triton to unload the model (its repository API): its readiness fails at once and Triton refuses new
+        requests, while those in flight finish. None when asked; else why not (e.g. no explicit model control)."""
+        from tritonclient.grpc import service_pb2
+
+        try:
+            self._stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=self.model),
+                                             timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - any gRPC failure: say why
+            return _why(e)
+        return None
 
     def close(self) -> None:
         with self._lock:
