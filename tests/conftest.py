@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.pg_fixture import pg_url, postgres_server  # noqa: F401 - the session's PostgreSQL (fixtures)
-from tests.trained_fixture import trained_artifacts, trained_ckpt  # noqa: F401 - the trained tiny checkpoint
+from tests.trained_fixture import trained_artifacts, trained_ckpt, trained_demo  # noqa: F401 - the trained tiny checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -70,19 +70,19 @@ def test_third_party_to_log_restores_on_error(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_demo_output_strip_and_log(tmp_path, capfd):
+def test_demo_output_strip_and_log(trained_demo):
     """The whole demo as `make demo` runs it (trained tiny checkpoint, audited export, mp4, strip, adherence,
-    pipeline parity)."""
+    pipeline parity): `helios-deploy demo` in a child process, run once per session (trained_demo; its export
+    is the session's trained_artifacts)."""
     from PIL import Image
 
-    from helios_deploy.demo import DEMO_PROMPT, STRIP_GAP, run_demo, strip_layout
+    from helios_deploy.demo import DEMO_PROMPT, STRIP_GAP, strip_layout
     from helios_deploy.runtime import Pipeline
     from helios_deploy.runtime.video_io import read_video
 
-    out = tmp_path / "demo"
-    report = run_demo(out)
-    captured = capfd.readouterr()
-    terminal = captured.out + captured.err
+    out, report = trained_demo["out"], trained_demo["report"]
+    terminal = trained_demo["stdout"] + trained_demo["stderr"]
+    assert trained_demo["returncode"] == 0 and report is not None, terminal
     assert "TINY Helios-Distilled" in terminal and "trained on CPU" in terminal and "not Helios's quality" in terminal
     assert f"(asked: {DEMO_PROMPT}):" in terminal  # what the video shows against the prompt
     assert report["adherence"]["demo"]["match"] and report["adherence"]["share"]["share"] >= 0.9  # colour and direction
@@ -91,7 +91,7 @@ def test_demo_output_strip_and_log(tmp_path, capfd):
     assert _third_party_lines(terminal) == [], terminal
     log = (out / "demo.log").read_text()
     assert _third_party_lines(log), "the libraries printed nothing? then the check above proves nothing"
-    assert all(line in log for line in captured.out.splitlines())
+    assert all(line in log for line in trained_demo["stdout"].splitlines())
 
     video = read_video(out / "demo.mp4")  # [T, H, W, 3] as ffmpeg decodes the mp4
     strip_path = out / "demo-strip.png"

@@ -46,12 +46,16 @@ def test_shipped_weights_are_small():
 
 
 @pytest.mark.slow
-def test_parity_against_diffusers(trained_ckpt, trained_artifacts):
-    """The whole pipeline of the trained checkpoint against diffusers, as for every other checkpoint."""
-    from helios_deploy.export.parity.pipeline import run_pipeline_parity
-    from helios_deploy.runtime import Pipeline
+def test_parity_against_diffusers(trained_demo):
+    """The whole pipeline of the trained checkpoint against diffusers, as for every other checkpoint: the demo's
+    run_pipeline_parity(checkpoint, Pipeline.from_artifacts(trained_artifacts)) (every case of the variant, two
+    chunks each), computed once in the session and asserted here."""
+    from helios_deploy.export.parity.pipeline import PIXEL_THRESHOLD, VARIANT_CASES
 
-    report = run_pipeline_parity(trained_ckpt, Pipeline.from_artifacts(trained_artifacts))
+    report = trained_demo["report"]["pipeline"]
+    assert report["variant"] == "distilled" and report["threshold_max_abs_err"] == PIXEL_THRESHOLD, report
+    assert [c["name"] for c in report["cases"]] == [c.name for c in VARIANT_CASES["distilled"]], report["cases"]
+    assert all(len(c["max_abs_err_per_chunk"]) == 2 for c in report["cases"]), report["cases"]
     assert report["passed"], report["cases"]
 
 

@@ -1,15 +1,17 @@
-"""The trained tiny checkpoint (helios_deploy.checkpoints.trained) and one export of it, once per test session
-(conftest imports these fixtures): test_trained, test_page_prompt_change and the FP8 / long-stream reports use
-them. Exported at the tests' video size with room for the vocabulary's prompts (up to 20 tokens); a copy of the
-export with its transformer quantized to FP8, calibrated on the vocabulary's prompts."""
+"""The trained tiny checkpoint (helios_deploy.checkpoints.trained), `helios-deploy demo` run once and its export,
+once per test session (conftest imports these fixtures): test_demo, test_trained, test_bf16_adherence and
+test_page_prompt_change use them. The export is the demo's (audited, at the tests' video size, room for the
+vocabulary's prompts: up to 20 tokens), so the session exports the trained checkpoint once; a copy of it with its
+transformer quantized to FP8, calibrated on the vocabulary's prompts."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-TRAINED_TEXT_LENGTH, TRAINED_MAX_TEXT_LENGTH = 32, 64
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +22,26 @@ def trained_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_artifacts(trained_ckpt, tmp_path_factory) -> Path:
-    from helios_deploy.export.exporter.run import export_checkpoint
+def trained_demo(tmp_path_factory) -> dict:
+    """`helios-deploy demo -o OUT` as `make demo` runs it (a child process, its terminal captured): the trained
+    checkpoint, its audited export (OUT/artifacts, 64x128, text length 64 of up to 128), the mp4 and strip,
+    adherence, and the whole pipeline against diffusers (OUT/parity.json, the report run_demo returns).
+    test_demo checks the run; test_trained asserts its pipeline parity; its export is ``trained_artifacts``."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = subprocess.run([sys.executable, "-m", "helios_deploy.cli", "demo", "-o", str(out)], capture_output=True,
+                          text=True, timeout=3600)
+    report = out / "parity.json"
+    return {"out": out, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
+            "report": json.loads(report.read_text()) if report.is_file() else None}
 
-    from tests.conftest import HEIGHT, WIDTH
 
-    out = tmp_path_factory.mktemp("trained") / "onnx"
-    export_checkpoint(trained_ckpt, out, height=HEIGHT, width=WIDTH, text_length=TRAINED_TEXT_LENGTH,
-                      max_text_length=TRAINED_MAX_TEXT_LENGTH, run_audit=False, log=lambda m: None)
+@pytest.fixture(scope="session")
+def trained_artifacts(trained_demo) -> Path:
+    """The demo's export of the trained checkpoint (audited; the tests only read it)."""
+    out = trained_demo["out"] / "artifacts"
+    if not (out / "manifest.json").is_file():
+        pytest.fail(f"the demo wrote no export (exit {trained_demo['returncode']}):\n{trained_demo['stderr'][-4000:]}",
+                    pytrace=False)
     return out
 
 
