@@ -184,13 +184,21 @@ def test_missing_adapter_file_and_bad_scale(tiny_ckpt, adapters, tmp_path, capsy
     assert code == 1 and "not a finite number" in err
 
 
-def test_fp8_on_fused_weights(tiny_ckpt, fused, tmp_path):
+@pytest.fixture(scope="module")
+def fused_fp8(fused, tmp_path_factory) -> Path:
+    """A copy of the fused export quantized once (_quantize_fp8); the tests that change it work on their own copy."""
+    tmp = tmp_path_factory.mktemp("lora-fp8")
+    root = Path(shutil.copytree(fused, tmp / "arts"))
+    _quantize_fp8(root, tmp)
+    return root
+
+
+def test_fp8_on_fused_weights(tiny_ckpt, fused_fp8, tmp_path):
     """quantize --precision fp8 calibrates the fused model and its FP8 graph tracks diffusers' fused model."""
     from helios_deploy.export.parity.fp8 import FP8_COSINE, FP8_REL_L2
     from helios_deploy.export.parity.report import parity_report
 
-    root = Path(shutil.copytree(fused, tmp_path / "arts"))
-    _quantize_fp8(root, tmp_path)
+    root = Path(shutil.copytree(fused_fp8, tmp_path / "arts"))
     m = json.loads((root / "manifest.json").read_text())
     precision = m["components"]["transformer"]["fp8"]["layer_precision"]
     assert [v for k, v in precision.items() if k.startswith("blocks.")] == ["fp8"] * 20
@@ -322,7 +330,7 @@ def test_refit_relowers_and_refits_a_bf16_engine(fused, adapters, fake_trt, tmp_
     assert entry["key"]["weights_sha256"] == comp["bf16"]["model"]["data_sha256"] != before["key"]["weights_sha256"]
 
 
-def test_refit_requantizes_an_fp8_graph_and_refits_its_engine(tiny_ckpt, fused, adapters, fake_trt, tmp_path):
+def test_refit_requantizes_an_fp8_graph_and_refits_its_engine(tiny_ckpt, fused_fp8, adapters, fake_trt, tmp_path):
     """An FP8 export of the fused weights (quantize --precision fp8) with a refittable fp8 engine, refitted to
     another adapter: the changed layers' FP8 weights are quantized again with per-channel scales from the new
     weights, the activation scales stay the calibration's, the engine gets exactly the lowered graph's changed
@@ -334,8 +342,7 @@ def test_refit_requantizes_an_fp8_graph_and_refits_its_engine(tiny_ckpt, fused, 
     from .fake_tensorrt_refit import digest, onnx_weights
 
     trt = fake_trt()
-    root = Path(shutil.copytree(fused, tmp_path / "arts"))
-    _quantize_fp8(root, tmp_path)
+    root = Path(shutil.copytree(fused_fp8, tmp_path / "arts"))  # quantize --precision fp8 of the fused export
     before = _build(root, precision="fp8", refittable=True)
     fp8_path, low_path = root / "transformer" / "model.fp8.onnx", root / "transformer" / "model.fp8.bf16.onnx"
     old_fp8, old_low = onnx_weights(fp8_path), onnx_weights(low_path)
