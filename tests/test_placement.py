@@ -6,8 +6,11 @@ with real tritonservers cover the rest: tests/test_cluster.py)."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from helios_deploy.api.cluster import Cluster
+from helios_deploy.api.triton_stream import TritonStream
+from helios_deploy.serving.node_connection import text_array
 
 ADDRESSES = "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"  # never dialled: every capacity answer is given here
 
@@ -62,3 +65,22 @@ def test_a_moving_stream_asks_every_node_afresh():
         assert ranked[0].taken() == 1 and all(n.taken() == 0 for n in ranked[1:])
     finally:
         cluster.close()
+
+
+def test_a_moved_stream_keeps_its_viewers_deadline_with_or_without_a_state():
+    """The open that moves a stream carries ``due_in``: seconds to its next chunk's playback deadline at the
+    viewer (0 once late), for a resume and for a stream lost before its first chunk (opened again from its start
+    under its id) alike; a job carries none."""
+    backend = SimpleNamespace(failover=True, buffer=4, job_buffer=8, fps=24.0, prompt_log=None)
+    period = 33 / 24
+    s = TritonStream(backend, {"prompt": text_array("a fox")}, 3, True, "owner")
+    assert "due_in" not in s._open_arrays()  # the first open: its viewer's clock starts at admission
+    s.id, s._t0 = "a" * 32, time.perf_counter() - 0.5  # admitted 0.5 s ago on the node then lost
+    arrays = s._open_arrays()
+    assert "resume" not in arrays and arrays["stream_id"][0] == s.id.encode()
+    assert abs(float(arrays["due_in"][0]) - (period - 0.5)) < 0.1, arrays["due_in"]  # chunk 0: t0 + one period
+    s._t0 -= 10 * period
+    assert float(s._open_arrays()["due_in"][0]) == 0.0  # already late: due now
+    job = TritonStream(backend, {"prompt": text_array("a fox")}, 3, False, "owner")
+    job.id, job._t0 = "b" * 32, time.perf_counter() - 0.5
+    assert "due_in" not in job._open_arrays()

@@ -154,9 +154,9 @@ class TritonStream:
             arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
             if prompts:  # with its prompt changes, applied before its first chunk as they were on the lost node
                 arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))
-            return arrays
-        arrays["resume"] = text_array(with_prompts(self._state, prompts))  # the changes made after it was taken
-        if self.realtime and self._t0 is not None:  # its viewer's playback deadline goes with it
+        else:
+            arrays["resume"] = text_array(with_prompts(self._state, prompts))  # the changes made after it was taken
+        if self.realtime and self._t0 is not None:  # either way its viewer's playback deadline goes with it
             due = self.deadline(self.chunks_done) - time.perf_counter()
             arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
         return arrays

@@ -57,8 +57,9 @@ HELIOS_INPUTS = (
                  "snapshot after that chunk, for a resume elsewhere); default false"),
     ServedTensor("resume", "bytes", (1,), True, "a snapshot (output `state`): continue that stream (same id, next "
                  "chunk) instead of starting one; the other open inputs are ignored"),
-    ServedTensor("due_in", "float32", (1,), True, "with resume: seconds until the stream's next chunk is due at its "
-                 "viewer (its playback deadline, kept across the move; 0: due now); default one chunk period"),
+    ServedTensor("due_in", "float32", (1,), True, "a moved stream (resume, or stream_id): seconds until its next "
+                 "chunk is due at its viewer (its playback deadline, kept across the move; 0: due now); default one "
+                 "chunk period"),
     ServedTensor("prompt_changes", "bytes", (1,), True, "an open (again from its start, with stream_id; or a resume): "
                  "the prompt changes made before it, JSON [[from_chunk, prompt], ...] in the order they were applied, "
                  "each applied as set_prompt does before the stream is admitted; default none"),

@@ -146,7 +146,7 @@ class TritonPythonModel:
         try:
             failover, resume = failover_request(get)
             if resume is not None:  # the snapshot holds the prompt schedule, size, settings and position
-                kwargs = {"resume": resume, "due_in": due_in_request(get)}
+                kwargs = {"resume": resume}
                 realtime = get("realtime")
                 lead = None if realtime is None or bool(realtime.reshape(-1)[0]) else float("inf")
             else:
@@ -156,6 +156,9 @@ class TritonPythonModel:
                 kwargs["failover"] = True
             if resume is None and stream_id:  # opened again from its start elsewhere: the id it had
                 kwargs["stream_id"] = stream_id
+            due = due_in_request(get)  # a moved stream's next chunk: due at its viewer's playback deadline
+            if due is not None:
+                kwargs["due_in"] = due
             changes = prompt_changes_request(get)  # ... and the prompt changes made before, applied before admission
             if changes:
                 kwargs["prompt_changes"] = changes

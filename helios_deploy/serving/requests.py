@@ -120,7 +120,7 @@ def control_request(get: Callable[[str], np.ndarray | None]) -> dict:
 
 
 def due_in_request(get: Callable[[str], np.ndarray | None]) -> float | None:
-    """A resume's ``due_in`` (seconds until its next chunk is due; never below 0), or None when not given."""
+    """A moved stream's ``due_in`` (seconds until its next chunk is due; never below 0), or None when not given."""
     value = get("due_in")
     if value is None or value.size == 0:
         return None
