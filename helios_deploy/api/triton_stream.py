@@ -164,7 +164,7 @@ class TritonStream:
     def _merge_recorded(self) -> None:
         """Add the prompt changes recorded in the shared store (by whichever replica got the node's answer) that no
         note on the stream's channel told this replica: one whose note died with the node (api/prompt_log.py)."""
-        log = getattr(self._backend, "prompt_log", None)
+        log = self._backend.prompt_log
         recorded = log.changes(self.id) if log is not None else None
         if recorded:
             with self._noted:
@@ -373,9 +373,7 @@ class TritonStream:
         with self._noted:
             seen = len(self._prompts)
         at = int(self._control("set_prompt", prompt)["from_chunk"])
-        record = getattr(self._backend, "record_prompt", None)
-        if record is not None:  # in the shared store at once: the replica holding the stream may be another one
-            record(self.id, at, prompt)
+        self._backend.record_prompt(self.id, at, prompt)  # in the shared store: the holder may be another replica
         with self._noted:  # the node's note comes before its answer; a node that sends none: keep the answer
             if not self._noted.wait_for(lambda: (at, prompt) in self._prompts[seen:], PROMPT_NOTE_WAIT):
                 self._prompts.append((at, prompt))
