@@ -219,7 +219,7 @@ def test_runners_falling_behind_shed_the_newest_stream(pipe):
         period = 2.0 * chunk_time(pipe)  # one stream takes half the runners, three 150%
     with SlowTransformer(pipe, delay=0.2, fake=True), scheduler(pipe, fps=33 / period, chunk_seconds=0.1 * period,
                                                      shed_lateness=0.5 * period) as sched:
-        streams = [sched.open(PROMPT, num_frames=33 * 7, seed=i) for i in range(3)]
+        streams = [sched.open(PROMPT, num_frames=33 * 9, seed=i) for i in range(3)]
         errors = [None] * 3
 
         def read(i):
@@ -238,10 +238,13 @@ def test_runners_falling_behind_shed_the_newest_stream(pipe):
     assert errors[0] is None and streams[0].status == "completed"
     assert errors[2] == "shed" and m["shed"] >= 1
     # the oldest is on time again once the newest are shed: its last chunks are early (without shedding all
-    # three fall further behind with every chunk). Not "half a period below its worst": the nearest-deadline
-    # order serves the oldest first, so on an idle host its worst can be on time (CI: worst +0.04 s, last -0.75 s)
+    # three fall further behind with every chunk, by half a period each). Not "half a period below its worst":
+    # the nearest-deadline order serves the oldest first, so on an idle host its worst can be on time (CI: worst
+    # +0.04 s, last -0.75 s). Not "its last 3 of 7": with one stream shed the other two need the runners' whole
+    # time, so on a loaded host the oldest can stay late until the second is shed too (CI: +0.70, +0.65, +0.63
+    # s at chunks 3-5, then -0.21 s); 9 chunks leave room for that
     late = streams[0].progress()["lateness_s"]
-    assert len(late) == 7 and all(x < 0 for x in late[-3:]), (period, late)
+    assert len(late) == 9 and all(x < 0 for x in late[-2:]), (period, late)
 
 
 def test_chunk_time_follows_the_runs(pipe):
