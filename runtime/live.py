@@ -165,8 +165,6 @@ class LiveScheduler(Admission, Worker):
             encodes = request.get("image") is not None or request.get("video") is not None
             state = self._on_worker(opener) if encodes else opener()
         for at, text in prompt_changes or ():
-            if not isinstance(at, int) or at < 0:
-                raise UserError(f"prompt change from chunk {at!r}", expected="a chunk index >= 0")
             state.set_prompt(text, at)
         stream = LiveStream(self, state, self._weight(state), self.lead if lead is None else float(lead), cancelled,
                             stream_id, failover)

@@ -66,6 +66,8 @@ class StreamState:
         interactive mode switches at a chunk boundary."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("empty prompt", expected="a non-empty text prompt")
+        if not isinstance(from_chunk, int) or from_chunk < 0:
+            raise UserError(f"prompt change from chunk {from_chunk!r}", expected="a chunk index >= 0")
         self.schedule = {k: p for k, p in self.schedule.items() if k < from_chunk}
         self.schedule[from_chunk] = prompt
 

@@ -8,7 +8,6 @@ loses the note while the steering replica has its answer).
     log.changes(stream_id)                      # [(from_chunk, prompt), ...] in the order recorded, or None
     log.ended(stream_id)                        # the stream ended: its rows go (in the background)
     missing(noted, recorded)                    # the recorded changes the holder has no note of
-    with_prompts(snapshot, changes)             # a snapshot with changes made after it in its prompt schedule
 
 Every call waits at most ``WAIT`` seconds: a store that is away (or slow) never fails a prompt change nor holds a
 failover up; it is logged and the holder goes on with its own notes. Rows of streams whose end was never
@@ -19,9 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 import logging
-import struct
 import threading
 import time
 from typing import Sequence
@@ -130,24 +127,3 @@ def missing(noted: Sequence[tuple[int, str]], recorded: Sequence[tuple[int, str]
             out.append(change)
     return sorted(out, key=lambda change: change[0])
 
-
-def with_prompts(state: bytes, prompts: Sequence[tuple[int, str]]) -> bytes:
-    """``state`` (a StreamState snapshot: safetensors, the stream's JSON in ``__metadata__["helios"]``) with the
-    prompt changes ``prompts`` ((from chunk, prompt) pairs in the order they were applied) applied to its schedule
-    again, as StreamState.set_prompt does: a change made after the snapshot was taken then applies at the same
-    chunk on the node that resumes it. Applying again the changes already in it changes nothing (each replaces
-    the entries from its chunk on, and the later ones, at later or equal chunks, follow)."""
-    if not prompts:
-        return state
-    (n,) = struct.unpack("<Q", state[:8])
-    header = json.loads(state[8:8 + n])
-    meta = json.loads(header["__metadata__"]["helios"])
-    schedule = {int(k): p for k, p in meta["schedule"].items()}
-    for at, prompt in prompts:
-        schedule = {k: p for k, p in schedule.items() if k < at}
-        schedule[at] = prompt
-    meta["schedule"] = {str(k): p for k, p in sorted(schedule.items())}
-    header["__metadata__"]["helios"] = json.dumps(meta)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
-    return struct.pack("<Q", len(text)) + text + state[8 + n:]

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..runtime.live import StreamError
 from ..serving.node_connection import NodeUnavailable, Reply, text_array
 from .cluster import Node
-from .prompt_log import missing, with_prompts
+from .prompt_log import missing
 
 CHUNK_FRAMES = 33
 STOP_TIMEOUT = 5.0
@@ -152,10 +152,10 @@ class TritonStream:
             prompts = list(self._prompts)
         if self._state is None:  # lost before its first chunk: again from its start,
             arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
-            if prompts:  # with its prompt changes, applied before its first chunk as they were on the lost node
-                arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))
         else:
-            arrays["resume"] = text_array(with_prompts(self._state, prompts))  # the changes made after it was taken
+            arrays["resume"] = text_array(self._state)
+        if prompts:  # the node applies them to the state before admission, as set_prompt did on the lost node
+            arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))  # (again: no change)
         if self.realtime and self._t0 is not None:  # either way its viewer's playback deadline goes with it
             due = self.deadline(self.chunks_done) - time.perf_counter()
             arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
