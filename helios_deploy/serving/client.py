@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import UserError
 from ..model.sizes import check_size_exported
 from .configs import HELIOS_INPUTS
-from .node_connection import NodeConnection, Reply, ReplyQueue, text_array
+from .node_connection import NodeConnection, Reply, ReplyQueue, control_arrays, text_array
 
 _NUMPY = {"bytes": np.object_, "uint8": np.uint8, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
           "float32": np.float32}
@@ -114,7 +114,7 @@ class _Request:
         if self.stream_id is None:
             return  # stopped when its first response names it
         try:
-            self.client._send(self.client._control_arrays("stop", self.stream_id, None), None)
+            self.client._send(control_arrays("stop", self.stream_id), None)
         except UserError:
             pass  # the client is closed: so is the stream
 
@@ -240,7 +240,7 @@ class HeliosClient:
 
     def control(self, action: str, stream_id: str | None = None, prompt: str | None = None) -> dict:
         """One control request; the node's JSON answer as it is (an error as {"error": {"code", "message"}})."""
-        request = self._send(self._control_arrays(action, stream_id, prompt), None)
+        request = self._send(control_arrays(action, stream_id, prompt=prompt), None)
         document = None
         try:
             while (reply := self._take(request)).kind != "final":  # one document, then the final flag
@@ -256,10 +256,6 @@ class HeliosClient:
         if "error" in answer:
             raise _refusal(answer["error"])
         return answer
-
-    def _control_arrays(self, action: str, stream_id: str | None, prompt: str | None) -> dict:
-        values = {"action": action, "stream_id": stream_id, "prompt": prompt}
-        return {k: text_array(v) for k, v in values.items() if v is not None}
 
     def close(self) -> None:
         """Cancel every request still open on the stream (the node stops them) and end the connection."""

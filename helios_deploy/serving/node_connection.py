@@ -92,6 +92,13 @@ def text_array(value: str | bytes) -> np.ndarray:
     return np.array([value if isinstance(value, bytes) else value.encode("utf-8")], dtype=np.object_)
 
 
+def control_arrays(action: str, stream_id: str | None = None, owner: str | None = None,
+                   prompt: str | None = None) -> dict[str, np.ndarray]:
+    """A control request's inputs (those given)."""
+    values = {"action": action, "stream_id": stream_id, "owner": owner, "prompt": prompt}
+    return {k: text_array(v) for k, v in values.items() if v is not None}
+
+
 class ReplyQueue:
     """One request's replies for a thread that reads them in turn: ``node.send(arrays, replies)``, then
     ``replies.take(timeout)`` for the next Reply (queue.Empty when none came in time). At most ``max_buffered``
@@ -271,10 +278,7 @@ class NodeConnection:
                 prompt: str | None = None, timeout: float = CONTROL_TIMEOUT) -> dict:
         """One control request to the ``helios`` model; its JSON answer (``{"error": {...}}`` included).
         NodeUnavailable when the node does not answer within ``timeout`` or fails the request."""
-        arrays = {"action": text_array(action)}
-        for name, value in (("stream_id", stream_id), ("owner", owner), ("prompt", prompt)):
-            if value is not None:
-                arrays[name] = text_array(value)
+        arrays = control_arrays(action, stream_id, owner, prompt)
         done, box = threading.Event(), {}
 
         def handler(reply: Reply) -> None:
