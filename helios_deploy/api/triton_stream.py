@@ -10,9 +10,9 @@ node with ``resume`` = that snapshot: same id, the next chunk, the same prompt s
 
 Prompt changes: the node announces every change it accepts for the stream on the stream's own channel
 (``{"stream_id", "prompt", "from_chunk"}``, whichever API replica made it), in the order they apply; they are
-kept here and written into the snapshot's prompt schedule before a resume (a stream lost before its first
-snapshot: sent as ``prompt_changes`` with its open from the start), so a change made after the last snapshot
-(through this replica or another) applies at the same chunk on the next node. The replica that gets a node's
+kept here and sent with a resume (or with a stream's open from its start, lost before its first snapshot) as
+``prompt_changes``, which the next node applies to the stream's state before admission, so a change made after the
+last snapshot (through this replica or another) applies at the same chunk there. The replica that gets a node's
 answer to a change also records it in the shared job store (api/prompt_log.py); before a resume the changes
 recorded there that no note told are added, so a change whose note died with the node is not lost either.
 
@@ -154,8 +154,8 @@ class TritonStream:
             arrays["stream_id"] = text_array(self.id)  # under the id its viewer and the other replicas know
         else:
             arrays["resume"] = text_array(self._state)
-        if prompts:  # the node applies them to the state before admission, as set_prompt did on the lost node
-            arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))  # (again: no change)
+        if prompts:  # applied by the node before admission, as set_prompt did on the lost node (those already in
+            arrays["prompt_changes"] = text_array(json.dumps([[at, p] for at, p in prompts]))  # the state: no change)
         if self.realtime and self._t0 is not None:  # either way its viewer's playback deadline goes with it
             due = self.deadline(self.chunks_done) - time.perf_counter()
             arrays["due_in"] = np.array([max(0.0, due)], dtype=np.float32)
